@@ -1,0 +1,129 @@
+"""Model weights on disk: one safetensors file that also carries what it is (kind) and how to build it (config).
+
+No pickle is involved, so loading a file never runs code. Files are written atomically: a temporary file in the same
+folder, flushed and fsync'ed, then renamed over the target, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import from_dict, to_dict
+
+FORMAT = "beitv2"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def _registry() -> dict[str, tuple[type, Callable[[Any], nn.Module]]]:
+    """kind -> (config class, model constructor). Imported lazily to keep this module light."""
+    from .models.backbone import BEiTViT, ViTConfig
+    from .models.mim import BEiTv2ForMIM, MIMConfig
+    from .models.vqkd import VQKD, VQKDConfig
+
+    reg: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {
+        "vit": (ViTConfig, BEiTViT),
+        "vqkd": (VQKDConfig, VQKD),
+        "mim": (MIMConfig, BEiTv2ForMIM),
+    }
+    try:
+        from .models.dvae import DiscreteVAE, DVAEConfig
+
+        reg["dvae"] = (DVAEConfig, DiscreteVAE)
+    except ImportError:  # pragma: no cover - dvae module optional while developing
+        pass
+    return reg
+
+
+def kind_of(model: nn.Module) -> str:
+    for kind, (_, ctor) in _registry().items():
+        if type(model) is ctor:
+            return kind
+    raise TypeError(f"no checkpoint kind registered for {type(model).__name__}")
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` then atomically rename the temporary file to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_model(path: str | Path, model: nn.Module, kind: str | None = None, config: Any = None,
+               extra: dict[str, str] | None = None) -> Path:
+    """Write ``model``'s state dict and its config (JSON metadata) to a safetensors file, atomically."""
+    kind = kind or kind_of(model)
+    config = config if config is not None else getattr(model, "mim_cfg", None) or model.cfg
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "kind": kind, "config": json.dumps(to_dict(config))}
+    meta.update(extra or {})
+    return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """A weights file, or a folder holding `model.safetensors` (a checkpoint directory)."""
+    p = Path(path)
+    if p.is_dir():
+        if (p / WEIGHTS_NAME).is_file():
+            return p / WEIGHTS_NAME
+        latest = p / "latest"
+        if latest.is_file():
+            return resolve_weights(p / latest.read_text().strip())
+        raise FileNotFoundError(f"{p} holds no {WEIGHTS_NAME}")
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    return p
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(resolve_weights(path)), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, or of a torch file loaded with ``weights_only=True``."""
+    p = resolve_weights(path)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(p))
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def load_model(path: str | Path, strict: bool = True) -> tuple[nn.Module, str, dict]:
+    """Rebuild a model saved by `save_model`: returns (model in eval mode, kind, config as a dict)."""
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT or "kind" not in meta:
+        raise ValueError(f"{path} is not a beitv2 model file (no beitv2 metadata); official .pth files are read by "
+                         "`beitv2 convert` / beitv2.interop")
+    kind = meta["kind"]
+    reg = _registry()
+    if kind not in reg:
+        raise ValueError(f"{path}: unknown model kind {kind!r} (known: {', '.join(reg)})")
+    cfg_cls, ctor = reg[kind]
+    cfg_dict = json.loads(meta["config"])
+    model = ctor(from_dict(cfg_cls, cfg_dict))
+    missing, unexpected = model.load_state_dict(load_state_dict(path), strict=False)
+    if strict and (missing or unexpected):
+        raise ValueError(f"{path}: weights do not match a {kind} model built from its config: "
+                         f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    return model.eval(), kind, cfg_dict

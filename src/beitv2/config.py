@@ -1,0 +1,256 @@
+"""Typed configuration: dataclasses that flow from YAML files and the command line to the code.
+
+Every command's options are one (possibly nested) dataclass. `add_arguments` turns it into argparse options named
+by dotted paths (``--optim.lr 1e-3``), `build_config` layers defaults < preset < YAML file < command line, and
+`validate_config` walks the result calling each dataclass's ``validate()`` so that a bad value fails before any
+compute with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message starts with the dotted field name."""
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING, **meta: Any) -> Any:
+    """A dataclass field with a help string for ``--help``."""
+    md = {"help": help, **meta}
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata=md)
+    return dataclasses.field(default=default, metadata=md)
+
+
+def check(cond: bool, name: str, msg: str) -> None:
+    """Raise `ConfigError` naming ``name`` unless ``cond`` holds."""
+    if not cond:
+        raise ConfigError(f"{name}: {msg}")
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _parse_value(tp: Any, text: str, name: str) -> Any:
+    """Parse one command-line string into the field's declared type."""
+    tp, optional = _strip_optional(tp)
+    if optional and text.lower() in ("none", "null", ""):
+        return None
+    origin = get_origin(tp)
+    try:
+        if tp is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected a boolean, got {text!r}")
+        if origin is Literal:
+            choices = get_args(tp)
+            if text not in [str(c) for c in choices]:
+                raise ValueError(f"expected one of {list(choices)}, got {text!r}")
+            return next(c for c in choices if str(c) == text)
+        if origin in (tuple, list):
+            inner = get_args(tp)[0] if get_args(tp) else str
+            items = [s for s in text.replace(",", " ").split() if s]
+            vals = [_parse_value(inner, s, name) for s in items]
+            return tuple(vals) if origin is tuple else vals
+        if tp in (int, float, str):
+            return tp(text)
+        if tp is Path:
+            return Path(text)
+        return yaml.safe_load(text)
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    """Coerce a YAML value to the field type (YAML gives lists for tuples, ints for floats, ...)."""
+    if value is None:
+        return None
+    tp, _ = _strip_optional(tp)
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return value
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if origin is list and isinstance(value, (list, tuple)):
+        return list(value)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        if isinstance(value, str):
+            return _parse_value(tp, value, name)
+        raise ConfigError(f"{name}: expected {tp.__name__}, got {value!r}")
+    if origin is Literal and value not in get_args(tp):
+        raise ConfigError(f"{name}: expected one of {list(get_args(tp))}, got {value!r}")
+    if tp is Path:
+        return Path(value)
+    return value
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def iter_fields(cls: type, prefix: str = ""):
+    """Yield (dotted_name, type, field) for every leaf field of a nested dataclass type."""
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from iter_fields(tp, name + ".")
+        else:
+            yield name, tp, f
+
+
+def _leaf_default(cls: type, dotted: str) -> Any:
+    obj = cls()
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _fmt_default(v: Any) -> str:
+    if isinstance(v, (tuple, list)):
+        return " ".join(str(x) for x in v) if v else "(empty)"
+    return str(v)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one ``--dotted.name`` option per leaf field; defaults are shown but not set (None = not given)."""
+    groups: dict[str, Any] = {}
+    for name, tp, f in iter_fields(cls):
+        section = name.rsplit(".", 1)[0] if "." in name else "general"
+        if section not in groups:
+            groups[section] = parser.add_argument_group(f"{section} options")
+        base, _ = _strip_optional(tp)
+        choices = ""
+        if get_origin(base) is Literal:
+            choices = " {" + ",".join(str(c) for c in get_args(base)) + "}"
+        default = _leaf_default(cls, name)
+        groups[section].add_argument(
+            f"--{name}",
+            dest=f"cfg::{name}",
+            default=None,
+            metavar=name.rsplit(".", 1)[-1].upper(),
+            help=f"{f.metadata.get('help', '')}{choices} (default: {_fmt_default(default)})",
+        )
+
+
+def _set(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+    d[parts[-1]] = value
+
+
+def merge(base: dict, over: dict) -> dict:
+    """Recursive dict merge; ``over`` wins."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
+    """Build a dataclass from a nested dict, rejecting unknown keys by name."""
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"{prefix}{sorted(unknown)[0]}: unknown option (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        val = _coerce(tp, data[f.name], prefix + f.name)
+        if dataclasses.is_dataclass(tp):
+            val = from_dict(tp, val, prefix + f.name + ".")
+        kwargs[f.name] = val
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, YAML-safe nested dict (Paths and tuples become strings and lists)."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [conv(x) for x in v]
+        if isinstance(v, Path):
+            return str(v)
+        return v
+
+    return conv(cfg)
+
+
+def validate_config(cfg: Any, prefix: str = "") -> None:
+    """Call ``validate(prefix)`` on every nested dataclass that defines it, innermost first."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            validate_config(v, prefix + f.name + ".")
+    if hasattr(cfg, "validate"):
+        cfg.validate(prefix)
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config: file not found: {p}")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {p} must hold a mapping at the top level")
+    return data
+
+
+def build_config(cls: type[T], args: argparse.Namespace | None = None, preset: dict | None = None,
+                 yaml_path: str | Path | None = None, overrides: dict | None = None) -> T:
+    """defaults < preset < YAML file < command line (< explicit overrides), then validated."""
+    data: dict = {}
+    if preset:
+        data = merge(data, preset)
+    if yaml_path:
+        data = merge(data, load_yaml(yaml_path))
+    if args is not None:
+        leaf_types = {name: tp for name, tp, _ in iter_fields(cls)}
+        for key, text in vars(args).items():
+            if key.startswith("cfg::") and text is not None:
+                name = key[5:]
+                _set(data, name, _parse_value(leaf_types[name], text, name))
+    if overrides:
+        data = merge(data, overrides)
+    cfg = from_dict(cls, data)
+    validate_config(cfg)
+    return cfg
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

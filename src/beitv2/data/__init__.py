@@ -1,0 +1,50 @@
+"""Data: image sources, augmentations and per-sample training wrappers (see docs/data.md)."""
+
+from .datasets import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_ROOT,
+    DataConfig,
+    FashionMNIST,
+    IDXFormatError,
+    ImageFolderDataset,
+    WebDatasetShards,
+    build_dataset,
+    collate_skip_bad,
+    expand_shards,
+    read_idx,
+    scan_images,
+    stratified_subset,
+)
+from .images import IMG_EXTENSIONS, BadImageError, convert_image, load_image
+from .mim_dataset import IterableView, MIMDataset, SeededDataset, TokenizerTrainDataset, TransformDataset, for_loader
+from .transforms import EvalTransform, TokenizerTrainTransform, TwoViewTransform, resolve_norm
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_ROOT",
+    "IMG_EXTENSIONS",
+    "BadImageError",
+    "DataConfig",
+    "EvalTransform",
+    "FashionMNIST",
+    "IDXFormatError",
+    "ImageFolderDataset",
+    "IterableView",
+    "MIMDataset",
+    "SeededDataset",
+    "TokenizerTrainDataset",
+    "TokenizerTrainTransform",
+    "TransformDataset",
+    "TwoViewTransform",
+    "WebDatasetShards",
+    "build_dataset",
+    "collate_skip_bad",
+    "convert_image",
+    "expand_shards",
+    "for_loader",
+    "load_image",
+    "read_idx",
+    "resolve_norm",
+    "scan_images",
+    "stratified_subset",
+]

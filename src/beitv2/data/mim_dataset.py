@@ -1,0 +1,131 @@
+"""Per-sample wrappers that turn ``(PIL image, label)`` sources into training samples (dicts).
+
+Exact resume needs every random choice of a sample to be a pure function of (seed, epoch, index): the official code
+draws masks from ``np.random`` inside workers, whose streams repeat across workers (facts §7.15). Here the mask comes
+from ``np.random.default_rng([seed, epoch, index])`` and the torchvision draws run inside ``torch.random.fork_rng``
+after seeding torch from the same triple, so a sample is identical whichever worker or process makes it and the
+caller's RNG state is left untouched.
+
+`set_epoch` must be called before each epoch's loader iterator is created. Data-loader workers hold a copy of the
+data set, so with ``persistent_workers=True`` a later `set_epoch` does not reach them: use non-persistent workers
+(the default) or rebuild the loader per epoch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit torch seed derived from (seed, epoch, index)."""
+    hi, lo = np.random.SeedSequence([seed, epoch, index, 0x7EED]).generate_state(2, dtype=np.uint32)
+    return (int(hi) & 0x7FFFFFFF) << 32 | int(lo)
+
+
+class SeededDataset(Dataset):
+    """Base wrapper: fetch ``base[index]``, then ``make(img, label, index, rng)`` under seeded RNGs.
+
+    ``None`` items (unreadable files) pass through as ``None`` for `beitv2.data.collate_skip_bad` to drop.
+    A base item may carry a third element, a stable sample id that replaces the position as the seeding index
+    (WebDataset streams).
+    """
+
+    def __init__(self, base: Any, seed: int = 0):
+        self.base = base
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def make(self, img: Any, label: int, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def process(self, item: Any, index: int) -> dict[str, Any] | None:
+        if item is None:
+            return None
+        img, label = item[0], item[1]
+        if len(item) > 2:
+            index = int(item[2])
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            out = self.make(img, int(label), index, rng)
+        out.setdefault("label", torch.tensor(int(label), dtype=torch.long))
+        out.setdefault("index", torch.tensor(index, dtype=torch.long))
+        return out
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        return self.process(self.base[index], index)
+
+    def __getattr__(self, name: str) -> Any:
+        # `bad_files`, `classes`, `labels`, ... of the wrapped source
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
+class MIMDataset(SeededDataset):
+    """``{'image', 'tokenizer_image', 'mask' (bool [N]), 'label', 'index'}`` for masked image modeling."""
+
+    def __init__(self, base: Any, transform: Callable, mask_generator: Callable[[np.random.Generator], np.ndarray],
+                 seed: int = 0):
+        super().__init__(base, seed)
+        self.transform = transform
+        self.mask_generator = mask_generator
+
+    def make(self, img: Any, label: int, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        image, tok = self.transform(img)
+        mask = torch.from_numpy(np.ascontiguousarray(self.mask_generator(rng)).reshape(-1).astype(bool))
+        return {"image": image, "tokenizer_image": tok, "mask": mask}
+
+
+class TokenizerTrainDataset(SeededDataset):
+    """``{'tokenizer_image' ([0, 1], tokenizer size), 'label', 'index'}``; the teacher sees the same tensor."""
+
+    def __init__(self, base: Any, transform: Callable, seed: int = 0):
+        super().__init__(base, seed)
+        self.transform = transform
+
+    def make(self, img: Any, label: int, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        return {"tokenizer_image": self.transform(img)}
+
+
+class TransformDataset(SeededDataset):
+    """``{'image', 'label', 'index'}`` with any single-view transform (fine-tuning, evaluation)."""
+
+    def __init__(self, base: Any, transform: Callable, seed: int = 0):
+        super().__init__(base, seed)
+        self.transform = transform
+
+    def make(self, img: Any, label: int, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        return {"image": self.transform(img)}
+
+
+class IterableView(IterableDataset):
+    """Streams a `SeededDataset` whose base is an ``IterableDataset`` (WebDataset shards)."""
+
+    def __init__(self, wrapped: SeededDataset):
+        self.wrapped = wrapped
+
+    def set_epoch(self, epoch: int) -> None:
+        self.wrapped.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[dict[str, Any] | None]:
+        for position, item in enumerate(self.wrapped.base):
+            yield self.wrapped.process(item, position)
+
+
+def for_loader(ds: SeededDataset) -> Dataset:
+    """The object to hand to ``DataLoader``: ``ds`` itself, or an `IterableView` when its source streams."""
+    return IterableView(ds) if isinstance(ds.base, IterableDataset) else ds

@@ -1,0 +1,343 @@
+"""The one training loop every command uses.
+
+A *task* (``beitv2.tasks``) is an ``nn.Module`` holding the trainable ``model`` plus any frozen helpers (teacher,
+tokenizer) and mapping a batch to ``(loss, metrics)``. The trainer owns everything else: DDP, autocast, gradient
+accumulation and clipping, the per-step lr/wd schedules, logging, atomic checkpoints, step-granular resume, graceful
+stop on SIGTERM/SIGINT, and a clear error on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from ..config import ConfigError, save_yaml, to_dict
+from . import distributed as D
+from . import state as S
+from .config import OptimConfig, TrainConfig
+from .logger import RunLogger
+from .optim import LayerIdFn, ParamGroupFn, build_optimizer, set_schedule
+from .precision import autocast, grad_scaler, resolve_precision
+from .sampler import ResumableSampler
+from .schedule import cosine_schedule, warmup_iterations
+
+log = logging.getLogger("beitv2.engine")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; training stopped before the optimizer step, nothing was saved for it."""
+
+
+@dataclass
+class FitResult:
+    status: str  # "finished", "stopped" (stop_after_steps) or "interrupted" (signal)
+    global_step: int
+    checkpoint: Path | None
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _images_in(batch: dict) -> int:
+    for key in ("image", "tokenizer_image"):
+        if key in batch:
+            return int(batch[key].shape[0])
+    return int(next(v for v in batch.values() if torch.is_tensor(v)).shape[0])
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class _StopFlag:
+    """SIGTERM / first SIGINT ask for a checkpoint at the next step boundary; a second SIGINT aborts at once."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, Ctrl-C behaves as usual
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received signal %d: saving a checkpoint at the next step boundary (Ctrl-C again to abort)",
+                    signum)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    def __init__(self, task: nn.Module, train_set: Dataset, cfg: TrainConfig, optim_cfg: OptimConfig, *,
+                 dist: D.DistInfo, model_kind: str, model_config: Any, run_config: Any = None,
+                 val_set: Dataset | None = None, collate_fn=None, layer_id_fn: LayerIdFn | None = None,
+                 num_layers: int | None = None, param_group_fn: ParamGroupFn | None = None):
+        self.task, self.cfg, self.ocfg, self.dist = task, cfg, optim_cfg, dist
+        self.train_set, self.val_set, self.collate_fn = train_set, val_set, collate_fn
+        self.model_kind, self.model_config, self.run_config = model_kind, model_config, run_config
+        self.out = Path(cfg.output_dir)
+        self.device = dist.device
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.task.to(self.device)
+
+        self.sampler = ResumableSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                        seed=cfg.seed, drop_last=True)
+        self.micro_per_epoch = len(self.sampler) // cfg.batch_size
+        self.steps_per_epoch = self.micro_per_epoch // cfg.accum_steps
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"train.batch_size: {len(train_set)} training images over {dist.world_size} process(es)"
+                              f" give no full step of batch_size={cfg.batch_size} x accum_steps={cfg.accum_steps}")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.total_batch = cfg.batch_size * cfg.accum_steps * dist.world_size
+        scale = self.total_batch / optim_cfg.lr_reference_batch if optim_cfg.lr_reference_batch else 1.0
+        warm = warmup_iterations(self.total_steps, self.steps_per_epoch, optim_cfg.warmup_epochs,
+                                 optim_cfg.warmup_steps)
+        self.lr_schedule = cosine_schedule(optim_cfg.lr * scale, optim_cfg.min_lr * scale, self.total_steps, warm)
+        wd_end = optim_cfg.weight_decay if optim_cfg.weight_decay_end is None else optim_cfg.weight_decay_end
+        self.wd_schedule = cosine_schedule(optim_cfg.weight_decay, wd_end, self.total_steps, 0)
+        self.optimizer = build_optimizer(task.model, optim_cfg, layer_id_fn=layer_id_fn, num_layers=num_layers,
+                                         param_group_fn=param_group_fn)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.scaler = grad_scaler(self.device, self.precision)
+        self.global_step = 0
+        self.net: nn.Module = task.model
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _loader(self, dataset: Dataset, sampler, batch_size: int, drop_last: bool) -> DataLoader:
+        # A private generator keeps the loader from drawing on the global torch RNG, so a resumed run's RNG stream
+        # matches an uninterrupted one; the data's own randomness is a function of (seed, epoch, index).
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
+                          collate_fn=self.collate_fn, drop_last=drop_last, pin_memory=self.device.type == "cuda",
+                          generator=gen)
+
+    def _resume(self) -> Path | None:
+        ckpt = None
+        if self.dist.is_main:
+            ckpt = S.find_resume(self.out, self.cfg.resume)
+        ckpt = D.broadcast_object(str(ckpt) if ckpt else None)
+        if ckpt is None:
+            D.seed_everything(self.cfg.seed + self.dist.rank)
+            return None
+        ckpt = Path(ckpt)
+        S.load_weights(self.task.model, ckpt)
+        st = S.load_train_state(ckpt)
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scaler.load_state_dict(st["scaler"])
+        self.global_step = int(st["global_step"])
+        if st.get("steps_per_epoch") != self.steps_per_epoch:
+            log.warning("resuming with %d steps per epoch (checkpoint: %s); the data order differs from the "
+                        "original run", self.steps_per_epoch, st.get("steps_per_epoch"))
+        rngs = st.get("rng", [])
+        if len(rngs) == self.dist.world_size:
+            S.set_rng_state(rngs[self.dist.rank])
+        else:
+            log.warning("world size changed (%d -> %d): re-seeding instead of restoring RNG states", len(rngs),
+                        self.dist.world_size)
+            D.seed_everything(self.cfg.seed + self.dist.rank + self.global_step)
+        return ckpt
+
+    def _wrap(self) -> None:
+        net: nn.Module = self.task.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            net = DDP(net, device_ids=ids, find_unused_parameters=self.cfg.find_unused_parameters)
+        if self.cfg.compile:
+            net = torch.compile(net)
+        self.net = net
+        self.task.wrap(net)
+
+    # ----------------------------------------------------------------------------------------------- checkpoint
+    def save(self) -> Path | None:
+        """Collective: every rank contributes its RNG state; rank 0 writes ``ckpt-<global_step>``."""
+        rngs = D.all_gather_object(S.rng_state())
+        path = None
+        if self.dist.is_main:
+            st = {"global_step": self.global_step, "steps_per_epoch": self.steps_per_epoch,
+                  "total_steps": self.total_steps, "world_size": self.dist.world_size,
+                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs,
+                  "config": to_dict(self.run_config) if self.run_config is not None else {}}
+            path = S.save_checkpoint(self.out, self.global_step, self.task.model, self.model_kind, self.model_config,
+                                     st, self.cfg.keep_last)
+        D.barrier()
+        return path
+
+    # ------------------------------------------------------------------------------------------------ training
+    def fit(self) -> FitResult:
+        cfg = self.cfg
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.run_config is not None:
+                save_yaml(self.run_config, self.out / "config.yaml")
+        D.barrier()
+        resumed = self._resume()
+        self._wrap()
+        loader = self._loader(self.train_set, self.sampler, cfg.batch_size, drop_last=True)
+        self.logger = RunLogger(self.out, self.dist.is_main, self.total_steps, self.global_step, cfg.progress,
+                                cfg.tensorboard)
+        self.logger.info(f"training {self.model_kind}: {self.total_steps} steps ({cfg.epochs} epochs x "
+                         f"{self.steps_per_epoch}), total batch {self.total_batch}, precision {self.precision}, "
+                         f"world size {self.dist.world_size}" + (f", resumed from {resumed}" if resumed else ""))
+        last_ckpt = resumed
+        try:
+            with _StopFlag() as stop:
+                result = self._run(loader, stop)
+        finally:
+            self.logger.close()
+        last_ckpt = result.checkpoint or last_ckpt
+        if result.status == "finished" and self.dist.is_main:
+            from ..checkpoint import save_model
+
+            save_model(self.out / "model.safetensors", self.task.model, self.model_kind, self.model_config)
+        D.barrier()
+        result.checkpoint = last_ckpt
+        return result
+
+    def _run(self, loader: DataLoader, stop: _StopFlag) -> FitResult:
+        cfg, accum = self.cfg, self.cfg.accum_steps
+        start_epoch, start_step = divmod(self.global_step, self.steps_per_epoch)
+        last: dict[str, float] = {}
+        ckpt, status = None, "finished"
+        for epoch in range(start_epoch, cfg.epochs):
+            first = start_step * accum if epoch == start_epoch else 0
+            if hasattr(self.train_set, "set_epoch"):
+                self.train_set.set_epoch(epoch)
+            self.sampler.set_epoch(epoch)
+            self.sampler.set_skip(first * cfg.batch_size)
+            self.task.train()
+            self.task.on_epoch_start(epoch)
+            sums: dict[str, float] = {}
+            n_steps, skipped = 0, 0
+            t_log, img_log = time.perf_counter(), 0
+            micro_loss, micro_metrics, finite = [], [], torch.ones((), device=self.device)
+            try:
+                for i, batch in enumerate(loader, start=first):
+                    if i >= self.micro_per_epoch - self.micro_per_epoch % accum:
+                        break
+                    m = i % accum
+                    if m == 0:
+                        step = self.global_step
+                        set_schedule(self.optimizer, float(self.lr_schedule[step]), float(self.wd_schedule[step]))
+                    skipped += int(batch.pop("num_skipped", 0))
+                    img_log += _images_in(batch) * self.dist.world_size
+                    batch = _to_device(batch, self.device)
+                    sync = self.net.no_sync() if self.dist.enabled and m < accum - 1 else contextlib.nullcontext()
+                    with sync:
+                        with autocast(self.device, self.precision):
+                            loss, metrics = self.task(batch)
+                        self.scaler.scale(loss / accum).backward()
+                    finite = finite * torch.isfinite(loss.detach()).float()
+                    micro_loss.append(loss.detach().float())
+                    micro_metrics.append({k: torch.as_tensor(v).detach().float() for k, v in metrics.items()})
+                    if m < accum - 1:
+                        continue
+                    flags = D.all_reduce_sum(torch.stack([1 - finite, torch.tensor(float(stop.signum > 0),
+                                                                                    device=self.device)]))
+                    bad, stopping = flags.tolist()
+                    if bad > 0:
+                        raise NonFiniteLossError(
+                            f"non-finite loss at step {self.global_step} (epoch {epoch}, batch {i}): "
+                            f"{[x.item() for x in micro_loss]}; the step was not applied and no checkpoint was "
+                            f"written for it. Lower optim.lr, set optim.clip_grad or use train.precision fp32.")
+                    grad_norm = self._optimizer_step()
+                    self.global_step += 1
+                    n_steps += 1
+                    keys = list(micro_metrics[0])
+                    vals = torch.stack([torch.stack(micro_loss).mean()]
+                                       + [torch.stack([mm[k] for mm in micro_metrics]).mean() for k in keys]
+                                       + [grad_norm.float()]).tolist()
+                    last = {"loss": vals[0], **dict(zip(keys, vals[1:-1])), "grad_norm": vals[-1]}
+                    micro_loss, micro_metrics, finite = [], [], torch.ones((), device=self.device)
+                    for k, v in last.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    self._log_step(epoch, last, img_log, t_log, skipped)
+                    if self.global_step % cfg.log_every_steps == 0 or self.global_step == 1:
+                        t_log, img_log = time.perf_counter(), 0
+                    if stopping or (cfg.stop_after_steps and self.global_step >= cfg.stop_after_steps):
+                        status = "interrupted" if stopping else "stopped"
+                        break
+                    if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0:
+                        ckpt = self.save()
+            except (KeyboardInterrupt, RuntimeError) as e:
+                if isinstance(e, NonFiniteLossError) or not stop.signum:
+                    raise
+                # the loader's workers died of the same Ctrl-C: the state is that of the last finished step
+                self.optimizer.zero_grad(set_to_none=True)
+                status = "interrupted"
+            if self.global_step == (epoch + 1) * self.steps_per_epoch:  # the epoch is complete
+                self._end_epoch(epoch, sums, n_steps, skipped)
+            ckpt = self.save()
+            if status != "finished":
+                self.logger.info(f"{status} at step {self.global_step}; checkpoint {ckpt}")
+                return FitResult(status, self.global_step, ckpt, last)
+        return FitResult("finished", self.global_step, ckpt, last)
+
+    def _optimizer_step(self) -> torch.Tensor:
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.ocfg.clip_grad if self.ocfg.clip_grad is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm.detach()
+
+    def _log_step(self, epoch: int, metrics: dict[str, float], images: int, t0: float, skipped: int) -> None:
+        if not self.dist.is_main:
+            return
+        dt = max(time.perf_counter() - t0, 1e-9)
+        ips = images / dt
+        acc = {k: v for k, v in metrics.items() if "acc" in k}
+        self.logger.progress(1, {"loss": metrics["loss"], **acc, "img/s": ips})
+        if self.global_step % self.cfg.log_every_steps == 0 or self.global_step == 1:
+            lr = max(g["lr"] for g in self.optimizer.param_groups)
+            rec = {"lr": lr, "wd": float(self.wd_schedule[self.global_step - 1]), **metrics, "images_per_s": ips,
+                   "skipped_images": skipped}
+            if self.scaler.is_enabled():
+                rec["loss_scale"] = self.scaler.get_scale()
+            self.logger.write("step", self.global_step, epoch, rec)
+
+    def _end_epoch(self, epoch: int, sums: dict[str, float], n_steps: int, skipped: int) -> None:
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] for k in keys] + [n_steps, skipped], dtype=torch.float64, device=self.device)
+        t = D.all_reduce_sum(t).tolist()
+        avg = {k: v / max(t[-2], 1) for k, v in zip(keys, t)}
+        avg["skipped_images"] = int(t[-1])
+        avg.update(self.task.epoch_metrics())
+        self.logger.write("epoch", self.global_step, epoch, avg)
+        if avg["skipped_images"]:
+            self.logger.info(f"epoch {epoch}: skipped {avg['skipped_images']} unreadable image(s) (see the log)")
+        if self.val_set is not None and self.cfg.eval_every_epochs and (epoch + 1) % self.cfg.eval_every_epochs == 0:
+            val = self.evaluate()
+            self.logger.write("val", self.global_step, epoch, val)
+            self.logger.info(f"epoch {epoch} val: " + ", ".join(f"{k} {v:.4g}" for k, v in val.items()))
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The task's validation pass over ``val_set`` (sharded over ranks; the task all-reduces)."""
+        sampler = (DistributedSampler(self.val_set, self.dist.world_size, self.dist.rank, shuffle=False)
+                   if self.dist.enabled else None)
+        bs = max(1, int(1.5 * self.cfg.batch_size))  # the official eval batch
+        loader = self._loader(self.val_set, sampler, bs, drop_last=False)
+        self.task.eval()
+        out = self.task.evaluate(loader, self.device, lambda: autocast(self.device, self.precision))
+        self.task.train()
+        return out

@@ -1,0 +1,262 @@
+"""The BEiT Vision Transformer backbone, built on timm's BEiT blocks.
+
+Parameter names are the official ones (`cls_token`, `patch_embed.proj`, `pos_embed`, `rel_pos_bias.*`,
+`blocks.i.{norm1, attn.qkv, attn.q_bias, attn.v_bias, attn.proj, norm2, mlp.fc1, mlp.fc2, gamma_1, gamma_2}`, `norm`,
+`fc_norm`, `head`), so a state dict moves between this model, timm's `Beit` and microsoft/unilm without renaming.
+Attention runs through `F.scaled_dot_product_attention` with the relative position bias as the additive mask
+(timm's fused path).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.models.beit import Block, RelativePositionBias
+from torch.utils.checkpoint import checkpoint
+
+from ..config import check, opt
+
+
+def to_2tuple(v: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(x) for x in v)
+    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+
+
+@dataclass
+class ViTConfig:
+    """Architecture of a BEiT ViT. Defaults are BEiT v2 base pre-training (official `beit_base_patch16_224_8k_vocab`)."""
+
+    img_size: tuple[int, ...] = opt((224,), "input image size: one value (square) or H W")
+    patch_size: int = opt(16, "patch size in pixels")
+    in_chans: int = opt(3, "input channels (1 for grayscale)")
+    embed_dim: int = opt(768, "token width")
+    depth: int = opt(12, "number of transformer blocks")
+    num_heads: int = opt(12, "attention heads")
+    mlp_ratio: float = opt(4.0, "MLP hidden width / embed_dim")
+    qkv_bias: bool = opt(True, "q and v biases (the key has none, as in the official code)")
+    drop_rate: float = opt(0.0, "dropout before the classifier head")
+    attn_drop_rate: float = opt(0.0, "attention dropout")
+    drop_path_rate: float = opt(0.0, "stochastic depth, linear over blocks")
+    init_values: float = opt(0.1, "layer-scale init (gamma_1/gamma_2); 0 disables layer scale")
+    use_abs_pos_emb: bool = opt(False, "learned absolute position embedding")
+    use_rel_pos_bias: bool = opt(False, "a relative position bias table per block (fine-tuning layout)")
+    use_shared_rel_pos_bias: bool = opt(True, "one relative position bias table shared by all blocks (pre-training)")
+    use_mean_pooling: bool = opt(False, "pool by mean of patch tokens + fc_norm (else CLS after norm)")
+    num_classes: int = opt(0, "classifier outputs; 0 = no head")
+    head_init_scale: float = opt(0.001, "classifier weight/bias scale after init (official fine-tuning: 0.001)")
+    init_std: float = opt(0.02, "std of the truncated-normal init")
+    init_trunc_sigmas: float = opt(1.0, "truncation of the init in stds (official pre-training: 1; timm: 100 = none)")
+    grad_checkpointing: bool = opt(False, "recompute blocks in backward to save memory")
+
+    @property
+    def img_hw(self) -> tuple[int, int]:
+        return to_2tuple(self.img_size)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        h, w = self.img_hw
+        return h // self.patch_size, w // self.patch_size
+
+    def validate(self, prefix: str = "") -> None:
+        h, w = self.img_hw
+        check(isinstance(self.img_size, int) or len(self.img_size) in (1, 2), prefix + "img_size",
+              f"one or two values, got {self.img_size}")
+        check(self.patch_size > 0, prefix + "patch_size", "must be > 0")
+        check(h % self.patch_size == 0 and w % self.patch_size == 0, prefix + "img_size",
+              f"{h}x{w} is not divisible by patch_size {self.patch_size}")
+        check(self.in_chans > 0, prefix + "in_chans", "must be > 0")
+        check(self.depth > 0, prefix + "depth", "must be > 0")
+        check(self.num_heads > 0 and self.embed_dim % self.num_heads == 0, prefix + "num_heads",
+              f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
+        check(0.0 <= self.drop_path_rate < 1.0, prefix + "drop_path_rate", "must be in [0, 1)")
+        check(self.init_values >= 0, prefix + "init_values", "must be >= 0 (0 disables layer scale)")
+        check(not (self.use_rel_pos_bias and self.use_shared_rel_pos_bias), prefix + "use_rel_pos_bias",
+              "per-layer and shared relative position bias are exclusive")
+        check(self.num_classes >= 0, prefix + "num_classes", "must be >= 0")
+
+
+def make_block(cfg: ViTConfig, drop_path: float, window_size: tuple[int, int] | None) -> Block:
+    return Block(
+        dim=cfg.embed_dim, num_heads=cfg.num_heads, qkv_bias=cfg.qkv_bias, mlp_ratio=cfg.mlp_ratio,
+        proj_drop=0.0, attn_drop=cfg.attn_drop_rate, drop_path=drop_path,
+        init_values=cfg.init_values if cfg.init_values > 0 else None,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6), window_size=window_size,
+    )
+
+
+def rescale_block(block: Block, layer_id: int) -> None:
+    """Official `fix_init_weight`: divide the residual-branch output projections of layer l (1-based) by sqrt(2l)."""
+    with torch.no_grad():
+        block.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+        block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+
+class BEiTViT(nn.Module):
+    """BEiT ViT: patch embedding, CLS token, optional abs/relative (shared or per-layer) positions, layer scale."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed_dim = self.num_features = cfg.embed_dim
+        self.depth = cfg.depth
+        self.num_prefix_tokens = 1
+        self.patch_embed = PatchEmbed(img_size=cfg.img_hw, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                                      embed_dim=cfg.embed_dim)
+        self.grid_size = tuple(self.patch_embed.grid_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, cfg.embed_dim)) if cfg.use_abs_pos_emb \
+            else None
+        self.pos_drop = nn.Identity()
+        self.rel_pos_bias = RelativePositionBias(self.grid_size, cfg.num_heads) if cfg.use_shared_rel_pos_bias \
+            else None
+        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        window = self.grid_size if cfg.use_rel_pos_bias else None
+        self.blocks = nn.ModuleList([make_block(cfg, dpr[i], window) for i in range(cfg.depth)])
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.norm = nn.Identity() if cfg.use_mean_pooling else norm(cfg.embed_dim)
+        self.fc_norm = norm(cfg.embed_dim) if cfg.use_mean_pooling else nn.Identity()
+        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # ----------------------------------------------------------------------------------------------------- init
+    def _trunc_normal(self, t: torch.Tensor) -> None:
+        std = self.cfg.init_std
+        trunc_normal_(t, std=std, a=-std * self.cfg.init_trunc_sigmas, b=std * self.cfg.init_trunc_sigmas)
+
+    def _init_module(self, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            self._trunc_normal(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def init_weights(self) -> None:
+        self.apply(self._init_module)
+        self._trunc_normal(self.cls_token)
+        if self.pos_embed is not None:
+            self._trunc_normal(self.pos_embed)
+        for i, blk in enumerate(self.blocks):
+            rescale_block(blk, i + 1)
+        if isinstance(self.head, nn.Linear):
+            with torch.no_grad():
+                self.head.weight.mul_(self.cfg.head_init_scale)
+                self.head.bias.mul_(self.cfg.head_init_scale)
+
+    # ---------------------------------------------------------------------------------------------- utilities
+    def no_weight_decay(self) -> set[str]:
+        """Names excluded from weight decay in fine-tuning (timm's convention)."""
+        skip = {"pos_embed", "cls_token"}
+        skip |= {n for n, _ in self.named_parameters() if "relative_position_bias_table" in n}
+        return skip
+
+    def get_num_layers(self) -> int:
+        return self.depth
+
+    def rel_pos_bias_for_blocks(self) -> torch.Tensor | None:
+        """The shared bias [heads, 1+N, 1+N] handed to every block (None for per-layer or no tables)."""
+        return self.rel_pos_bias() if self.rel_pos_bias is not None else None
+
+    def set_input_size(self, img_size: int | Sequence[int]) -> None:
+        """Change the input resolution in place, resizing position embedding and relative position tables."""
+        img_hw = to_2tuple(img_size)
+        old_grid = self.grid_size
+        self.patch_embed.set_input_size(img_size=img_hw)
+        self.grid_size = tuple(self.patch_embed.grid_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.cfg.img_size = img_hw
+        if self.pos_embed is not None and self.grid_size != old_grid:
+            self.pos_embed = nn.Parameter(resample_abs_pos_embed(self.pos_embed, self.grid_size, old_grid,
+                                                                 num_prefix_tokens=1))
+        if self.rel_pos_bias is not None:
+            self.rel_pos_bias.set_window_size(self.grid_size)
+        for blk in self.blocks:
+            if blk.attn.relative_position_bias_table is not None:
+                blk.attn.set_window_size(self.grid_size)
+
+    # ------------------------------------------------------------------------------------------------ forward
+    def embed(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None,
+              mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embedding; masked positions take ``mask_token`` before CLS and positions are added (official order)."""
+        x = self.patch_embed(x)
+        if bool_masked_pos is not None:
+            if mask_token is None:
+                raise ValueError("bool_masked_pos given without a mask_token")
+            w = bool_masked_pos.reshape(x.shape[0], -1, 1).to(x.dtype)
+            x = x * (1 - w) + mask_token.to(x.dtype) * w
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        return self.pos_drop(x)
+
+    def run_block(self, blk: nn.Module, x: torch.Tensor, rel_pos_bias: torch.Tensor | None) -> torch.Tensor:
+        if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(blk, x, rel_pos_bias, use_reentrant=False)
+        return blk(x, shared_rel_pos_bias=rel_pos_bias)
+
+    def forward_features(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None,
+                         mask_token: torch.Tensor | None = None, return_layers: Sequence[int] = ()
+                         ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Tokens after the last block (before the final norm) and the outputs of blocks ``return_layers`` (1-based)."""
+        x = self.embed(x, bool_masked_pos, mask_token)
+        rel_pos_bias = self.rel_pos_bias_for_blocks()
+        wanted = set(return_layers)
+        saved: dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(self.blocks, start=1):
+            x = self.run_block(blk, x, rel_pos_bias)
+            if i in wanted:
+                saved[i] = x
+        return x, saved
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Image feature: fc_norm(mean of patch tokens), or norm(tokens)[:, 0] (CLS)."""
+        if self.cfg.use_mean_pooling:
+            return self.fc_norm(tokens[:, 1:].mean(dim=1))
+        return self.norm(tokens)[:, 0]
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        feats = self.head_drop(self.pool(tokens))
+        return feats if pre_logits else self.head(feats)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, _ = self.forward_features(x)
+        return self.forward_head(tokens)
+
+    def patch_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised patch tokens [B, N, D] (fc_norm when mean-pooling, else norm): what teachers and VQ-KD use."""
+        tokens, _ = self.forward_features(x)
+        return self.fc_norm(tokens[:, 1:]) if self.cfg.use_mean_pooling else self.norm(tokens)[:, 1:]
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """Softmax attention [B, heads, 1+N, 1+N] of block ``layer`` (explicit, since SDPA does not return weights)."""
+        layer = layer % self.depth
+        h = self.embed(x)
+        bias = self.rel_pos_bias_for_blocks()
+        for blk in self.blocks[:layer]:
+            h = blk(h, shared_rel_pos_bias=bias)
+        attn = self.blocks[layer].attn
+        y = self.blocks[layer].norm1(h)
+        B, N, _ = y.shape
+        qkv_bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)) if attn.q_bias is not None else None
+        qkv = F.linear(y, attn.qkv.weight, qkv_bias).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = qkv[0], qkv[1]
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if attn.relative_position_bias_table is not None:
+            logits = logits + attn._get_rel_pos_bias()
+        if bias is not None:
+            logits = logits + bias
+        return logits.softmax(dim=-1)

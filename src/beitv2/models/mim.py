@@ -1,0 +1,149 @@
+"""BEiT v2 masked image modeling: the backbone, a learned mask token, and the MIM head with patch aggregation.
+
+    patches --(masked positions := mask_token)--> ViT blocks --> norm --> lm_head (masked positions)   -> loss_1
+    [CLS of the last block] + [patch tokens after block l] --> head_layers blocks (shared rel-pos bias)
+                                                           --> the same norm and lm_head             -> loss_2
+    loss = loss_1 + loss_2
+
+The model *is* the backbone (a `BEiTViT` subclass) so its state dict has the official top-level keys: `cls_token`,
+`mask_token`, `patch_embed.*`, `rel_pos_bias.*`, `blocks.*`, `norm.*`, `lm_head.*`, `cls_pt_layers.*` (and
+`cls_pt_norm.*`, `cls_pt_lm_head.*` when the head is not shared).
+
+Targets: discrete tokenizer codes (BEiT v1/v2, cross-entropy), or, as ablations, normalised pixels of the masked
+patches (MSE) and teacher features (1 - cosine). The head width follows the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import check, opt
+from .backbone import BEiTViT, ViTConfig, make_block, rescale_block
+
+
+@dataclass
+class MIMConfig:
+    backbone: ViTConfig = field(default_factory=ViTConfig, metadata={"help": "pre-training ViT"})
+    vocab_size: int = opt(8192, "tokenizer vocabulary (codes to predict)")
+    target: str = opt("tokens", "'tokens' (tokenizer codes, CE), 'pixels' (normalised pixels, MSE) or "
+                                "'features' (teacher features, cosine)")
+    target_dim: int = opt(0, "width of regression targets for target=features (teacher dim)")
+    norm_pix_loss: bool = opt(True, "pixel targets normalised per patch (MAE's norm_pix_loss)")
+    patch_aggregation: bool = opt(True, "BEiT v2 patch aggregation head (False = BEiT v1-style single loss)")
+    early_layers: int = opt(9, "l: the patch tokens after this block (1-based) feed the aggregation head")
+    head_layers: int = opt(2, "blocks in the aggregation head")
+    shared_lm_head: bool = opt(True, "aggregation head shares the final norm and lm_head")
+
+    def validate(self, prefix: str = "") -> None:
+        check(self.target in ("tokens", "pixels", "features"), prefix + "target",
+              f"must be tokens, pixels or features, got {self.target!r}")
+        if self.target == "tokens":
+            check(self.vocab_size >= 2, prefix + "vocab_size", "must be >= 2")
+        if self.target == "features":
+            check(self.target_dim >= 1, prefix + "target_dim", "set it to the teacher feature width")
+        if self.patch_aggregation:
+            check(1 <= self.early_layers <= self.backbone.depth, prefix + "early_layers",
+                  f"must be in [1, depth={self.backbone.depth}], got {self.early_layers}")
+            check(self.head_layers >= 1, prefix + "head_layers", "must be >= 1")
+
+    @property
+    def out_dim(self) -> int:
+        if self.target == "tokens":
+            return self.vocab_size
+        if self.target == "pixels":
+            return self.backbone.patch_size ** 2 * self.backbone.in_chans
+        return self.target_dim
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, N, p*p*C] in row-major patch order (pixel order p, p, C as in MAE)."""
+    B, C, H, W = images.shape
+    p = patch_size
+    x = images.reshape(B, C, H // p, p, W // p, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def pixel_targets(images: torch.Tensor, patch_size: int, normalize: bool) -> torch.Tensor:
+    t = patchify(images.float(), patch_size)
+    if normalize:
+        t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True, unbiased=True) + 1e-6).sqrt()
+    return t
+
+
+class BEiTv2ForMIM(BEiTViT):
+    def __init__(self, cfg: MIMConfig):
+        cfg.validate()
+        super().__init__(cfg.backbone)
+        self.mim_cfg = cfg
+        d = cfg.backbone.embed_dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.lm_head = nn.Linear(d, cfg.out_dim)
+        self.cls_pt_layers = None
+        if cfg.patch_aggregation:
+            b = cfg.backbone
+            n = max(b.depth, cfg.early_layers + cfg.head_layers)
+            dpr = [b.drop_path_rate * i / max(n - 1, 1) for i in range(n)]
+            self.cls_pt_layers = nn.ModuleList([make_block(b, dpr[cfg.early_layers + j], None)
+                                                for j in range(cfg.head_layers)])
+            if not cfg.shared_lm_head:
+                self.cls_pt_norm = nn.LayerNorm(d, eps=1e-6)
+                self.cls_pt_lm_head = nn.Linear(d, cfg.out_dim)
+        self._init_mim()
+
+    def _init_mim(self) -> None:
+        self._trunc_normal(self.mask_token)
+        extra = [self.lm_head] + ([self.cls_pt_layers] if self.cls_pt_layers is not None else [])
+        if hasattr(self, "cls_pt_lm_head"):
+            extra += [self.cls_pt_norm, self.cls_pt_lm_head]
+        for m in extra:
+            m.apply(self._init_module)
+        if self.cls_pt_layers is not None:
+            for j, blk in enumerate(self.cls_pt_layers):
+                rescale_block(blk, self.mim_cfg.early_layers + j + 1)
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mask_token"}
+
+    def forward(self, images: torch.Tensor, bool_masked_pos: torch.Tensor) -> list[torch.Tensor]:
+        """Predictions at the masked positions: [head 1] or [head 1, aggregation head], each [B*M, out_dim]."""
+        bool_masked_pos = bool_masked_pos.reshape(images.shape[0], -1).bool()
+        cfg = self.mim_cfg
+        layers = (cfg.early_layers,) if cfg.patch_aggregation else ()
+        x, saved = self.forward_features(images, bool_masked_pos, self.mask_token, return_layers=layers)
+        outs = [self.lm_head(self.norm(x)[:, 1:][bool_masked_pos])]
+        if cfg.patch_aggregation:
+            h = torch.cat([x[:, :1], saved[cfg.early_layers][:, 1:]], dim=1)
+            bias = self.rel_pos_bias_for_blocks()
+            for blk in self.cls_pt_layers:
+                h = self.run_block(blk, h, bias)
+            if cfg.shared_lm_head:
+                outs.append(self.lm_head(self.norm(h)[:, 1:][bool_masked_pos]))
+            else:
+                outs.append(self.cls_pt_lm_head(self.cls_pt_norm(h)[:, 1:][bool_masked_pos]))
+        return outs
+
+    def loss(self, outputs: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Sum of the per-head losses. ``targets``: code ids [M] (tokens) or vectors [M, out_dim] (regression)."""
+        metrics: dict[str, torch.Tensor] = {}
+        total = 0.0
+        for i, out in enumerate(outputs, start=1):
+            out = out.float()
+            if self.mim_cfg.target == "tokens":
+                loss = F.cross_entropy(out, targets)
+                metrics[f"mlm_acc_{i}"] = (out.argmax(-1) == targets).float().mean().detach()
+            elif self.mim_cfg.target == "pixels":
+                loss = F.mse_loss(out, targets.float())
+            else:
+                loss = (1.0 - F.cosine_similarity(out, targets.float(), dim=-1)).mean()
+            metrics[f"loss_{i}"] = loss.detach()
+            total = total + loss
+        return total, metrics
+
+    def backbone_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights without the pre-training-only parts (mask token, MIM head, aggregation blocks)."""
+        drop = ("mask_token", "lm_head.", "cls_pt_layers.", "cls_pt_norm.", "cls_pt_lm_head.")
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(drop)}

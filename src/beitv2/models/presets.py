@@ -1,0 +1,105 @@
+"""Named architectures: the paper's models and small ones for 28-64 px images on a CPU.
+
+`get_preset(name)` returns (kind, config); `build_model(name, **overrides)` builds it. Paper presets reproduce the
+official registered models (facts §1.1, §2.1, §2.7); their learnable parameter counts are tested against the official
+numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from .backbone import BEiTViT, ViTConfig
+from .mim import BEiTv2ForMIM, MIMConfig
+from .quantizer import QuantizerConfig
+from .vqkd import VQKD, VQKDConfig, vqkd_encoder_config
+
+
+def _vit(size: str, **kw) -> ViTConfig:
+    dims = {"base": (768, 12, 12), "large": (1024, 24, 16)}[size]
+    return ViTConfig(**{"embed_dim": dims[0], "depth": dims[1], "num_heads": dims[2], **kw})
+
+
+def _vqkd(decoder_depth: int, teacher_dim: int) -> VQKDConfig:
+    return VQKDConfig(encoder=vqkd_encoder_config(), decoder_depth=decoder_depth, teacher_dim=teacher_dim)
+
+
+def _mim(size: str, early: int, init_values: float, aggregation: bool = True) -> MIMConfig:
+    return MIMConfig(backbone=_vit(size, init_values=init_values, drop_path_rate=0.1), vocab_size=8192,
+                     patch_aggregation=aggregation, early_layers=early, head_layers=2, shared_lm_head=True)
+
+
+def _small_vit(img: int, width: int, depth: int, heads: int, chans: int = 3, **kw) -> dict[str, Any]:
+    return dict(img_size=(img,), patch_size=4, in_chans=chans, embed_dim=width, depth=depth, num_heads=heads, **kw)
+
+
+PRESETS: dict[str, Callable[[], tuple[str, Any]]] = {
+    # --- the paper's tokenizers (official model names)
+    "vqkd_encoder_base_decoder_1x768x12_clip": lambda: ("vqkd", _vqkd(1, 512)),
+    "vqkd_encoder_base_decoder_3x768x12_clip": lambda: ("vqkd", _vqkd(3, 512)),
+    "vqkd_encoder_base_decoder_1x768x12_dino": lambda: ("vqkd", _vqkd(1, 768)),
+    # --- the paper's pre-training models
+    "beitv2_base_patch16_224": lambda: ("mim", _mim("base", 9, 0.1)),
+    "beitv2_large_patch16_224": lambda: ("mim", _mim("large", 21, 1e-5)),
+    "beit_base_patch16_224_8k_vocab": lambda: ("mim", _mim("base", 9, 0.1, aggregation=False)),
+    # --- the paper's fine-tuning backbones (per-layer relative bias, mean pooling)
+    "beitv2_base_patch16_224_ft": lambda: ("vit", _vit("base", init_values=0.1, use_rel_pos_bias=True,
+                                                       use_shared_rel_pos_bias=False, use_mean_pooling=True,
+                                                       num_classes=1000, drop_path_rate=0.1)),
+    # --- small presets for 28-64 px images on CPU (patch 4)
+    "vqkd_tiny": lambda: ("vqkd", VQKDConfig(
+        encoder=vqkd_encoder_config(**_small_vit(28, 128, 4, 4)), decoder_depth=1,
+        quantizer=QuantizerConfig(num_codes=1024, code_dim=32), teacher_dim=128)),
+    "vqkd_small": lambda: ("vqkd", VQKDConfig(
+        encoder=vqkd_encoder_config(**_small_vit(32, 256, 6, 8)), decoder_depth=2,
+        quantizer=QuantizerConfig(num_codes=2048, code_dim=32), teacher_dim=256)),
+    "beitv2_tiny": lambda: ("mim", MIMConfig(
+        backbone=ViTConfig(**_small_vit(28, 128, 6, 4, init_values=0.1)), vocab_size=1024,
+        early_layers=4, head_layers=2)),
+    "beitv2_small": lambda: ("mim", MIMConfig(
+        backbone=ViTConfig(**_small_vit(32, 256, 12, 8, init_values=0.1, drop_path_rate=0.1)), vocab_size=2048,
+        early_layers=9, head_layers=2)),
+    "beitv2_small64": lambda: ("mim", MIMConfig(
+        backbone=ViTConfig(**_small_vit(64, 256, 12, 8, init_values=0.1, drop_path_rate=0.1)), vocab_size=8192,
+        early_layers=9, head_layers=2)),
+    "vit_tiny": lambda: ("vit", ViTConfig(**_small_vit(28, 128, 6, 4, init_values=0.1, use_mean_pooling=True))),
+}
+
+
+def list_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> tuple[str, Any]:
+    """(kind, a fresh config) for a preset name; kind is 'vit', 'vqkd', 'mim' or 'dvae'."""
+    if name not in PRESETS:
+        try:  # dVAE presets live with the dVAE
+            from .dvae import DVAE_PRESETS
+
+            if name in DVAE_PRESETS:
+                cfg = DVAE_PRESETS[name]
+                return "dvae", (cfg() if callable(cfg) else replace(cfg))
+        except ImportError:
+            pass
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(list_presets())}")
+    return PRESETS[name]()
+
+
+def build_model(name: str) -> nn.Module:
+    kind, cfg = get_preset(name)
+    if kind == "vit":
+        return BEiTViT(cfg)
+    if kind == "vqkd":
+        return VQKD(cfg)
+    if kind == "mim":
+        return BEiTv2ForMIM(cfg)
+    from .dvae import DiscreteVAE
+
+    return DiscreteVAE(cfg)
+
+
+def count_learnable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,210 @@
+"""VQ-KD's vector quantizer: l2-normalised codebook, cosine nearest code, straight-through, EMA codebook.
+
+Follows the official `NormEMAVectorQuantizer` (facts §1.3): codes are learned by an exponential moving average of the
+normalised mean of the vectors assigned to them (decay 0.99, re-normalised after each update; codes with no assignment
+keep their value), the only loss is the commitment term ``beta * mse(sg[z_q], z)``, and the codebook is initialised
+lazily by cosine k-means on the first training batch.
+
+Deliberate departures, each fixing a documented problem of the official code:
+* k-means runs on the vectors of *all* ranks and its result is broadcast, so every rank starts with the same codebook
+  (the official init is per-rank, facts §7.10).
+* Distances, k-means and EMA statistics run in fp32 even under autocast (the official code used fp16 there).
+* Usage statistics are explicit: an EMA of counts (`cluster_size`, as in the official code), raw counts since the last
+  `reset_usage()`, and `usage_stats()` giving codes used, dead codes and perplexity.
+* An optional dead-code restart (`restart_threshold > 0`) re-seeds codes whose EMA count falls below the threshold from
+  current batch vectors, identically on every rank. Off by default, as in the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..config import check, opt
+
+
+@dataclass
+class QuantizerConfig:
+    num_codes: int = opt(8192, "codebook size K")
+    code_dim: int = opt(32, "code dimension D (the low-dimensional lookup space)")
+    beta: float = opt(1.0, "commitment loss weight")
+    decay: float = opt(0.99, "EMA decay of the codebook")
+    kmeans_init: bool = opt(True, "initialise the codebook by cosine k-means on the first training batch")
+    kmeans_iters: int = opt(10, "k-means iterations")
+    restart_threshold: float = opt(0.0, "re-seed codes whose EMA usage count falls below this (0 = off, the paper)")
+
+    def validate(self, prefix: str = "") -> None:
+        check(self.num_codes >= 2, prefix + "num_codes", f"must be >= 2, got {self.num_codes}")
+        check(self.code_dim >= 1, prefix + "code_dim", f"must be >= 1, got {self.code_dim}")
+        check(0.0 <= self.decay < 1.0, prefix + "decay", f"must be in [0, 1), got {self.decay}")
+        check(self.beta >= 0, prefix + "beta", "must be >= 0")
+        check(self.kmeans_iters >= 0, prefix + "kmeans_iters", "must be >= 0")
+        check(self.restart_threshold >= 0, prefix + "restart_threshold", "must be >= 0")
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast(t: torch.Tensor) -> torch.Tensor:
+    if _distributed():
+        dist.broadcast(t, src=0)
+    return t
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` [n, D] from every rank (sizes may differ)."""
+    if not _distributed():
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    m = int(max(s.item() for s in sizes))
+    padded = torch.zeros(m, t.shape[1], device=t.device, dtype=t.dtype)
+    padded[: t.shape[0]] = t
+    out = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+
+
+@torch.no_grad()
+def kmeans_cosine(samples: torch.Tensor, k: int, iters: int, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spherical k-means on unit vectors. Returns (unit-norm means [k, D], cluster sizes [k]).
+
+    Initial means are drawn without replacement when there are enough samples, else with replacement (official).
+    Empty clusters keep their previous mean.
+    """
+    n = samples.shape[0]
+    if n >= k:
+        idx = torch.randperm(n, generator=generator, device="cpu")[:k]
+    else:
+        idx = torch.randint(0, n, (k,), generator=generator, device="cpu")
+    means = samples[idx.to(samples.device)].clone()
+    bins = torch.zeros(k, device=samples.device)
+    for _ in range(iters):
+        assign = (samples @ means.t()).argmax(dim=-1)
+        bins = torch.bincount(assign, minlength=k).to(samples.dtype)
+        sums = torch.zeros_like(means).index_add_(0, assign, samples)
+        new = F.normalize(sums, dim=-1)
+        means = torch.where((bins > 0)[:, None], new, means)
+    return means, bins
+
+
+class CodebookEmbedding(nn.Module):
+    """Holds the codebook under the official key names (`quantize.embedding.weight`, `quantize.embedding.initted`)."""
+
+    def __init__(self, num_codes: int, code_dim: int, initted: bool):
+        super().__init__()
+        self.weight = nn.Parameter(F.normalize(torch.randn(num_codes, code_dim), dim=-1), requires_grad=False)
+        self.register_buffer("initted", torch.tensor([initted]))
+
+
+class NormEMAQuantizer(nn.Module):
+    def __init__(self, cfg: QuantizerConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.num_codes, self.code_dim = cfg.num_codes, cfg.code_dim
+        self.embedding = CodebookEmbedding(cfg.num_codes, cfg.code_dim, initted=not cfg.kmeans_init)
+        self.register_buffer("cluster_size", torch.zeros(cfg.num_codes))  # EMA usage counts (official name)
+        self.register_buffer("usage_counts", torch.zeros(cfg.num_codes, dtype=torch.float64), persistent=False)
+        self.kmeans_seed = 0
+        self.num_restarted = 0
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.embedding.weight
+
+    # ---------------------------------------------------------------------------------------------- statistics
+    def reset_usage(self) -> None:
+        self.usage_counts.zero_()
+
+    def usage_stats(self) -> dict[str, float]:
+        """Codebook health over the vectors seen since `reset_usage()` (global under DDP when updated in training)."""
+        counts = self.usage_counts.float()
+        total = counts.sum().clamp_min(1)
+        p = counts / total
+        entropy = -(p[p > 0] * p[p > 0].log()).sum()
+        used = int((counts > 0).sum())
+        return {"codes_used": used, "dead_codes": self.num_codes - used, "usage": used / self.num_codes,
+                "perplexity": float(entropy.exp()), "ema_dead_codes": int((self.cluster_size < 1e-3).sum())}
+
+    # -------------------------------------------------------------------------------------------------- core
+    @torch.no_grad()
+    def _kmeans_init(self, z: torch.Tensor) -> None:
+        samples = all_gather_cat(z)
+        gen = torch.Generator().manual_seed(self.kmeans_seed)
+        means, bins = kmeans_cosine(samples, self.num_codes, self.cfg.kmeans_iters, gen)
+        self.embedding.weight.data.copy_(broadcast(means.contiguous()))
+        self.cluster_size.copy_(broadcast(bins.contiguous()))
+        self.embedding.initted.fill_(True)
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest code by cosine similarity for unit vectors z [M, D] (fp32)."""
+        return (z.float() @ self.embedding.weight.float().t()).argmax(dim=-1)
+
+    @torch.no_grad()
+    def _ema_update(self, z: torch.Tensor, idx: torch.Tensor) -> None:
+        bins = all_reduce_sum(torch.bincount(idx, minlength=self.num_codes).float())
+        sums = all_reduce_sum(torch.zeros(self.num_codes, self.code_dim, device=z.device).index_add_(0, idx, z))
+        d = self.cfg.decay
+        self.cluster_size.mul_(d).add_(bins, alpha=1 - d)
+        self.usage_counts += bins.double()
+        used = bins > 0
+        target = torch.where(used[:, None], F.normalize(sums / bins.clamp_min(1)[:, None], dim=-1),
+                             self.embedding.weight)
+        self.embedding.weight.data.copy_(F.normalize(d * self.embedding.weight + (1 - d) * target, dim=-1))
+        if self.cfg.restart_threshold > 0:
+            self._restart_dead(z)
+
+    @torch.no_grad()
+    def _restart_dead(self, z: torch.Tensor) -> None:
+        dead = self.cluster_size < self.cfg.restart_threshold
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return
+        samples = all_gather_cat(z)
+        gen = torch.Generator().manual_seed(self.kmeans_seed + 1 + self.num_restarted)
+        pick = torch.randint(0, samples.shape[0], (n_dead,), generator=gen).to(samples.device)
+        new = broadcast(samples[pick].contiguous())
+        self.embedding.weight.data[dead] = new
+        # A re-seeded code starts at the threshold so it is not restarted again on the next step.
+        self.cluster_size[dead] = self.cfg.restart_threshold
+        self.num_restarted += n_dead
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z [B, N, D] (any scale) -> (straight-through z_q [B, N, D], commitment loss, code indices [B, N])."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            shape = z.shape
+            z = F.normalize(z.float(), dim=-1)
+            flat = z.reshape(-1, self.code_dim)
+            if self.training and not bool(self.embedding.initted):
+                self._kmeans_init(flat.detach())
+            idx = self.nearest(flat.detach())
+            z_q = self.embedding.weight[idx].view(shape)
+            if self.training:
+                self._ema_update(flat.detach(), idx)
+            loss = self.cfg.beta * F.mse_loss(z_q.detach(), z)
+            z_q = z + (z_q - z).detach()
+        return z_q, loss, idx.view(shape[:-1])
+
+    @torch.no_grad()
+    def record_usage(self, idx: torch.Tensor, reduce: bool = True) -> None:
+        """Add the codes ``idx`` to the usage counts (evaluation passes; every rank must call it when reduce=True)."""
+        counts = torch.bincount(idx.reshape(-1), minlength=self.num_codes).float()
+        self.usage_counts += (all_reduce_sum(counts) if reduce else counts).double()
+
+    @torch.no_grad()
+    def lookup(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.embedding.weight[idx]
