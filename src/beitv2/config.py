@@ -154,6 +154,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             f"--{name}",
             dest=f"cfg::{name}",
             default=None,
+            nargs="+" if get_origin(base) in (tuple, list) else None,
             metavar=name.rsplit(".", 1)[-1].upper(),
             help=f"{f.metadata.get('help', '')}{choices} (default: {_fmt_default(default)})",
         )
@@ -177,13 +178,22 @@ def merge(base: dict, over: dict) -> dict:
     return out
 
 
-def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
-    """Build a dataclass from a nested dict, rejecting unknown keys by name."""
+def from_dict(cls: type[T], data: dict, prefix: str = "", base: Any = None) -> T:
+    """Build a dataclass from a nested dict, rejecting unknown keys by name.
+
+    Fields the dict leaves out keep the value of ``base`` (default: ``cls()``), so a partial mapping for a nested
+    section keeps the defaults its parent's ``default_factory`` chose (e.g. a command's recipe optimizer).
+    """
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{prefix}{sorted(unknown)[0]}: unknown option (known: {', '.join(sorted(names))})")
+    if base is None:
+        try:
+            base = cls()
+        except TypeError:  # required fields: nothing to inherit
+            base = None
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -191,9 +201,9 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         tp = hints[f.name]
         val = _coerce(tp, data[f.name], prefix + f.name)
         if dataclasses.is_dataclass(tp):
-            val = from_dict(tp, val, prefix + f.name + ".")
+            val = from_dict(tp, val, prefix + f.name + ".", getattr(base, f.name, None))
         kwargs[f.name] = val
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -244,6 +254,7 @@ def build_config(cls: type[T], args: argparse.Namespace | None = None, preset: d
         for key, text in vars(args).items():
             if key.startswith("cfg::") and text is not None:
                 name = key[5:]
+                text = " ".join(text) if isinstance(text, list) else text
                 _set(data, name, _parse_value(leaf_types[name], text, name))
     if overrides:
         data = merge(data, overrides)

@@ -240,7 +240,7 @@ class FashionMNIST(Dataset):
         return sub
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        img = Image.fromarray(self.images[index], mode="L")
+        img = Image.fromarray(self.images[index])
         if self.channels == 3:
             img = img.convert("RGB")
         return (self.transform(img) if self.transform else img), int(self.labels[index])
@@ -337,14 +337,14 @@ class WebDatasetShards(_BadFileLog, IterableDataset):
 def collate_skip_bad(batch: list[Any]) -> dict[str, Any]:
     """Drop ``None`` samples, collate the rest with torch's default collate and add ``num_skipped``.
 
-    Tuple samples become ``{'image', 'label'}``. A batch made only of bad samples is ``{'num_skipped': n}``.
+    Tuple samples become ``{'image', 'label'}`` (plus ``'index'``, a stream's sample id, for 3-tuples). A batch made only of bad samples is ``{'num_skipped': n}``.
     """
     good = [s for s in batch if s is not None]
     skipped = len(batch) - len(good)
     if not good:
         return {"num_skipped": skipped}
     if not isinstance(good[0], dict):
-        good = [{"image": s[0], "label": s[1]} for s in good]
+        good = [{"image": s[0], "label": s[1], **({"index": s[2]} if len(s) > 2 else {})} for s in good]
     out = default_collate(good)
     out["num_skipped"] = skipped
     return out

@@ -28,7 +28,7 @@ class BadImageError(Exception):
 
 def _scale_int(arr: np.ndarray, max_value: int) -> Image.Image:
     arr = np.clip(arr.astype(np.int64), 0, max_value)
-    return Image.fromarray(((arr * 255 + max_value // 2) // max_value).astype(np.uint8), mode="L")
+    return Image.fromarray(((arr * 255 + max_value // 2) // max_value).astype(np.uint8))
 
 
 def _to_8bit_gray(img: Image.Image) -> Image.Image:
@@ -43,7 +43,7 @@ def _to_8bit_gray(img: Image.Image) -> Image.Image:
         arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         if arr.size and arr.max() <= 1.0:  # the common [0, 1] float convention
             arr = arr * 255.0
-        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
     return img.convert("L")
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from ..config import check, opt
 
@@ -23,12 +23,12 @@ class OptimConfig:
     lr_reference_batch: int = opt(0, "if > 0, scale lr and min_lr by total_batch / this (official VQ-KD: 128); "
                                      "0 = use lr as given")
     weight_decay: float = opt(0.05, "AdamW weight decay (decoupled)")
-    weight_decay_end: Optional[float] = opt(None, "final weight decay of a cosine WD schedule (None = constant)")
+    weight_decay_end: float | None = opt(None, "final weight decay of a cosine WD schedule (None = constant)")
     warmup_epochs: float = opt(5.0, "linear warmup from 0, in epochs")
     warmup_steps: int = opt(0, "linear warmup from 0, in optimizer steps (overrides warmup_epochs when > 0)")
     betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
     eps: float = opt(1e-8, "AdamW epsilon")
-    clip_grad: Optional[float] = opt(None, "max global grad norm (None = measure the norm only)")
+    clip_grad: float | None = opt(None, "max global grad norm (None = measure the norm only)")
     no_decay_names: tuple[str, ...] = opt(NO_DECAY_NAMES, "parameter-name components exempt from weight decay "
                                                           "(1-d params and biases always are)")
     official_no_decay: bool = opt(False, "exempt only 1-d params, biases, pos_embed and cls_token, as the official "
@@ -53,7 +53,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: Path = opt(Path("runs/train"), "where checkpoints, metrics.jsonl, config.yaml and TensorBoard go")
+    output_dir: str = opt("runs/train", "where checkpoints, metrics.jsonl, config.yaml and TensorBoard go")
     epochs: int = opt(100, "number of epochs")
     batch_size: int = opt(64, "images per process per micro-batch")
     accum_steps: int = opt(1, "micro-batches per optimizer step (gradient accumulation)")
@@ -63,7 +63,6 @@ class TrainConfig:
     device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N (under torchrun: LOCAL_RANK)")
     seed: int = opt(0, "seed of the models' init (same on all ranks), of the data (seed, epoch, index) and of "
                        "training randomness (seed + rank)")
-    num_workers: int = opt(4, "data-loader worker processes per rank")
     find_unused_parameters: bool = opt(False, "DDP find_unused_parameters (the official code uses True)")
     save_every_steps: int = opt(0, "also save a checkpoint every N optimizer steps (0 = only at epoch ends)")
     keep_last: int = opt(3, "checkpoints kept in output_dir (older ones are deleted)")
@@ -78,7 +77,7 @@ class TrainConfig:
     def validate(self, prefix: str = "") -> None:
         for name in ("epochs", "batch_size", "accum_steps", "keep_last", "log_every_steps"):
             check(getattr(self, name) >= 1, f"{prefix}{name}", f"must be >= 1, got {getattr(self, name)}")
-        for name in ("num_workers", "save_every_steps", "stop_after_steps", "eval_every_epochs"):
+        for name in ("save_every_steps", "stop_after_steps", "eval_every_epochs"):
             check(getattr(self, name) >= 0, f"{prefix}{name}", f"must be >= 0, got {getattr(self, name)}")
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"{prefix}device",
               f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")

@@ -44,7 +44,7 @@ class RunLogger:
         if not enabled:
             return
         out_dir = Path(out_dir)
-        self.file = open(out_dir / "metrics.jsonl", "a", buffering=1)
+        self.file = open(out_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115 - lives with the run
         if tensorboard:
             self.tb = _tb_writer(out_dir / "tb")
         if progress:

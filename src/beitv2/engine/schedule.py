@@ -15,7 +15,7 @@ import numpy as np
 
 def warmup_iterations(total_steps: int, steps_per_epoch: int, warmup_epochs: float = 0.0, warmup_steps: int = 0) -> int:
     """Warmup length in steps: ``warmup_steps`` if positive, else ``warmup_epochs * steps_per_epoch``."""
-    n = warmup_steps if warmup_steps > 0 else int(round(warmup_epochs * steps_per_epoch))
+    n = warmup_steps if warmup_steps > 0 else round(warmup_epochs * steps_per_epoch)
     return max(0, min(n, total_steps))
 
 

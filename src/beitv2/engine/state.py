@@ -91,9 +91,9 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, kind: str, model
 
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load a checkpoint's weights into an existing model, strictly."""
-    from safetensors.torch import load_model
+    from ..checkpoint import load_state_dict
 
-    load_model(model, str(Path(path) / WEIGHTS if Path(path).is_dir() else path), strict=True)
+    model.load_state_dict(load_state_dict(path), strict=True)
 
 
 def load_train_state(path: Path) -> dict:

@@ -9,6 +9,8 @@ stop on SIGTERM/SIGINT, and a clear error on a non-finite loss.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import signal
@@ -88,11 +90,12 @@ class Trainer:
     def __init__(self, task: nn.Module, train_set: Dataset, cfg: TrainConfig, optim_cfg: OptimConfig, *,
                  dist: D.DistInfo, model_kind: str, model_config: Any, run_config: Any = None,
                  val_set: Dataset | None = None, collate_fn=None, layer_id_fn: LayerIdFn | None = None,
-                 num_layers: int | None = None, param_group_fn: ParamGroupFn | None = None):
+                 num_layers: int | None = None, param_group_fn: ParamGroupFn | None = None, num_workers: int = 0):
         self.task, self.cfg, self.ocfg, self.dist = task, cfg, optim_cfg, dist
         self.train_set, self.val_set, self.collate_fn = train_set, val_set, collate_fn
         self.model_kind, self.model_config, self.run_config = model_kind, model_config, run_config
         self.out = Path(cfg.output_dir)
+        self.num_workers = num_workers
         self.device = dist.device
         self.precision = resolve_precision(cfg.precision, self.device)
         self.task.to(self.device)
@@ -106,10 +109,11 @@ class Trainer:
                               f" give no full step of batch_size={cfg.batch_size} x accum_steps={cfg.accum_steps}")
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.total_batch = cfg.batch_size * cfg.accum_steps * dist.world_size
-        scale = self.total_batch / optim_cfg.lr_reference_batch if optim_cfg.lr_reference_batch else 1.0
+        # official VQ-KD: lr *= total_batch / 128, min_lr unscaled (capped at lr for small batches)
+        lr = optim_cfg.lr * (self.total_batch / optim_cfg.lr_reference_batch if optim_cfg.lr_reference_batch else 1)
         warm = warmup_iterations(self.total_steps, self.steps_per_epoch, optim_cfg.warmup_epochs,
                                  optim_cfg.warmup_steps)
-        self.lr_schedule = cosine_schedule(optim_cfg.lr * scale, optim_cfg.min_lr * scale, self.total_steps, warm)
+        self.lr_schedule = cosine_schedule(lr, min(optim_cfg.min_lr, lr), self.total_steps, warm)
         wd_end = optim_cfg.weight_decay if optim_cfg.weight_decay_end is None else optim_cfg.weight_decay_end
         self.wd_schedule = cosine_schedule(optim_cfg.weight_decay, wd_end, self.total_steps, 0)
         self.optimizer = build_optimizer(task.model, optim_cfg, layer_id_fn=layer_id_fn, num_layers=num_layers,
@@ -124,7 +128,7 @@ class Trainer:
         # A private generator keeps the loader from drawing on the global torch RNG, so a resumed run's RNG stream
         # matches an uninterrupted one; the data's own randomness is a function of (seed, epoch, index).
         gen = torch.Generator().manual_seed(self.cfg.seed)
-        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=self.collate_fn, drop_last=drop_last, pin_memory=self.device.type == "cuda",
                           generator=gen)
 
@@ -204,6 +208,8 @@ class Trainer:
         finally:
             self.logger.close()
         last_ckpt = result.checkpoint or last_ckpt
+        if self.dist.enabled:
+            self._check_rank_sync()
         if result.status == "finished" and self.dist.is_main:
             from ..checkpoint import save_model
 
@@ -211,6 +217,21 @@ class Trainer:
         D.barrier()
         result.checkpoint = last_ckpt
         return result
+
+    def _check_rank_sync(self) -> None:
+        """All ranks must hold identical weights (incl. buffers such as an EMA codebook); record the digests."""
+        h = hashlib.sha256()
+        for k, v in sorted(self.task.model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digests = D.all_gather_object(h.hexdigest())
+        if self.dist.is_main:
+            in_sync = len(set(digests)) == 1
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"type": "rank_sync", "step": self.global_step, "in_sync": in_sync,
+                                    "digests": digests}) + "\n")
+            if not in_sync:
+                log.warning("model weights differ between ranks: %s", digests)
 
     def _run(self, loader: DataLoader, stop: _StopFlag) -> FitResult:
         cfg, accum = self.cfg, self.cfg.accum_steps
@@ -237,7 +258,11 @@ class Trainer:
                     if m == 0:
                         step = self.global_step
                         set_schedule(self.optimizer, float(self.lr_schedule[step]), float(self.wd_schedule[step]))
+                        self.task.on_step_start(step)
                     skipped += int(batch.pop("num_skipped", 0))
+                    if not batch:
+                        raise RuntimeError(f"every image of batch {i} in epoch {epoch} was unreadable (see the "
+                                           "skipped-file messages above); fix or remove those files")
                     img_log += _images_in(batch) * self.dist.world_size
                     batch = _to_device(batch, self.device)
                     sync = self.net.no_sync() if self.dist.enabled and m < accum - 1 else contextlib.nullcontext()

@@ -1,0 +1,110 @@
+"""`beitv2 convert`: official microsoft/unilm checkpoints in; our model files, timm and HF transformers out."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "convert official BEiT v2 / VQ-KD checkpoints and our models to beitv2, timm or HF transformers"
+DESCRIPTION = """\
+Convert checkpoints between formats.
+
+  --from official-vqkd      official VQ-KD tokenizer .pth (vqkd_encoder_base_decoder_*); to timm/hf: its encoder
+  --from official-pretrain  official BEiT v2 pre-training .pth (beit_*_8k_vocab[_cls_pt])
+  --from official-finetune  official fine-tuned classifier .pth
+  --from beitv2             a model file written by this library (save_model)
+
+  --to beitv2               our safetensors model file (OUTPUT is a file)
+  --to timm                 folder for timm.create_model('local-dir:OUTPUT', pretrained=True)
+  --to hf                   folder for transformers BeitModel / BeitForImageClassification.from_pretrained(OUTPUT)
+
+Examples:
+  beitv2 convert --from official-vqkd --to beitv2 vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth vqkd.safetensors
+  beitv2 convert --from official-pretrain --to beitv2 --target finetune --img-size 384 --num-classes 1000 \\
+      beitv2_base_patch16_224_pt1k.pth ft384.safetensors
+  beitv2 convert --from beitv2 --to hf runs/ft/model.safetensors hf_model/
+"""
+
+SOURCES = ("official-vqkd", "official-pretrain", "official-finetune", "beitv2")
+TARGETS = ("beitv2", "timm", "hf")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.description = DESCRIPTION
+    parser.add_argument("--from", dest="source", required=True, choices=SOURCES, help="input format")
+    parser.add_argument("--to", dest="dest", required=True, choices=TARGETS, help="output format")
+    parser.add_argument("--img-size", type=int, nargs="+", default=None, metavar="PX",
+                        help="target resolution (one value or H W); position tables are resized (official cubic)")
+    parser.add_argument("--target", choices=("mim", "finetune"), default="mim",
+                        help="official-pretrain: continued pre-training model, or fine-tuning backbone")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="official-pretrain --target finetune: classifier outputs (default 0 = no head)")
+    parser.add_argument("--num-heads", type=int, default=None,
+                        help="attention heads where no relative position table tells (default width / 64)")
+    parser.add_argument("--decoder-num-heads", type=int, default=None, help="official-vqkd: decoder heads")
+    parser.add_argument("--early-layers", type=int, default=None,
+                        help="official-pretrain: block feeding the patch aggregation head (default depth - 3)")
+    parser.add_argument("--preset", default=None, help="official-vqkd: load into this preset instead of inferring")
+    parser.add_argument("--rel-pos", choices=("per_layer", "shared"), default=None,
+                        help="timm/hf: relative position layout (default: timm per_layer, hf as in the model)")
+    parser.add_argument("input", type=Path, help="input checkpoint")
+    parser.add_argument("output", type=Path, help="output file (beitv2) or folder (timm, hf)")
+
+
+def _img_size(args: argparse.Namespace):
+    if args.img_size is None:
+        return None
+    if len(args.img_size) > 2 or min(args.img_size) <= 0:
+        raise ValueError(f"--img-size takes one or two positive values, got {args.img_size}")
+    return tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
+
+
+def load_input(args: argparse.Namespace):
+    from ..checkpoint import load_model
+    from ..interop import (load_official_classifier, load_official_pretrain, load_official_vqkd, resize_model)
+
+    img_size = _img_size(args)
+    if args.num_classes is not None and not (args.source == "official-pretrain" and args.target == "finetune"):
+        raise ValueError("--num-classes applies to --from official-pretrain --target finetune only")
+    if args.source == "official-vqkd":
+        if img_size is not None:
+            raise ValueError("--img-size is not supported for VQ-KD tokenizers")
+        return load_official_vqkd(args.input, preset=args.preset, num_heads=args.num_heads,
+                                  decoder_num_heads=args.decoder_num_heads)
+    if args.preset is not None:
+        raise ValueError("--preset applies to --from official-vqkd only")
+    if args.source == "official-pretrain":
+        return load_official_pretrain(args.input, target=args.target, img_size=img_size,
+                                      num_classes=args.num_classes or 0, early_layers=args.early_layers,
+                                      num_heads=args.num_heads)
+    if args.source == "official-finetune":
+        return load_official_classifier(args.input, img_size=img_size, num_heads=args.num_heads)
+    model, kind, _ = load_model(args.input)
+    if kind not in ("vit", "mim", "vqkd"):
+        raise ValueError(f"{args.input} holds a {kind} model, which has no conversion")
+    if img_size is not None:
+        if kind == "vqkd":
+            raise ValueError("--img-size is not supported for VQ-KD tokenizers")
+        model = resize_model(model, img_size)
+    return model
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import save_model
+    from ..interop import CheckpointMismatchError, export_hf, export_timm
+
+    try:
+        model = load_input(args)
+        if args.dest == "beitv2":
+            out = save_model(args.output, model, extra={"converted_from": f"{args.source}:{args.input.name}"})
+        elif args.dest == "timm":
+            out = export_timm(model, args.output, rel_pos=args.rel_pos or "per_layer")
+        else:
+            out = export_hf(model, args.output, rel_pos="per_layer" if args.rel_pos == "per_layer" else "keep")
+    except (CheckpointMismatchError, ValueError, FileNotFoundError, KeyError, TypeError) as e:
+        print(f"beitv2 convert: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({type(model).__name__}, {args.source} -> {args.dest})")
+    return 0

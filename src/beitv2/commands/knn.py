@@ -1,0 +1,100 @@
+"""`beitv2 knn`: weighted k-NN classification on frozen features (DINO protocol: l2-normalised features, cosine
+similarity, votes weighted by exp(sim / 0.07)), for several k and blocks in one run. Writes metrics.json."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import opt
+from ..data import DataConfig
+from ..engine import cleanup, init_distributed, seed_everything
+from ..eval.features import FeatureConfig, ModelSource, data_for_model, features_for_splits, load_backbone
+from ..eval.knn import KNNConfig, knn_scores
+from ..eval.metrics import accuracy, write_metrics
+from ._training import configure_parser, quiet_other_ranks, resolve_config
+
+HELP = "k-NN classification on frozen features"
+DESCRIPTION = __doc__
+
+log = logging.getLogger("beitv2.knn")
+
+
+def _knn_features() -> FeatureConfig:
+    return FeatureConfig(feature="cls")  # DINO: the CLS token after the final norm
+
+
+@dataclass
+class RunSection:
+    output_dir: str = opt("runs/knn", "where metrics.json goes")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = opt("bf16", "autocast dtype of the feature pass: bf16, fp16 or fp32")
+    seed: int = opt(0, "seed (random-init baselines)")
+    progress: bool = opt(True, "progress bar")
+
+    def validate(self, prefix: str = "run.") -> None:
+        from ..config import check
+
+        check(self.precision in ("bf16", "fp16", "fp32"), prefix + "precision", f"bf16, fp16 or fp32, got "
+                                                                                 f"{self.precision!r}")
+        check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), prefix + "device",
+              f"auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+
+@dataclass
+class KNNCommandConfig:
+    model: ModelSource = field(default_factory=ModelSource, metadata={"help": "frozen backbone"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "labelled images"})
+    features: FeatureConfig = field(default_factory=_knn_features, metadata={"help": "what to read"})
+    knn: KNNConfig = field(default_factory=KNNConfig, metadata={"help": "k-NN"})
+    run: RunSection = field(default_factory=RunSection, metadata={"help": "run"})
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    configure_parser(parser, KNNCommandConfig)
+
+
+def evaluate_knn(feats, cfg: KNNConfig) -> dict:
+    """{'layers': {block: {k: {acc1, acc5}}}, best block / k} from `SplitFeatures`."""
+    ks = tuple(sorted({int(k) for k in cfg.k}))
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    best = (-1.0, 0, 0)
+    for x in sorted(feats.val):
+        scores = knn_scores(feats.train[x], feats.train_labels, feats.val[x], feats.num_classes, ks,
+                            cfg.temperature, cfg.chunk_size)
+        results[str(x)] = {str(k): accuracy(scores[k], feats.val_labels) for k in ks}
+        for k in ks:
+            best = max(best, (results[str(x)][str(k)]["acc1"], x, k))
+    return {"layers": results, "best_layer": best[1], "best_k": best[2], "acc1": best[0],
+            "acc5": results[str(best[1])][str(best[2])]["acc5"], "temperature": cfg.temperature,
+            "num_train": int(len(feats.train_labels)), "num_val": int(len(feats.val_labels)),
+            "num_classes": feats.num_classes}
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve_config(KNNCommandConfig, args)
+    dist = init_distributed(cfg.run.device)
+    quiet_other_ranks(dist.rank)
+    try:
+        seed_everything(cfg.run.seed)
+        backbone, desc = load_backbone(cfg.model)
+        layers = cfg.features.resolve_layers(backbone.depth)
+        data = data_for_model(cfg.data, backbone.cfg.in_chans)
+        feats = features_for_splits(cfg.model, cfg.features, data, backbone, layers, cfg.knn.crop_pct,
+                                    cfg.knn.normalize, dist.device, cfg.run.precision, cfg.run.progress)
+        if dist.is_main:
+            metrics = evaluate_knn(feats, cfg.knn)
+            metrics.update(source=desc, feature=cfg.features.feature)
+            out = Path(cfg.run.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            from ..config import save_yaml
+
+            save_yaml(cfg, out / "config.yaml")
+            write_metrics(out / "metrics.json", metrics)
+            for x, per_k in metrics["layers"].items():
+                log.info("k-NN block %s: %s", x, ", ".join(f"k={k} top-1 {v['acc1']:.2f}%" for k, v in per_k.items()))
+        return 0
+    finally:
+        cleanup()

@@ -1,0 +1,138 @@
+"""`beitv2 train-tokenizer`: train a VQ-KD tokenizer against a frozen teacher (BEiT v2), or a dVAE (BEiT v1).
+
+Defaults reproduce the official VQ-KD recipe (TOKENIZER.md, facts §1.6): ViT-B/16 encoder, 3-layer decoder,
+8192 x 32 codebook with k-means init, CLIP ViT-B/16 teacher, AdamW betas (0.9, 0.99), lr 5e-5 scaled by
+total_batch / 128, min_lr 1e-5, 10 warmup epochs, weight decay 1e-4 (constant), 100 epochs of 64 images per GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from ..config import check, opt
+from ..data import (
+    DataConfig,
+    EvalTransform,
+    TokenizerTrainDataset,
+    TokenizerTrainTransform,
+    build_dataset,
+    collate_skip_bad,
+)
+from ..data.mim_dataset import for_loader
+from ..engine import NonFiniteLossError, OptimConfig, TrainConfig, Trainer, cleanup, init_distributed, seed_everything
+from ..models.dvae import DiscreteVAE, DVAEConfig
+from ..models.vqkd import VQKD, VQKDConfig
+from ..tasks import DVAETask, TokenizerTask
+from ..teachers import TeacherConfig, build_teacher
+from ._training import configure_parser, quiet_other_ranks, resolve_config
+
+HELP = "train a VQ-KD tokenizer (teacher distillation) or a BEiT v1 dVAE"
+DESCRIPTION = __doc__
+
+log = logging.getLogger("beitv2.train_tokenizer")
+
+
+@dataclass
+class TokenizerSection:
+    type: Literal["vqkd", "dvae"] = opt("vqkd", "vqkd (BEiT v2, needs a teacher) or dvae (BEiT v1, pixels)")
+    vqkd: VQKDConfig = field(default_factory=VQKDConfig, metadata={"help": "VQ-KD architecture"})
+    dvae: DVAEConfig = field(default_factory=DVAEConfig, metadata={"help": "dVAE architecture"})
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return self.vqkd.encoder.img_hw if self.type == "vqkd" else (self.dvae.img_size, self.dvae.img_size)
+
+    @property
+    def in_chans(self) -> int:
+        return self.vqkd.encoder.in_chans if self.type == "vqkd" else self.dvae.in_chans
+
+
+@dataclass
+class TokenizerAugConfig:
+    min_crop_scale: float = opt(0.08, "RandomResizedCrop minimum scale (TOKENIZER.md: 0.08)")
+    color_jitter: float = opt(0.0, "ColorJitter strength (official default 0 = off)")
+    hflip: float = opt(0.5, "horizontal flip probability")
+    interpolation: str = opt("bicubic", "crop resize interpolation")
+    eval_resize: int = opt(0, "validation: resize the short side to this, then centre-crop (0 = size / 0.875)")
+
+    def validate(self, prefix: str = "aug.") -> None:
+        check(0 < self.min_crop_scale <= 1, f"{prefix}min_crop_scale", f"must be in (0, 1], got {self.min_crop_scale}")
+        check(self.color_jitter >= 0, f"{prefix}color_jitter", "must be >= 0")
+        check(0 <= self.hflip <= 1, f"{prefix}hflip", "must be in [0, 1]")
+
+
+def _optim_defaults() -> OptimConfig:
+    return OptimConfig(lr=5e-5, lr_reference_batch=128, min_lr=1e-5, weight_decay=1e-4, warmup_epochs=10.0,
+                       betas=(0.9, 0.99))
+
+
+def _train_defaults() -> TrainConfig:
+    return TrainConfig(output_dir="runs/tokenizer", epochs=100, batch_size=64)
+
+
+@dataclass
+class TrainTokenizerConfig:
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection, metadata={"help": "tokenizer"})
+    teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"help": "VQ-KD teacher"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "images"})
+    aug: TokenizerAugConfig = field(default_factory=TokenizerAugConfig, metadata={"help": "augmentation"})
+    optim: OptimConfig = field(default_factory=_optim_defaults, metadata={"help": "optimizer"})
+    train: TrainConfig = field(default_factory=_train_defaults, metadata={"help": "loop"})
+
+    def validate(self, prefix: str = "") -> None:
+        check(self.data.kind != "wds", "data.kind", "WebDataset streams are not supported by the training commands "
+                                                   "yet (they need a known epoch length); use a folder")
+        check(self.data.channels == self.tokenizer.in_chans, "data.channels",
+              f"{self.data.channels} differs from the tokenizer's in_chans {self.tokenizer.in_chans}")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    configure_parser(parser, TrainTokenizerConfig)
+
+
+def build_task(cfg: TrainTokenizerConfig) -> tuple[torch.nn.Module, str, object]:
+    """(task, checkpoint kind, model config) for the configured tokenizer type."""
+    if cfg.tokenizer.type == "dvae":
+        return DVAETask(DiscreteVAE(cfg.tokenizer.dvae)), "dvae", cfg.tokenizer.dvae
+    vq = cfg.tokenizer.vqkd
+    teacher = build_teacher(cfg.teacher, vq.encoder.grid_size)
+    check(teacher.feature_dim == vq.teacher_dim, "tokenizer.vqkd.teacher_dim",
+          f"{vq.teacher_dim} differs from the teacher's feature width {teacher.feature_dim}")
+    return TokenizerTask(VQKD(vq), teacher), "vqkd", vq
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve_config(TrainTokenizerConfig, args)
+    dist = init_distributed(cfg.train.device)
+    quiet_other_ranks(dist.rank)
+    try:
+        seed_everything(cfg.train.seed)  # identical models and teacher on every rank
+        size = cfg.tokenizer.img_size
+        a = cfg.aug
+        train_tf = TokenizerTrainTransform(size, a.min_crop_scale, a.color_jitter, a.hflip, a.interpolation)
+        train_set = TokenizerTrainDataset(build_dataset(cfg.data, "train"), train_tf, seed=cfg.data.seed)
+        val_base = build_dataset(cfg.data, "val")
+        val_set = None
+        if val_base is not None:
+            eval_tf = EvalTransform(size, a.eval_resize or None, a.interpolation, normalize="none",
+                                    channels=cfg.data.channels)
+            val_set = for_loader(TokenizerTrainDataset(val_base, eval_tf, seed=cfg.data.seed))
+        task, kind, model_cfg = build_task(cfg)
+        trainer = Trainer(task, for_loader(train_set), cfg.train, cfg.optim, dist=dist, model_kind=kind,
+                          model_config=model_cfg, run_config=cfg, val_set=val_set, collate_fn=collate_skip_bad,
+                          num_workers=cfg.data.num_workers)
+        result = trainer.fit()
+        if dist.is_main:
+            log.info("%s after %d steps; weights in %s", result.status, result.global_step,
+                     cfg.train.output_dir if result.status == "finished" else result.checkpoint)
+        return 0
+    except NonFiniteLossError as e:
+        log.error("%s", e)
+        return 1
+    finally:
+        cleanup()

@@ -1,0 +1,43 @@
+"""Evaluation of pre-trained backbones: linear probing, k-NN and fine-tuning (see docs/evaluation.md)."""
+
+from .features import FeatureConfig, ModelSource, extract, layer_features, load_backbone, pool_tokens
+from .finetune import (
+    ClassificationTask,
+    FinetuneModelConfig,
+    WithEMA,
+    build_finetune_model,
+    layer_decay_scale,
+    layer_id_for_vit,
+    remap_state_dict,
+)
+from .knn import KNNConfig, knn_scores
+from .linprobe import FeatureDataset, LinearProbeTask, ProbeConfig, ProbeHeads, fit_probe
+from .metrics import accuracy, confusion_matrix, topk_correct
+from .plots import save_confusion_matrix
+
+__all__ = [
+    "ClassificationTask",
+    "FeatureConfig",
+    "FeatureDataset",
+    "FinetuneModelConfig",
+    "KNNConfig",
+    "LinearProbeTask",
+    "ModelSource",
+    "ProbeConfig",
+    "ProbeHeads",
+    "WithEMA",
+    "accuracy",
+    "build_finetune_model",
+    "confusion_matrix",
+    "extract",
+    "fit_probe",
+    "knn_scores",
+    "layer_decay_scale",
+    "layer_features",
+    "layer_id_for_vit",
+    "load_backbone",
+    "pool_tokens",
+    "remap_state_dict",
+    "save_confusion_matrix",
+    "topk_correct",
+]

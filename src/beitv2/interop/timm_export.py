@@ -1,0 +1,113 @@
+"""Export of a BEiT backbone to timm's `Beit` (`timm.models.beit`).
+
+timm keeps the official key names, so the state dict moves as is, except that pre-training-only parts are dropped
+(mask token, MIM head, aggregation blocks) and, because timm's `beitv2_*` models use per-layer tables, a shared table is
+cloned into every block (``rel_pos='per_layer'``, the default; the outputs are identical since every block then adds
+the same bias). The output folder holds `model.safetensors` and timm's `config.json` (architecture + `model_args`),
+so ``timm.create_model('local-dir:FOLDER', pretrained=True)`` rebuilds the model.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..models.backbone import BEiTViT, ViTConfig
+from ..models.mim import BEiTv2ForMIM
+from ..models.vqkd import VQKD
+
+REL_POS_CHOICES = ("per_layer", "shared")
+
+
+def backbone_of(model: nn.Module) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
+    """(config, state dict) of the exportable ViT: a BEiTViT, the backbone of a BEiTv2ForMIM, or a VQ-KD encoder."""
+    if isinstance(model, VQKD):
+        model = model.encoder
+    if isinstance(model, BEiTv2ForMIM):
+        state = model.backbone_state_dict()
+    elif isinstance(model, BEiTViT):
+        state = model.state_dict()
+    else:
+        raise TypeError(f"cannot export a {type(model).__name__}: expected BEiTViT, BEiTv2ForMIM or VQKD")
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items() if not k.endswith("relative_position_index")}
+    return model.cfg, state
+
+
+def _img_size(cfg: ViTConfig) -> int | list[int]:
+    h, w = cfg.img_hw
+    return h if h == w else [h, w]
+
+
+def timm_model_args(cfg: ViTConfig, rel_pos: str = "per_layer") -> dict[str, Any]:
+    """Keyword arguments of `timm.models.beit.Beit` (or overrides for `timm.create_model('beitv2_*')`)."""
+    if rel_pos not in REL_POS_CHOICES:
+        raise ValueError(f"rel_pos must be one of {REL_POS_CHOICES}, got {rel_pos!r}")
+    per_layer = cfg.use_rel_pos_bias or (cfg.use_shared_rel_pos_bias and rel_pos == "per_layer")
+    return dict(
+        img_size=_img_size(cfg), patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
+        global_pool="avg" if cfg.use_mean_pooling else "token", embed_dim=cfg.embed_dim, depth=cfg.depth,
+        num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+        init_values=cfg.init_values if cfg.init_values > 0 else None, use_abs_pos_emb=cfg.use_abs_pos_emb,
+        use_rel_pos_bias=per_layer, use_shared_rel_pos_bias=cfg.use_shared_rel_pos_bias and not per_layer,
+    )
+
+
+def to_timm_state_dict(model: nn.Module, rel_pos: str = "per_layer"
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, timm model args) for a strict `load_state_dict` into timm's `Beit`."""
+    cfg, state = backbone_of(model)
+    args = timm_model_args(cfg, rel_pos)
+    shared = "rel_pos_bias.relative_position_bias_table"
+    if args["use_rel_pos_bias"] and shared in state:
+        table = state.pop(shared)
+        for i in range(cfg.depth):
+            state[f"blocks.{i}.attn.relative_position_bias_table"] = table.clone()
+    return state, args
+
+
+def timm_architecture(cfg: ViTConfig) -> str:
+    """The timm entry point whose defaults are closest (the model args override every architectural field)."""
+    return "beitv2_large_patch16_224" if (cfg.embed_dim, cfg.depth) == (1024, 24) else "beitv2_base_patch16_224"
+
+
+def build_timm_model(model: nn.Module, rel_pos: str = "per_layer") -> nn.Module:
+    """A timm `Beit` holding ``model``'s weights (loaded strictly, so key or shape drift fails here)."""
+    import timm
+
+    state, args = to_timm_state_dict(model, rel_pos)
+    cfg, _ = backbone_of(model)
+    tm = timm.create_model(timm_architecture(cfg), pretrained=False, **args)
+    tm.load_state_dict(state, strict=True)
+    return tm.eval()
+
+
+def move_into(tmp: Path, out: Path) -> Path:
+    """Move the files of folder ``tmp`` into ``out`` one by one with `os.replace` (each file appears atomically)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(tmp.iterdir()):
+        os.replace(f, out / f.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def export_timm(model: nn.Module, out_dir: str | Path, rel_pos: str = "per_layer") -> Path:
+    """Write a timm model folder (`config.json` + `model.safetensors`) for ``model``'s backbone."""
+    from timm.models import save_for_hf
+
+    out = Path(out_dir)
+    tm = build_timm_model(model, rel_pos)
+    _, args = to_timm_state_dict(model, rel_pos)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_for_hf(tm, str(tmp), model_args=args, safe_serialization=True,
+                    model_config={"pretrained_cfg": {"tag": "beitv2_export"}})
+        return move_into(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

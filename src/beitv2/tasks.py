@@ -1,0 +1,158 @@
+"""Training tasks: thin modules turning a batch into ``(loss, metrics)`` for `beitv2.engine.Trainer`.
+
+A task holds the trainable ``model`` (optimised, saved, wrapped in DDP / torch.compile by the trainer, which passes
+the wrapped module back through `wrap`) and frozen helpers (teacher, tokenizer) that stay in eval mode, outside DDP
+and outside the checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .engine import distributed as D
+
+
+class TrainTask(nn.Module):
+    """Base: ``model`` is trained; modules listed in ``frozen`` are kept in eval mode without gradients."""
+
+    frozen: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self._net: list[nn.Module] = []
+        self.step = 0
+
+    @property
+    def net(self) -> nn.Module:
+        """The module to call in forward: the DDP / compiled wrapper when the trainer set one."""
+        return self._net[0] if self._net else self.model
+
+    def wrap(self, net: nn.Module) -> None:
+        self._net = [net]
+
+    def freeze(self) -> None:
+        for name in self.frozen:
+            m = getattr(self, name)
+            m.eval()
+            m.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> TrainTask:
+        super().train(mode)
+        for name in self.frozen:
+            getattr(self, name).eval()
+        return self
+
+    def on_epoch_start(self, epoch: int) -> None:
+        pass
+
+    def on_step_start(self, step: int) -> None:
+        self.step = step
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {}
+
+    def evaluate(self, loader, device: torch.device, autocast: Callable) -> dict[str, float]:
+        """Mean of the task's metrics over ``loader`` (all ranks; sums are all-reduced)."""
+        sums: dict[str, float] = {}
+        n = 0
+        for batch in loader:
+            batch.pop("num_skipped", None)
+            if not any(torch.is_tensor(v) for v in batch.values()):
+                continue
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with autocast():
+                loss, metrics = self(batch)
+            b = next(v for v in batch.values() if torch.is_tensor(v)).shape[0]
+            for k, v in {"loss": loss, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + float(v) * b
+            n += b
+        return _mean_over_ranks(sums, n, device)
+
+
+def _mean_over_ranks(sums: dict[str, float], n: int, device: torch.device) -> dict[str, float]:
+    keys = sorted(sums)
+    t = D.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [n], dtype=torch.float64, device=device)).tolist()
+    return {k: v / max(t[-1], 1) for k, v in zip(keys, t)}
+
+
+class TokenizerTask(TrainTask):
+    """VQ-KD: reconstruct the frozen teacher's features of the same [0, 1] view through the codebook."""
+
+    frozen = ("teacher",)
+
+    def __init__(self, vqkd: nn.Module, teacher: nn.Module):
+        super().__init__(vqkd)
+        self.teacher = teacher
+        self.freeze()
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        images = batch["tokenizer_image"]
+        with torch.no_grad():
+            target = self.teacher(images)
+        return self.net(images, target)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.model.quantize.reset_usage()  # official: cluster usage is zeroed at every epoch start
+
+    def epoch_metrics(self) -> dict[str, float]:
+        return {f"codebook_{k}": v for k, v in self.model.quantize.usage_stats().items()}
+
+    @torch.no_grad()
+    def evaluate(self, loader, device: torch.device, autocast: Callable) -> dict[str, float]:
+        """Teacher cosine similarity, losses and codebook health on the validation split (no autocast, as the
+        official `evaluate`). Training-time usage counts are saved and restored around the pass."""
+        q = self.model.quantize
+        saved = q.usage_counts.clone()
+        q.reset_usage()
+        sums: dict[str, float] = {}
+        n = 0
+        for batch in loader:
+            batch.pop("num_skipped", None)
+            if "tokenizer_image" not in batch:
+                continue
+            images = batch["tokenizer_image"].to(device, non_blocking=True)
+            target = self.teacher(images)
+            loss, metrics = self.model(images, target)
+            q.record_usage(self.model.tokenize(images))
+            b = images.shape[0]
+            for k in ("rec_loss", "quant_loss", "teacher_cos"):
+                sums[k] = sums.get(k, 0.0) + float(metrics[k]) * b
+            sums["loss"] = sums.get("loss", 0.0) + float(loss) * b
+            n += b
+        out = _mean_over_ranks(sums, n, device)
+        out.update({f"codebook_{k}": v for k, v in q.usage_stats().items()})
+        q.usage_counts.copy_(saved)
+        return out
+
+
+class DVAETask(TrainTask):
+    """BEiT v1's dVAE: pixel reconstruction with a Gumbel-softmax temperature annealed by global step."""
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        loss, metrics = self.net(batch["tokenizer_image"], step=self.step)
+        metrics = {k: float(v) for k, v in metrics.items() if k != "loss"}
+        return loss, metrics
+
+
+class MIMTask(TrainTask):
+    """BEiT v2 pre-training: predict the frozen tokenizer's codes of the second view at the masked patches."""
+
+    frozen = ("tokenizer",)
+
+    def __init__(self, mim_model: nn.Module, tokenizer: nn.Module):
+        super().__init__(mim_model)
+        self.tokenizer = tokenizer
+        self.freeze()
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+        mask = batch["mask"].flatten(1).bool()
+        with torch.no_grad():
+            labels = self.tokenizer.tokenize(batch["tokenizer_image"])[mask]
+        outputs = self.net(batch["image"], mask)
+        return self.model.loss(outputs, labels)
+

@@ -1,0 +1,230 @@
+"""Engine unit tests on tiny real models: parameter groups, schedules, accumulation, checkpoints, stop/NaN handling."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from beitv2.config import ConfigError, build_config
+from beitv2.engine import (
+    NonFiniteLossError,
+    OptimConfig,
+    TrainConfig,
+    Trainer,
+    cosine_schedule,
+    find_resume,
+    init_distributed,
+    param_groups,
+    seed_everything,
+    warmup_iterations,
+)
+from beitv2.engine import state as S
+from beitv2.models.backbone import BEiTViT, ViTConfig
+from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
+from beitv2.tasks import TrainTask
+
+
+def tiny_vit(**kw) -> ViTConfig:
+    return ViTConfig(**{"img_size": (16,), "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2,
+                        "init_values": 0.1, **kw})
+
+
+class Blobs(Dataset):
+    """Deterministic random images with labels; ``nan_at`` poisons one image."""
+
+    def __init__(self, n: int = 16, nan_at: int | None = None):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, 16, 16, generator=g)
+        self.y = torch.randint(0, 4, (n,), generator=g)
+        if nan_at is not None:
+            self.x[nan_at] = float("nan")
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.x[i], "label": self.y[i], "index": torch.tensor(i)}
+
+
+class Classify(TrainTask):
+    def __init__(self, model, kill_at_step: int | None = None):
+        super().__init__(model)
+        self.kill_at_step = kill_at_step
+
+    def forward(self, batch):
+        if self.kill_at_step is not None and self.step == self.kill_at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        logits = self.net(batch["image"])
+        loss = F.cross_entropy(logits.float(), batch["label"])
+        return loss, {"acc": (logits.argmax(-1) == batch["label"]).float().mean()}
+
+
+def make_trainer(tmp_path: Path, *, batch: int = 8, accum: int = 1, epochs: int = 1, data=None, task=None,
+                 **train_kw) -> Trainer:
+    seed_everything(0)
+    model = BEiTViT(tiny_vit(num_classes=4))
+    cfg = TrainConfig(output_dir=str(tmp_path), epochs=epochs, batch_size=batch, accum_steps=accum,
+                      precision="fp32", progress=False, tensorboard=False, log_every_steps=1, **train_kw)
+    ocfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_epochs=0, weight_decay=0.05)
+    return Trainer(task or Classify(model), data or Blobs(), cfg, ocfg, dist=init_distributed("cpu"),
+                   model_kind="vit", model_config=model.cfg)
+
+
+# ---------------------------------------------------------------------------------------------- optimizer groups
+
+def _decay_of(groups: list[dict]) -> dict[str, bool]:
+    return {n: g["apply_wd"] for g in groups for n in g["param_names"]}
+
+
+def test_no_decay_groups_default_and_official():
+    model = BEiTv2ForMIM(MIMConfig(backbone=tiny_vit(use_abs_pos_emb=True), vocab_size=64, early_layers=1,
+                                   head_layers=1))
+    decay = _decay_of(param_groups(model, OptimConfig()))
+    for name in ("mask_token", "cls_token", "pos_embed", "rel_pos_bias.relative_position_bias_table",
+                 "blocks.0.attn.q_bias", "blocks.0.gamma_1", "norm.weight", "lm_head.bias"):
+        assert decay[name] is False, name
+    for name in ("blocks.0.attn.qkv.weight", "blocks.1.mlp.fc1.weight", "patch_embed.proj.weight", "lm_head.weight"):
+        assert decay[name] is True, name
+    official = _decay_of(param_groups(model, OptimConfig(official_no_decay=True)))
+    # the official pretraining code decays the mask token and the shared rel-pos table (facts §2.6, §7.14)
+    assert official["mask_token"] and official["rel_pos_bias.relative_position_bias_table"]
+    assert not official["cls_token"] and not official["pos_embed"] and not official["norm.weight"]
+
+
+def test_layer_decay_scales():
+    model = BEiTViT(tiny_vit(num_classes=4))
+    depth = model.cfg.depth
+
+    def layer_id(name: str) -> int:
+        if name.startswith(("cls_token", "pos_embed", "patch_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return depth + 1
+
+    groups = param_groups(model, OptimConfig(layer_decay=0.5), layer_id_fn=layer_id)
+    scale = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
+    assert scale["cls_token"] == pytest.approx(0.5 ** (depth + 1))
+    assert scale["blocks.0.attn.qkv.weight"] == pytest.approx(0.5 ** depth)
+    assert scale["blocks.1.attn.qkv.weight"] == pytest.approx(0.5 ** (depth - 1))
+    assert scale["head.weight"] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------- schedules
+
+def test_cosine_schedule_warmup_from_zero_to_min_lr():
+    s = cosine_schedule(1e-3, 1e-5, total_steps=100, warmup_steps=10)
+    assert len(s) == 100 and s[0] == 0.0
+    assert s[9] == pytest.approx(1e-3) and s[10] == pytest.approx(1e-3)
+    assert np.all(np.diff(s[:10]) > 0) and np.all(np.diff(s[10:]) < 0)
+    n = 90
+    assert s[-1] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * (n - 1) / n)))
+    assert s[-1] < 1.1e-5
+    assert s[55] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))  # the cosine's midpoint
+
+
+def test_warmup_in_epochs_or_steps():
+    assert warmup_iterations(1000, 50, warmup_epochs=2) == 100
+    assert warmup_iterations(1000, 50, warmup_epochs=0, warmup_steps=30) == 30  # official bug §7.7 fixed
+    assert warmup_iterations(20, 50, warmup_epochs=5) == 20
+    assert len(cosine_schedule(1.0, 0.0, 50, warmup_steps=30)) == 50
+
+
+def test_bad_optim_value_names_field():
+    with pytest.raises(ConfigError, match=r"^lr: must be > 0"):
+        build_config(OptimConfig, overrides={"lr": -1.0})
+    with pytest.raises(ConfigError, match=r"accum_steps"):
+        build_config(TrainConfig, overrides={"accum_steps": 0})
+
+
+# ------------------------------------------------------------------------------------------- training behaviour
+
+def test_grad_accumulation_equivalence(tmp_path):
+    """One step of batch 8 == one step of 2 accumulated micro-batches of 4 (same data, fp32)."""
+    a = make_trainer(tmp_path / "a", batch=8, accum=1, data=Blobs(8))
+    before = [p.detach().clone() for p in a.task.model.parameters()]
+    a.fit()
+    b = make_trainer(tmp_path / "b", batch=4, accum=2, data=Blobs(8))
+    b.fit()
+    assert a.global_step == b.global_step == 1
+    # warmup 0: step 0 already uses the peak lr, so the weights moved
+    assert max((p0 - p1).abs().max() for p0, p1 in zip(before, a.task.model.parameters())) > 1e-4
+    for (n, pa), pb in zip(a.task.model.named_parameters(), b.task.model.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_checkpoints_atomic_and_resume_ignores_debris(tmp_path):
+    tr = make_trainer(tmp_path, batch=4, epochs=2, save_every_steps=1, keep_last=2)
+    res = tr.fit()
+    assert res.status == "finished" and res.global_step == 8
+    ckpts = S.list_checkpoints(tmp_path)
+    assert [s for s, _ in ckpts] == [7, 8]  # keep_last
+    assert (tmp_path / "latest").read_text().strip() == "ckpt-8"
+    assert (tmp_path / "model.safetensors").is_file()
+    # a crashed writer's temp dir and an incomplete directory are never picked
+    (tmp_path / ".tmp-ckpt-99-1").mkdir()
+    (tmp_path / ".tmp-ckpt-99-1" / S.WEIGHTS).write_bytes(b"partial")
+    (tmp_path / "ckpt-50").mkdir()
+    (tmp_path / "ckpt-50" / S.WEIGHTS).write_bytes(b"no state file")
+    assert find_resume(tmp_path, "auto") == tmp_path / "ckpt-8"
+    st = S.load_train_state(tmp_path / "ckpt-8")  # weights_only load
+    assert st["global_step"] == 8 and len(st["rng"]) == 1
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if x["type"] == "step"]
+    assert [x["step"] for x in steps] == list(range(1, 9))
+    assert {"lr", "wd", "loss", "acc", "grad_norm", "images_per_s"} <= set(steps[0])
+    assert sum(x["type"] == "epoch" for x in lines) == 2
+
+
+def test_rng_state_roundtrip(tmp_path):
+    seed_everything(3)
+    st = S.rng_state()
+    torch.save(st, tmp_path / "rng.pt")
+    a = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    S.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    b = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_sigterm_saves_at_step_boundary_and_resume_matches(tmp_path):
+    full = make_trainer(tmp_path / "full", batch=4, epochs=2)
+    full.fit()
+    tr = make_trainer(tmp_path / "cut", batch=4, epochs=2)
+    tr.task.kill_at_step = 5  # SIGTERM arrives during step 5 (0-based): step 5 completes, then it saves and stops
+    handler = signal.getsignal(signal.SIGTERM)
+    res = tr.fit()
+    assert res.status == "interrupted" and res.global_step == 6
+    assert [s for s, _ in S.list_checkpoints(tmp_path / "cut")] == [4, 6]  # epoch end 4, then the signal
+    assert signal.getsignal(signal.SIGTERM) is handler  # restored
+    again = make_trainer(tmp_path / "cut", batch=4, epochs=2)
+    res = again.fit()
+    assert res.status == "finished" and res.global_step == 8
+    for (n, p), q in zip(full.task.model.named_parameters(), again.task.model.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_non_finite_loss_stops_without_checkpoint(tmp_path):
+    tr = make_trainer(tmp_path, batch=4, data=Blobs(16, nan_at=0), save_every_steps=1)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step") as err:
+        tr.fit()
+    bad_step = int(str(err.value).split("at step ")[1].split()[0])
+    steps = [s for s, _ in S.list_checkpoints(tmp_path)]
+    assert steps == list(range(max(1, bad_step - 2), bad_step + 1)) if bad_step else steps == []
+    for _, path in S.list_checkpoints(tmp_path):
+        from beitv2.checkpoint import load_state_dict
+
+        assert all(torch.isfinite(t).all() for t in load_state_dict(path).values() if t.is_floating_point())
+
+
+def test_too_small_dataset_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        make_trainer(tmp_path, batch=32, data=Blobs(8))

@@ -1,0 +1,104 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from beitv2.config import ConfigError
+from beitv2.models.quantizer import NormEMAQuantizer, QuantizerConfig, kmeans_cosine
+
+
+def _quantizer(codebook, decay=0.5, **kw):
+    q = NormEMAQuantizer(QuantizerConfig(num_codes=codebook.shape[0], code_dim=codebook.shape[1], decay=decay,
+                                         kmeans_init=False, **kw))
+    q.embedding.weight.data.copy_(codebook)
+    return q
+
+
+def test_ema_update_matches_hand_computation():
+    s = 2 ** -0.5
+    codebook = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    q = _quantizer(codebook, decay=0.5).train()
+    # two vectors near code 0, one near code 1, none near code 2
+    z = torch.tensor([[[1.0, 0.2], [1.0, -0.2], [0.1, 1.0]]])
+    _, loss, idx = q(z)
+    assert idx.tolist() == [[0, 0, 1]]
+    u = F.normalize(z[0], dim=-1)
+    # code 0: mean of two unit vectors is (u0+u1)/2 -> normalised -> (1, 0); EMA: normalise(0.5*(1,0)+0.5*(1,0))
+    assert torch.allclose(q.codebook[0], torch.tensor([1.0, 0.0]), atol=1e-6)
+    # code 1: target u2; new = normalise(0.5*(0,1) + 0.5*u2)
+    expect1 = F.normalize(0.5 * torch.tensor([0.0, 1.0]) + 0.5 * u[2], dim=0)
+    assert torch.allclose(q.codebook[1], expect1, atol=1e-6)
+    # code 2 unused: unchanged
+    assert torch.allclose(q.codebook[2], torch.tensor([-1.0, 0.0]))
+    # EMA counts: 0.5*0 + 0.5*[2, 1, 0]
+    assert torch.allclose(q.cluster_size, torch.tensor([1.0, 0.5, 0.0]))
+    # commitment loss = mse(z_q, l2norm(z)) with the pre-update codes, beta = 1
+    zq = codebook[[0, 0, 1]]
+    assert torch.allclose(loss, F.mse_loss(zq, u), atol=1e-6)
+    stats = q.usage_stats()
+    assert stats["codes_used"] == 2 and stats["dead_codes"] == 1
+    p = torch.tensor([2 / 3, 1 / 3])
+    assert stats["perplexity"] == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-5)
+    del s
+
+
+def test_eval_mode_leaves_codebook_alone():
+    q = _quantizer(F.normalize(torch.randn(8, 4), dim=-1)).eval()
+    before = q.codebook.clone()
+    q(torch.randn(2, 5, 4))
+    assert torch.equal(before, q.codebook)
+
+
+def test_straight_through_gradient():
+    q = _quantizer(F.normalize(torch.randn(16, 4), dim=-1), beta=0.0).train()
+    z = torch.randn(1, 6, 4, requires_grad=True)
+    z_q, _, _ = q(z)
+    g = torch.randn_like(z_q)
+    (z_q * g).sum().backward()
+    # z_q = l2norm(z) + const, so dL/dz is the gradient through the l2 normalisation alone
+    z2 = z.detach().clone().requires_grad_(True)
+    (F.normalize(z2, dim=-1) * g).sum().backward()
+    assert torch.allclose(z.grad, z2.grad, atol=1e-6)
+    assert z.grad.abs().sum() > 0
+
+
+def test_kmeans_recovers_clusters_and_lazy_init():
+    torch.manual_seed(0)
+    centers = F.normalize(torch.randn(4, 8), dim=-1)
+    pts = F.normalize(centers.repeat_interleave(50, 0) + 0.05 * torch.randn(200, 8), dim=-1)
+    means, bins = kmeans_cosine(pts, 4, 10, torch.Generator().manual_seed(0))
+    sims = (means @ centers.t()).max(dim=0).values
+    assert sims.min() > 0.95 and bins.sum() == 200
+    q = NormEMAQuantizer(QuantizerConfig(num_codes=4, code_dim=8, kmeans_init=True, decay=0.99))
+    assert not bool(q.embedding.initted)
+    q.train()(pts[None])
+    assert bool(q.embedding.initted)
+    assert (q.codebook @ centers.t()).max(dim=0).values.min() > 0.95
+
+
+def test_dead_code_restart_reseeds_from_batch():
+    codebook = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    q = _quantizer(codebook, decay=0.5, restart_threshold=0.2).train()
+    z = F.normalize(torch.tensor([[[1.0, 0.1], [1.0, -0.1], [0.9, 0.3]]]), dim=-1)
+    q(z)
+    # codes 1-3 got no vectors: their EMA count 0 < 0.2, so they now sit on batch vectors
+    for i in (1, 2, 3):
+        assert (q.codebook[i] @ z[0].t()).max() > 0.999
+    assert q.num_restarted == 3
+
+
+def test_state_dict_round_trip(tmp_path):
+    q = _quantizer(F.normalize(torch.randn(32, 8), dim=-1)).train()
+    q(torch.randn(4, 10, 8))
+    save_file({k: v.contiguous() for k, v in q.state_dict().items()}, tmp_path / "q.safetensors")
+    q2 = NormEMAQuantizer(QuantizerConfig(num_codes=32, code_dim=8))
+    q2.load_state_dict(load_file(tmp_path / "q.safetensors"))
+    assert bool(q2.embedding.initted)
+    z = torch.randn(3, 7, 8)
+    assert torch.equal(q.eval()(z)[2], q2.eval()(z)[2])
+    assert set(q.state_dict()) == {"embedding.weight", "embedding.initted", "cluster_size"}
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="decay"):
+        QuantizerConfig(decay=1.5).validate()

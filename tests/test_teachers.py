@@ -1,0 +1,187 @@
+"""Teacher adapters built from tiny random models saved to disk (no downloads)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as tr
+
+from beitv2.config import ConfigError
+from beitv2.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from beitv2.teachers import Teacher, TeacherConfig, build_teacher, infer_grid
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "image_size": 32, "patch_size": 16}
+
+
+def _norm(x: torch.Tensor, mean, std) -> torch.Tensor:
+    return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+
+
+def _hf(path, grid=(2, 2), **kw) -> Teacher:
+    kw = {"bf16": False, **kw}
+    return build_teacher(TeacherConfig(kind="hf", name_or_path=str(path), local_files_only=True, **kw), grid)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("clip")
+    model = tr.CLIPVisionModelWithProjection(tr.CLIPVisionConfig(projection_dim=24, **TINY)).eval()
+    model.save_pretrained(d)
+    return d, model
+
+
+def test_clip_patch_tokens_post_layernorm_and_projection(clip_dir):
+    path, model = clip_dir
+    teacher = _hf(path)
+    assert teacher.feature_dim == 24 and teacher.input_size == (32, 32)
+    assert teacher.mean == CLIP_MEAN and teacher.std == CLIP_STD
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():  # the official target: ln_post(all tokens)[:, 1:] @ proj, on CLIP-normalised input
+        hidden = model.vision_model(pixel_values=_norm(x, CLIP_MEAN, CLIP_STD)).last_hidden_state
+        ref = model.visual_projection(model.vision_model.post_layernorm(hidden)[:, 1:])
+    out = teacher(x)
+    assert out.shape == (2, 4, 24)
+    assert torch.allclose(out, ref, atol=1e-5)
+    bf16 = _hf(path, bf16=True)(x)
+    assert bf16.dtype == torch.float32 and F.cosine_similarity(bf16, ref, dim=-1).min() > 0.95
+
+
+def test_teacher_is_frozen_and_stays_in_eval(clip_dir):
+    teacher = _hf(clip_dir[0])
+    parent = torch.nn.Sequential(teacher)
+    parent.train()
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    x = torch.rand(1, 3, 32, 32, requires_grad=True)
+    assert teacher(x).grad_fn is None
+
+
+def test_resize_normalisation_override_and_grid_resampling(clip_dir):
+    path, model = clip_dir
+    teacher = _hf(path, grid=(4, 4), mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    x = torch.rand(2, 3, 64, 64)  # the tokenizer view is larger than the teacher's 32 px
+    small = F.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    with torch.no_grad():
+        hidden = model.vision_model(pixel_values=_norm(small, (0.5,) * 3, (0.25,) * 3)).last_hidden_state
+        ref = model.visual_projection(model.vision_model.post_layernorm(hidden)[:, 1:])  # [2, 2*2, 24]
+    grid = ref.transpose(1, 2).reshape(2, 24, 2, 2)
+    up = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    out = teacher(x)
+    assert out.shape == (2, 16, 24)
+    assert torch.allclose(out, up, atol=1e-5)
+    assert teacher(x[:, :1]).shape == (2, 16, 24)  # a grayscale view is repeated to 3 channels
+
+
+def test_processor_config_gives_normalisation(tmp_path):
+    model = tr.CLIPVisionModelWithProjection(tr.CLIPVisionConfig(projection_dim=8, **TINY))
+    model.save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.3, 0.2, 0.1], "crop_size": {"height": 48, "width": 48},
+         "do_center_crop": True}))
+    teacher = _hf(tmp_path)
+    assert teacher.mean == (0.1, 0.2, 0.3) and teacher.std == (0.3, 0.2, 0.1) and teacher.input_size == (48, 48)
+    assert teacher(torch.rand(1, 3, 32, 32)).shape == (1, 4, 8)  # 3x3 CLIP grid resampled to 2x2
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2", "dinov2_registers", "siglip"])
+def test_hf_vit_dinov2_siglip(tmp_path, family):
+    torch.manual_seed(0)
+    if family == "vit":
+        model = tr.ViTModel(tr.ViTConfig(**TINY), add_pooling_layer=False)
+        prefix, mean, std = 1, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    elif family == "dinov2":
+        model, prefix = tr.Dinov2Model(tr.Dinov2Config(**TINY)), 1
+        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    elif family == "dinov2_registers":
+        model, prefix = tr.Dinov2WithRegistersModel(tr.Dinov2WithRegistersConfig(num_register_tokens=2, **TINY)), 3
+        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    else:
+        model, prefix, mean, std = tr.SiglipVisionModel(tr.SiglipVisionConfig(**TINY)), 0, (0.5,) * 3, (0.5,) * 3
+    model.eval().save_pretrained(tmp_path)
+    teacher = _hf(tmp_path)
+    assert teacher.num_prefix_tokens == prefix and teacher.mean == tuple(mean) and teacher.feature_dim == 32
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():  # last_hidden_state is after the final layernorm in all three families
+        ref = model(pixel_values=_norm(x, mean, std)).last_hidden_state[:, prefix:]
+    assert ref.shape == (2, 4, 32)
+    assert torch.allclose(teacher(x), ref, atol=1e-5)
+
+
+def test_timm_teacher_with_checkpoint(tmp_path):
+    import timm
+
+    kwargs = {"img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    torch.manual_seed(0)
+    source = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=7, **kwargs).eval()
+    torch.save(source.state_dict(), tmp_path / "w.pth")  # with a classifier head, dropped on load
+    cfg = TeacherConfig(kind="timm", name_or_path="vit_tiny_patch16_224", checkpoint=str(tmp_path / "w.pth"),
+                        model_kwargs=kwargs, bf16=False)
+    teacher = build_teacher(cfg, (4, 4))
+    assert teacher.input_size == (32, 32) and teacher.feature_dim == 32 and teacher.num_prefix_tokens == 1
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = source.forward_features(_norm(x, teacher.mean, teacher.std))[:, 1:]
+    grid = ref.transpose(1, 2).reshape(2, 32, 2, 2)
+    up = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+    assert torch.allclose(teacher(x), up, atol=1e-5)
+
+
+def test_open_clip_local_dir_tokens_match_official_target(tmp_path):
+    import open_clip
+
+    cfg = {"model_cfg": {"embed_dim": 24,
+                         "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16},
+                         "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}},
+           "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)}}
+    (tmp_path / "open_clip_config.json").write_text(json.dumps(cfg))
+    torch.manual_seed(0)
+    model = open_clip.create_model(f"local-dir:{tmp_path}").eval()
+    torch.save(model.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    teacher = build_teacher(TeacherConfig(kind="open_clip", name_or_path=f"local-dir:{tmp_path}", bf16=False), (2, 2))
+    assert teacher.feature_dim == 24 and teacher.mean == CLIP_MEAN
+    assert not hasattr(teacher, "transformer")  # the text tower is not kept
+    x = torch.rand(2, 3, 32, 32)
+    v = model.visual
+    with torch.no_grad():
+        h = v.transformer(v._embeds(_norm(x, CLIP_MEAN, CLIP_STD)))
+        ref = v.ln_post(h)[:, 1:] @ v.proj
+    assert torch.allclose(teacher(x), ref, atol=1e-5)
+
+
+def test_beitv2_checkpoint_teacher(tmp_path):
+    from beitv2.checkpoint import save_model
+    from beitv2.models.backbone import BEiTViT, ViTConfig
+
+    cfg = ViTConfig(img_size=(16,), patch_size=8, embed_dim=32, depth=2, num_heads=2, use_mean_pooling=True)
+    torch.manual_seed(0)
+    model = BEiTViT(cfg).eval()
+    save_model(tmp_path / "vit.safetensors", model, config=cfg)
+    teacher = build_teacher(TeacherConfig(kind="beitv2", name_or_path=str(tmp_path / "vit.safetensors"),
+                                          bf16=False), (2, 2))
+    assert teacher.input_size == (16, 16) and teacher.feature_dim == 32
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        tokens, _ = model.forward_features(_norm(x, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD))
+        ref = model.fc_norm(tokens[:, 1:])
+    assert torch.allclose(teacher(x), ref, atol=1e-5)
+
+
+def test_config_validation_and_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"^teacher\.kind"):
+        TeacherConfig(kind="keras").validate("teacher.")
+    with pytest.raises(ConfigError, match=r"^teacher\.checkpoint: file not found"):
+        TeacherConfig(kind="timm", name_or_path="vit_tiny_patch16_224", checkpoint="/nope.pth").validate("teacher.")
+    with pytest.raises(ConfigError, match=r"^teacher\.mean"):
+        TeacherConfig(mean=(0.5,), std=(0.5, 0.5)).validate("teacher.")
+    with pytest.raises(ConfigError, match=r"^teacher\.name_or_path: directory not found"):
+        TeacherConfig(kind="hf", name_or_path=str(tmp_path / "missing")).validate("teacher.")
+    with pytest.raises(ConfigError, match=r"^teacher\.name_or_path: cannot build a hf teacher"):
+        build_teacher(TeacherConfig(kind="hf", name_or_path=str(tmp_path), local_files_only=True), (2, 2))
+    assert infer_grid(6, (32, 48)) == (2, 3)
+    with pytest.raises(ValueError, match="cannot lay out"):
+        infer_grid(7, (32, 32))
