@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from beitv2.data import ImageFolderDataset, MIMDataset, TwoViewTransform, scan_images
@@ -22,6 +23,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=20000)
     ap.add_argument("--samples", type=int, default=200)
     args = ap.parse_args()
+    torch.set_num_threads(1)  # as inside DataLoader workers (many threads on tiny tensors only add overhead)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for i in range(args.files):  # empty files: scanning must not open them

@@ -117,10 +117,6 @@ class PretrainConfig:
         grid = b.grid_size
         n = grid[0] * grid[1]
         check(self.model.target == "tokens", "model.target", "pretrain predicts tokenizer codes; use 'tokens'")
-        check(self.mask.num_masking_patches <= n, "mask.num_masking_patches",
-              f"{self.mask.num_masking_patches} masked patches > {n} patches of the {grid[0]}x{grid[1]} grid")
-        check(self.mask.min_num_patches <= self.mask.num_masking_patches, "mask.min_num_patches",
-              f"{self.mask.min_num_patches} > num_masking_patches {self.mask.num_masking_patches}")
         check(self.data.kind != "wds", "data.kind", "WebDataset streams are not supported by the training commands "
                                                    "yet (they need a known epoch length); use a folder")
         check(self.data.channels == b.in_chans, "data.channels",
@@ -134,6 +130,10 @@ class PretrainConfig:
               f"{self.model.vocab_size} differs from the tokenizer's {vocab} codes")
         check(chans == b.in_chans, "tokenizer.checkpoint",
               f"tokenizer takes {chans}-channel images, the model {b.in_chans}")
+        check(self.mask.num_masking_patches <= n, "mask.num_masking_patches",
+              f"{self.mask.num_masking_patches} masked patches > {n} patches of the {grid[0]}x{grid[1]} grid")
+        check(self.mask.min_num_patches <= self.mask.num_masking_patches, "mask.min_num_patches",
+              f"{self.mask.min_num_patches} > num_masking_patches {self.mask.num_masking_patches}")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
