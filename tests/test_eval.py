@@ -70,11 +70,16 @@ def _write_idx(path: Path, arr: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def idx_folder(tmp_path_factory) -> Path:
-    """Fashion-MNIST-format IDX files: 28x28 grayscale, class c = constant intensity 20 + 23c (10 classes)."""
+    """Fashion-MNIST-format IDX files, 28x28 grayscale, 10 classes: class c has constant intensities (a_c, b_c) in its
+    left / right halves, (a_c, b_c) on a circle, so the classes are points in convex position."""
     root = tmp_path_factory.mktemp("idx")
+    angle = 2 * np.pi * np.arange(10) / 10
+    left, right = np.rint(128 + 100 * np.cos(angle)), np.rint(128 + 100 * np.sin(angle))
     for prefix, per_class in (("train", 4), ("t10k", 2)):
         labels = np.repeat(np.arange(10), per_class)
-        images = np.broadcast_to((20 + 23 * labels)[:, None, None], (len(labels), 28, 28))
+        images = np.zeros((len(labels), 28, 28))
+        images[:, :, :14] = left[labels][:, None, None]
+        images[:, :, 14:] = right[labels][:, None, None]
         _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
         _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
     return root
@@ -157,7 +162,7 @@ def test_linprobe_random_init_baseline_on_fashion_mnist_idx(idx_folder, tmp_path
     args = ["linprobe", "--model.preset", "vit_tiny", "--model.random_init", "true", "--data.kind", "fmnist",
             "--data.path", str(idx_folder), "--features.feature", "mean", "--probe.crop_pct", "1.0",
             "--probe.batchnorm", "true", "--optim.lr", "0.05", "--optim.lr_reference_batch", "0",
-            "--train.epochs", "25", "--train.batch_size", "20", "--train.output_dir", str(out), *COMMON]
+            "--train.epochs", "30", "--train.batch_size", "40", "--train.output_dir", str(out), *COMMON]
     assert main(args) == 0
     m = _read(out / "metrics.json")
     assert m["num_classes"] == 10 and m["num_train"] == 40 and m["num_val"] == 20

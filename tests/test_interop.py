@@ -492,7 +492,7 @@ def test_cli_convert_vqkd_and_exports(tmp_path, capsys):
     vit, kind, cfg = load_model(ft)
     assert kind == "vit" and vit.grid_size == (6, 6) and cfg["num_classes"] == 4
     assert cli_main(["convert", "--from", "beitv2", "--to", "hf", str(ft), str(tmp_path / "hf")]) == 0
-    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_labels"] == 4
+    assert len(json.loads((tmp_path / "hf" / "config.json").read_text())["id2label"]) == 4
     assert cli_main(["convert", "--from", "official-finetune", "--to", "timm",
                      save_official(tmp_path / "c.pth", official_classifier()), str(tmp_path / "timm")]) == 0
     assert (tmp_path / "timm" / "model.safetensors").is_file()

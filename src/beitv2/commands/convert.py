@@ -35,8 +35,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
     parser.add_argument("--from", dest="source", required=True, choices=SOURCES, help="input format")
     parser.add_argument("--to", dest="dest", required=True, choices=TARGETS, help="output format")
-    parser.add_argument("--img-size", type=int, nargs="+", default=None, metavar="PX",
-                        help="target resolution (one value or H W); position tables are resized (official cubic)")
+    parser.add_argument("--img-size", default=None, metavar="PX",
+                        help="target resolution, PX or HxW; position tables are resized (official cubic)")
     parser.add_argument("--target", choices=("mim", "finetune"), default="mim",
                         help="official-pretrain: continued pre-training model, or fine-tuning backbone")
     parser.add_argument("--num-classes", type=int, default=None,
@@ -56,9 +56,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _img_size(args: argparse.Namespace):
     if args.img_size is None:
         return None
-    if len(args.img_size) > 2 or min(args.img_size) <= 0:
-        raise ValueError(f"--img-size takes one or two positive values, got {args.img_size}")
-    return tuple(args.img_size) if len(args.img_size) == 2 else args.img_size[0]
+    try:
+        sizes = [int(v) for v in str(args.img_size).lower().split("x")]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) <= 0:
+        raise ValueError(f"--img-size takes PX or HxW (positive integers), got {args.img_size!r}")
+    return sizes[0] if len(sizes) == 1 else tuple(sizes)
 
 
 def load_input(args: argparse.Namespace):
