@@ -114,3 +114,14 @@ def test_grad_checkpointing_same_gradients():
     b(x).sum().backward()
     ga = a.rel_pos_bias.relative_position_bias_table.grad
     assert ga.abs().sum() > 0 and torch.allclose(ga, b.rel_pos_bias.relative_position_bias_table.grad, atol=1e-6)
+
+
+def test_set_input_size_uses_the_official_cubic_remap():
+    from beitv2.interop.relpos import resize_rel_pos_table
+
+    m = BEiTViT(ViTConfig(img_size=(16,), patch_size=4, embed_dim=32, depth=2, num_heads=2))
+    torch.nn.init.normal_(m.rel_pos_bias.relative_position_bias_table)
+    expected = resize_rel_pos_table(m.rel_pos_bias.relative_position_bias_table.data.clone(), (4, 4), (6, 6))
+    m.set_input_size(24)
+    assert torch.allclose(m.rel_pos_bias.relative_position_bias_table, expected)
+    assert m.rel_pos_bias.relative_position_index.max() == expected.shape[0] - 1

@@ -38,6 +38,15 @@ COMMON = ["--train.device", "cpu", "--train.progress", "false", "--train.tensorb
           "--data.num_workers", "0"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and OpenMP spinning on a loaded 2-core runner costs ~4x."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_vit(**kw) -> ViTConfig:
     base = dict(img_size=(16,), patch_size=4, embed_dim=32, depth=2, num_heads=2, init_values=0.1)
     base.update(kw)
@@ -270,6 +279,20 @@ def test_finetune_model_from_pretraining_checkpoint(mim_ckpt):
     assert big(torch.randn(2, 3, 24, 24)).shape == (2, 7)
 
 
+def test_finetune_model_from_an_official_pth_file(mim_ckpt, tmp_path):
+    """An official-format pre-training file ({'model': state dict} .pth) remaps like our own checkpoint."""
+    mim, _, _ = load_model(mim_ckpt)
+    pth = tmp_path / "official.pth"
+    torch.save({"model": mim.state_dict()}, pth)
+    ours, _ = build_finetune_model(FinetuneModelConfig(checkpoint=str(mim_ckpt)), num_classes=4)
+    official, report = build_finetune_model(FinetuneModelConfig(checkpoint=str(pth)), num_classes=4)
+    assert report["source"].startswith("official")
+    state, ref = official.state_dict(), ours.state_dict()
+    for k, v in ref.items():
+        if not k.startswith(("head.", "fc_norm.")):
+            torch.testing.assert_close(state[k], v, msg=k)
+
+
 def test_finetune_command_at_another_resolution_with_ema(colour_folder, mim_ckpt, tmp_path):
     """Pre-trained at 16 px, fine-tuned at 24 px on class folders: runs, evaluates, keeps the best, writes outputs."""
     out = tmp_path / "ft"
@@ -284,7 +307,7 @@ def test_finetune_command_at_another_resolution_with_ema(colour_folder, mim_ckpt
     assert len(m["history"]) == 3 and m["model"]["img_size"] == [24, 24]
     assert (out / "confusion_matrix.png").is_file()
     model, kind, cfg = load_model(out / "model.safetensors")
-    assert kind == "vit" and cfg["img_size"] == [24, 24] and model.cfg.num_classes == 3
+    assert kind == "vit" and model.cfg.img_hw == (24, 24) and model.cfg.num_classes == 3
     best, kind, _ = load_model(out / "best" / "model.safetensors")
     assert kind == "vit" and best(torch.randn(1, 3, 24, 24)).shape == (1, 3)
     assert _read(out / "best" / "metrics.json")["acc1"] == m["best"]["acc1"]
@@ -301,7 +324,7 @@ def test_finetune_command_learns_fashion_mnist_idx_without_mixup(idx_folder, tmp
     args = ["finetune", "--model.checkpoint", str(ckpt), "--data.kind", "fmnist", "--data.path", str(idx_folder),
             "--aug.mixup", "0", "--aug.cutmix", "0", "--aug.smoothing", "0", "--aug.rand_aug", "", "--aug.reprob", "0",
             "--aug.min_crop_scale", "1.0", "--aug.hflip", "0", "--aug.crop_pct", "1.0", "--model.drop_path", "0",
-            "--optim.lr", "3e-3", "--optim.layer_decay", "0.9", "--optim.warmup_epochs", "0", "--train.epochs", "12",
+            "--optim.lr", "3e-3", "--optim.layer_decay", "0.9", "--optim.warmup_epochs", "0", "--train.epochs", "8",
             "--train.batch_size", "10", "--train.output_dir", str(out), *COMMON]
     assert main(args) == 0
     m = _read(out / "metrics.json")

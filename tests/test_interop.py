@@ -57,7 +57,8 @@ def official_index(window: int) -> torch.Tensor:
     return torch.randint(0, table_rows(window), (n + 1, n + 1))
 
 
-def official_block(r: Gen, p: str, *, gamma: bool, table: bool, window: int = GRID, d: int = D) -> dict:
+def official_block(r: Gen, p: str, *, gamma: bool, table: bool) -> dict:
+    d, window = D, GRID
     sd = {f"{p}norm1.weight": r(d, mean=1.0), f"{p}norm1.bias": r(d), f"{p}attn.q_bias": r(d),
           f"{p}attn.v_bias": r(d), f"{p}attn.qkv.weight": r(3 * d, d), f"{p}attn.proj.weight": r(d, d),
           f"{p}attn.proj.bias": r(d), f"{p}norm2.weight": r(d, mean=1.0), f"{p}norm2.bias": r(d),
@@ -85,8 +86,10 @@ def official_vqkd(seed: int = 0, dec_depth: int = 2) -> dict:
         sd.update(official_block(r, f"encoder.blocks.{i}.", gamma=False, table=False))
     for i in range(dec_depth):
         sd.update(official_block(r, f"decoder.blocks.{i}.", gamma=False, table=False))
-    sd.update({"quantize.cluster_size": r(VOCAB).abs(), "quantize.embedding.weight": F.normalize(r(VOCAB, CODE), dim=-1),
-               "quantize.embedding.cluster_size": r(VOCAB).abs(), "quantize.embedding.embed_avg": torch.zeros(VOCAB, CODE),
+    sd.update({"quantize.cluster_size": r(VOCAB).abs(),
+               "quantize.embedding.weight": F.normalize(r(VOCAB, CODE), dim=-1),
+               "quantize.embedding.cluster_size": r(VOCAB).abs(),
+               "quantize.embedding.embed_avg": torch.zeros(VOCAB, CODE),
                "quantize.embedding.initted": torch.tensor([1.0]),
                "encode_task_layer.0.weight": r(D, D), "encode_task_layer.0.bias": r(D),
                "encode_task_layer.2.weight": r(CODE, D), "encode_task_layer.2.bias": r(CODE),
@@ -103,7 +106,8 @@ def official_pretrain(seed: int = 1, head_layers: int = 2, shared_lm_head: bool 
     """`beit_base_patch16_224_8k_vocab_cls_pt` checkpoint ['model'] (facts §4.2), shrunk."""
     r = Gen(seed)
     sd = {"cls_token": r(1, 1, D), "mask_token": r(1, 1, D), "patch_embed.proj.weight": r(D, 3, PATCH, PATCH),
-          "patch_embed.proj.bias": r(D), "rel_pos_bias.relative_position_bias_table": r(table_rows(GRID), HEADS, std=.5),
+          "patch_embed.proj.bias": r(D),
+          "rel_pos_bias.relative_position_bias_table": r(table_rows(GRID), HEADS, std=0.5),
           "rel_pos_bias.relative_position_index": official_index(GRID),
           "norm.weight": r(D, mean=1.0), "norm.bias": r(D), "lm_head.weight": r(VOCAB, D), "lm_head.bias": r(VOCAB)}
     for i in range(DEPTH):
@@ -466,12 +470,25 @@ def test_hf_key_map_covers_installed_transformers():
         assert torch.equal(layer.attention.q_proj.bias, m.blocks[0].attn.q_bias)
 
 
+def test_vqkd_encoder_exports_to_timm(tmp_path):
+    """The official VQ-KD encoder as a plain timm ViT (like the official `--model_filter_name encoder.`)."""
+    model = load_official_vqkd(save_official(tmp_path / "vq.pth", official_vqkd(seed=6)), num_heads=HEADS)
+    out = export_timm(model, tmp_path / "enc")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["pretrained_cfg"]["mean"] == [0.5, 0.5, 0.5] and cfg["model_args"]["use_abs_pos_emb"]
+    tm = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = images()
+    with torch.no_grad():
+        expect = model.encoder(model.pre_process(x))  # fc_norm(mean of patch tokens)
+        torch.testing.assert_close(tm((x - 0.5) / 0.5), expect, rtol=0, atol=1e-5)
+
+
 def test_timm_args_describe_model():
     cfg = tiny_finetuned().cfg
     args = timm_model_args(cfg)
     assert args["global_pool"] == "avg" and args["num_classes"] == 6 and args["init_values"] == 0.1
     cfg2 = ViTConfig(img_size=(IMG,), patch_size=PATCH, embed_dim=D, depth=2, num_heads=HEADS, init_values=0.0)
-    assert timm_model_args(cfg2)["init_values"] is None and timm_model_args(cfg2, "shared")["use_shared_rel_pos_bias"]
+    assert timm_model_args(cfg2)["init_values"] == 0.0 and timm_model_args(cfg2, "shared")["use_shared_rel_pos_bias"]
 
 
 # --------------------------------------------------------------------------------------------------- CLI

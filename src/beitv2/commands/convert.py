@@ -67,7 +67,7 @@ def _img_size(args: argparse.Namespace):
 
 def load_input(args: argparse.Namespace):
     from ..checkpoint import load_model
-    from ..interop import (load_official_classifier, load_official_pretrain, load_official_vqkd, resize_model)
+    from ..interop import load_official_classifier, load_official_pretrain, load_official_vqkd, resize_model
 
     img_size = _img_size(args)
     if args.num_classes is not None and not (args.source == "official-pretrain" and args.target == "finetune"):

@@ -20,7 +20,7 @@ from ..config import check, opt
 from ..data import DataConfig, collate_skip_bad
 from ..data.transforms import resolve_norm
 from ..engine import NonFiniteLossError, OptimConfig, TrainConfig, Trainer, cleanup, init_distributed, seed_everything
-from ..eval.features import build_split, data_for_model, eval_transform
+from ..eval.features import build_split, data_for_model, eval_transform, resolve_normalize
 from ..eval.finetune import (
     ClassificationTask,
     FinetuneModelConfig,
@@ -56,8 +56,8 @@ class FinetuneAugConfig:
     interpolation: str = opt("bicubic", "resize interpolation")
     crop_pct: float = opt(0.0, "evaluation: resize to size / crop_pct, centre crop (0 = official: 0.875 below "
                                "384 px, else 1.0)")
-    normalize: str = opt("imagenet", "input normalisation: imagenet (official --imagenet_default_mean_and_std), "
-                                     "inception, clip or none")
+    normalize: str = opt("auto", "input normalisation: auto (the pre-training run's, else imagenet = official "
+                                 "--imagenet_default_mean_and_std), imagenet, inception, clip or none")
     mixup: float = opt(0.8, "Mixup alpha (0 = off)")
     cutmix: float = opt(1.0, "CutMix alpha (0 = off)")
     mixup_prob: float = opt(1.0, "probability of mixing a batch")
@@ -71,11 +71,12 @@ class FinetuneAugConfig:
         check(not self.rand_aug or self.rand_aug.startswith("rand"), prefix + "rand_aug",
               f"a timm RandAugment string like rand-m9-mstd0.5-inc1, got {self.rand_aug!r}")
         check(0 <= self.reprob <= 1, prefix + "reprob", "must be in [0, 1]")
-        check(self.remode in ("pixel", "rand", "const"), prefix + "remode", f"pixel, rand or const, got {self.remode!r}")
+        check(self.remode in ("pixel", "rand", "const"), prefix + "remode",
+              f"pixel, rand or const, got {self.remode!r}")
         check(self.recount >= 1, prefix + "recount", "must be >= 1")
         check(0 <= self.crop_pct <= 1, prefix + "crop_pct", "must be in [0, 1] (0 = official rule)")
-        check(self.normalize in ("imagenet", "inception", "clip", "none"), prefix + "normalize",
-              f"imagenet, inception, clip or none, got {self.normalize!r}")
+        check(self.normalize in ("auto", "imagenet", "inception", "clip", "none"), prefix + "normalize",
+              f"auto, imagenet, inception, clip or none, got {self.normalize!r}")
         check(self.mixup >= 0 and self.cutmix >= 0, prefix + "mixup", "alphas must be >= 0")
         check(0 <= self.mixup_prob <= 1 and 0 <= self.mixup_switch_prob <= 1, prefix + "mixup_prob",
               "probabilities must be in [0, 1]")
@@ -125,15 +126,33 @@ def configure(parser: argparse.ArgumentParser) -> None:
     configure_parser(parser, FinetuneConfig)
 
 
-def train_transform(a: FinetuneAugConfig, img_hw: tuple[int, int], channels: int):
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize, keeping its old meaning for 0 bits (a black image, as Pillow < 11 and TensorFlow do):
+    ``inc1`` policies reach 0 bits at magnitude 10, which Pillow >= 11 rejects with a ValueError."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def train_transform(a: FinetuneAugConfig, img_hw: tuple[int, int], channels: int, normalize: str):
     """timm `create_transform(is_training=True)`: RandomResizedCrop, flip, RandAugment, normalise, RandomErasing."""
     from timm.data import create_transform
+    from timm.data.auto_augment import RandAugment
 
-    norm = resolve_norm(a.normalize, channels) or ((0.0,) * channels, (1.0,) * channels)
-    return create_transform((channels, *img_hw), is_training=True, scale=(a.min_crop_scale, 1.0), hflip=a.hflip,
-                            color_jitter=a.color_jitter, auto_augment=a.rand_aug or None,
-                            interpolation=a.interpolation, mean=norm[0], std=norm[1], re_prob=a.reprob,
-                            re_mode=a.remode, re_count=a.recount)
+    norm = resolve_norm(normalize, channels) or ((0.0,) * channels, (1.0,) * channels)
+    tf = create_transform((channels, *img_hw), is_training=True, scale=(a.min_crop_scale, 1.0), hflip=a.hflip,
+                          color_jitter=a.color_jitter, auto_augment=a.rand_aug or None, interpolation=a.interpolation,
+                          mean=norm[0], std=norm[1], re_prob=a.reprob, re_mode=a.remode, re_count=a.recount)
+    for t in getattr(tf, "transforms", []):
+        if isinstance(t, RandAugment):
+            for op in t.ops:
+                if op.name.startswith("Posterize"):
+                    op.aug_fn = _posterize
+    return tf
 
 
 def criterion_and_mixup(a: FinetuneAugConfig, num_classes: int):
@@ -171,10 +190,11 @@ def run(args: argparse.Namespace) -> int:
         data = data_for_model(cfg.data, src_cfg.in_chans)
         img_hw = finetune_config(src_cfg, cfg.model, 1).img_hw
         crop_pct = cfg.aug.crop_pct or (0.875 if max(img_hw) < 384 else 1.0)
-        train_set, classes = build_split(data, "train", train_transform(cfg.aug, img_hw, src_cfg.in_chans))
+        norm = resolve_normalize(cfg.aug.normalize, cfg.model)
+        train_set, classes = build_split(data, "train", train_transform(cfg.aug, img_hw, src_cfg.in_chans, norm))
         val_set = None
         if data.val_path or data.val_fraction > 0 or data.kind == "fmnist":
-            ev_tf = eval_transform(finetune_config(src_cfg, cfg.model, 1), crop_pct, cfg.aug.normalize,
+            ev_tf = eval_transform(finetune_config(src_cfg, cfg.model, 1), crop_pct, norm,
                                    cfg.aug.interpolation)
             val_set, _ = build_split(data, "val", ev_tf, classes)
         else:
@@ -200,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         if val_set is not None and (task.last_eval is None or task.last_eval["step"] + 1 != result.global_step):
             trainer.evaluate()  # the final model was not evaluated yet (eval_every_epochs / resumed run)
         if dist.is_main:
-            _write_outputs(out, task, net, model, report, classes, num_classes, result.global_step)
+            _write_outputs(out, task, net, model, report, classes, num_classes, result.global_step, norm)
         return 0
     except NonFiniteLossError as e:
         log.error("%s", e)
@@ -210,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_outputs(out: Path, task: ClassificationTask, net, model, report: dict, classes: list[str],
-                   num_classes: int, global_step: int) -> None:
+                   num_classes: int, global_step: int, norm: str) -> None:
     from ..checkpoint import save_model
     from ..eval.finetune import ema_of
     from ..eval.plots import save_confusion_matrix
@@ -219,7 +239,7 @@ def _write_outputs(out: Path, task: ClassificationTask, net, model, report: dict
     ema = ema_of(model)
     if ema is not None:
         save_model(out / "model_ema.safetensors", ema, "vit", net.cfg)
-    metrics = {"global_step": global_step, "num_classes": num_classes, "classes": classes,
+    metrics = {"global_step": global_step, "num_classes": num_classes, "classes": classes, "normalize": norm,
                "model": {k: v for k, v in report.items() if k not in ("missing", "unexpected")},
                "freshly_initialised": sorted({k.rsplit(".", 1)[0] for k in report.get("missing", [])})}
     metrics.update(final_report(task, num_classes))
@@ -230,5 +250,5 @@ def _write_outputs(out: Path, task: ClassificationTask, net, model, report: dict
         save_confusion_matrix(np.array(metrics["confusion_matrix"]), classes, out / "confusion_matrix.png",
                               "fine-tuned")
     write_metrics(out / "metrics.json", metrics)
-    log.info("fine-tuning done: top-1 %.2f%% (best %.2f%% at epoch %s); outputs in %s", metrics.get("acc1", float("nan")),
-             float(task.best.get("acc1", float("nan"))), task.best.get("epoch"), out)
+    log.info("fine-tuning done: top-1 %.2f%% (best %.2f%% at epoch %s); outputs in %s",
+             metrics.get("acc1", float("nan")), float(task.best.get("acc1", float("nan"))), task.best.get("epoch"), out)

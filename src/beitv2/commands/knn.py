@@ -11,7 +11,14 @@ from pathlib import Path
 from ..config import opt
 from ..data import DataConfig
 from ..engine import cleanup, init_distributed, seed_everything
-from ..eval.features import FeatureConfig, ModelSource, data_for_model, features_for_splits, load_backbone
+from ..eval.features import (
+    FeatureConfig,
+    ModelSource,
+    data_for_model,
+    features_for_splits,
+    load_backbone,
+    resolve_normalize,
+)
 from ..eval.knn import KNNConfig, knn_scores
 from ..eval.metrics import accuracy, write_metrics
 from ._training import configure_parser, quiet_other_ranks, resolve_config
@@ -82,11 +89,12 @@ def run(args: argparse.Namespace) -> int:
         backbone, desc = load_backbone(cfg.model)
         layers = cfg.features.resolve_layers(backbone.depth)
         data = data_for_model(cfg.data, backbone.cfg.in_chans)
+        norm = resolve_normalize(cfg.knn.normalize, cfg.model)
         feats = features_for_splits(cfg.model, cfg.features, data, backbone, layers, cfg.knn.crop_pct,
-                                    cfg.knn.normalize, dist.device, cfg.run.precision, cfg.run.progress)
+                                    norm, dist.device, cfg.run.precision, cfg.run.progress)
         if dist.is_main:
             metrics = evaluate_knn(feats, cfg.knn)
-            metrics.update(source=desc, feature=cfg.features.feature)
+            metrics.update(source=desc, feature=cfg.features.feature, normalize=norm)
             out = Path(cfg.run.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             from ..config import save_yaml

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from torchvision.transforms import v2
 
-from ..config import check, opt
+from ..config import check
 from ..data import DataConfig, collate_skip_bad
 from ..data.transforms import resolve_norm
 from ..engine import OptimConfig, TrainConfig, cleanup, init_distributed, seed_everything
@@ -25,6 +25,7 @@ from ..eval.features import (
     data_for_model,
     features_for_splits,
     load_backbone,
+    resolve_normalize,
 )
 from ..eval.linprobe import ProbeConfig, fit_probe, probe_optim_defaults, probe_train_defaults
 from ._training import configure_parser, quiet_other_ranks, resolve_config
@@ -76,20 +77,22 @@ def run(args: argparse.Namespace) -> int:
         backbone, desc = load_backbone(cfg.model)
         layers = cfg.features.resolve_layers(backbone.depth)
         data = data_for_model(cfg.data, backbone.cfg.in_chans)
-        log.info("linear probe of %s, blocks %s, feature %s", desc, list(layers), cfg.features.feature)
+        norm = resolve_normalize(cfg.probe.normalize, cfg.model)
+        log.info("linear probe of %s, blocks %s, feature %s, normalisation %s", desc, list(layers),
+                 cfg.features.feature, norm)
         feats = features_for_splits(cfg.model, cfg.features, data, backbone, layers, cfg.probe.crop_pct,
-                                    cfg.probe.normalize, dist.device, cfg.train.precision, cfg.train.progress,
+                                    norm, dist.device, cfg.train.precision, cfg.train.progress,
                                     splits=("val",) if cfg.probe.augment else ("train", "val"))
         image_train = None
         if cfg.probe.augment:
-            tf = augment_transform(backbone.cfg.img_hw, cfg.probe.min_crop_scale, cfg.probe.normalize,
+            tf = augment_transform(backbone.cfg.img_hw, cfg.probe.min_crop_scale, norm,
                                    backbone.cfg.in_chans)
             image_train, _ = build_split(data, "train", tf, feats.class_names)
         fit_probe(feats.train, feats.train_labels, feats.val, feats.val_labels, feats.num_classes, cfg.probe,
                   cfg.optim, cfg.train, dist, class_names=feats.class_names, run_config=cfg,
                   image_train_set=image_train, backbone=backbone, feature=cfg.features.feature,
                   final_norm=cfg.features.final_norm, collate_fn=collate_skip_bad, num_workers=data.num_workers,
-                  extra_metrics={"source": desc, "feature": cfg.features.feature})
+                  extra_metrics={"source": desc, "feature": cfg.features.feature, "normalize": norm})
         return 0
     finally:
         cleanup()

@@ -16,13 +16,13 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from ..config import ConfigError, check, opt, to_dict
@@ -60,9 +60,9 @@ class ModelSource:
             check(self.preset in list_presets(), prefix + "preset",
                   f"unknown preset {self.preset!r} (known: {', '.join(list_presets())})")
         else:
+            check(not self.preset, prefix + "preset", "only used with random_init true (an untrained baseline)")
             check(bool(self.checkpoint), prefix + "checkpoint",
                   "required (or set random_init true with a preset for an untrained baseline)")
-            check(not self.preset, prefix + "preset", "only used with random_init true")
             check(os.path.exists(self.checkpoint), prefix + "checkpoint", f"not found: {self.checkpoint}")
 
 
@@ -114,6 +114,44 @@ def read_source(src: ModelSource) -> tuple[ViTConfig, dict[str, torch.Tensor] | 
     cfg, state = backbone_from_kind(meta["kind"], json.loads(meta["config"]), load_state_dict(path), src.filter,
                                     str(path))
     return cfg, state, f"{meta['kind']} checkpoint {path}"
+
+
+NORMALIZE_CHOICES = ("auto", "imagenet", "inception", "clip", "none")
+
+
+def auto_normalize(src: ModelSource) -> str:
+    """The input normalisation the backbone was trained with, as far as can be told.
+
+    A VQ-KD encoder sees 2x-1 ('inception' statistics) unless its config says 'imagenet'; a checkpoint inside a run
+    folder of this project uses that run's ``aug.normalize`` (config.yaml); otherwise ImageNet statistics (official
+    ``--imagenet_default_mean_and_std``).
+    """
+    if src.random_init or not src.checkpoint:
+        return "imagenet"
+    import yaml
+
+    from ..checkpoint import read_metadata, resolve_weights
+
+    path = resolve_weights(src.checkpoint)
+    if path.suffix == ".safetensors":
+        meta = read_metadata(path)
+        if meta.get("kind") == "vqkd":
+            return "imagenet" if json.loads(meta.get("config", "{}")).get("input_norm") == "imagenet" else "inception"
+    for folder in (path.parent, path.parent.parent):
+        cfg_file = folder / "config.yaml"
+        if cfg_file.is_file():
+            try:
+                norm = (yaml.safe_load(cfg_file.read_text()) or {}).get("aug", {}).get("normalize")
+            except (OSError, yaml.YAMLError, AttributeError):
+                norm = None
+            if norm in NORMALIZE_CHOICES[1:]:
+                log.info("input normalisation %r from %s", norm, cfg_file)
+                return norm
+    return "imagenet"
+
+
+def resolve_normalize(value: str, src: ModelSource) -> str:
+    return auto_normalize(src) if value == "auto" else value
 
 
 def load_backbone(src: ModelSource) -> tuple[BEiTViT, str]:

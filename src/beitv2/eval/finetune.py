@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,6 @@ class FinetuneModelConfig(ModelSource):
     drop_rate: float = opt(0.0, "dropout before the classifier")
     attn_drop_rate: float = opt(0.0, "attention dropout")
     head_init_scale: float = opt(0.001, "classifier weight and bias multiplied by this after init (official)")
-    checkpoint_key: str = opt("model|module", "official .pth files: first present key holding the weights")
     grad_checkpointing: bool = opt(False, "recompute blocks in backward to save memory")
 
     def validate(self, prefix: str = "model.") -> None:
@@ -89,14 +89,19 @@ def layer_id_fn(depth: int, prefix: str = "") -> Callable[[str], int]:
 # ------------------------------------------------------------------------------------------ model preparation
 
 def _read_official(mcfg: FinetuneModelConfig) -> tuple[ViTConfig, dict[str, torch.Tensor], str]:
-    """An official microsoft/unilm .pth file, through the interop helper's loader."""
-    try:
-        from ..interop import official
-    except ImportError as e:
-        raise ConfigError(f"model.checkpoint: {mcfg.checkpoint} is not a beitv2 safetensors file and the official "
-                          f"checkpoint reader (beitv2.interop.official) is not available: {e}") from None
-    cfg, state = official.load_vit(mcfg.checkpoint, filter=mcfg.filter, model_key=mcfg.checkpoint_key)
-    return cfg, state, f"official checkpoint {mcfg.checkpoint}"
+    """An official microsoft/unilm .pth file (pre-training, classifier, or with filter 'encoder' a VQ-KD tokenizer),
+    read and described by the interop helper (`beitv2.interop.official`)."""
+    from ..interop.official import infer_vit_fields, read_official_state_dict
+
+    state = read_official_state_dict(mcfg.checkpoint)
+    what = f"official checkpoint {mcfg.checkpoint}"
+    if mcfg.filter == "encoder":  # official --model_filter_name encoder
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        if not state:
+            raise ConfigError(f"model.filter: {mcfg.checkpoint} has no 'encoder.' keys")
+    state = {k: v for k, v in state.items() if not k.endswith("relative_position_index")}
+    fields, _ = infer_vit_fields(state, what)
+    return ViTConfig(**fields), state, what
 
 
 def read_finetune_source(mcfg: FinetuneModelConfig) -> tuple[ViTConfig, dict[str, torch.Tensor] | None, str]:

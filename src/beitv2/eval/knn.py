@@ -22,15 +22,16 @@ class KNNConfig:
     temperature: float = opt(0.07, "vote weight exp(cosine / T) (DINO: 0.07)")
     chunk_size: int = opt(1024, "validation samples per similarity block (memory: chunk x num_train)")
     crop_pct: float = opt(0.875, "feature transform: resize to size / crop_pct, centre crop")
-    normalize: str = opt("imagenet", "input normalisation: imagenet, inception, clip or none")
+    normalize: str = opt("auto", "input normalisation: auto (the backbone's own, see docs), imagenet, inception, "
+                                 "clip or none")
 
     def validate(self, prefix: str = "knn.") -> None:
         check(len(self.k) >= 1 and all(int(k) >= 1 for k in self.k), prefix + "k", f"values >= 1, got {self.k}")
         check(self.temperature > 0, prefix + "temperature", "must be > 0")
         check(self.chunk_size >= 1, prefix + "chunk_size", "must be >= 1")
         check(0 < self.crop_pct <= 1, prefix + "crop_pct", "must be in (0, 1]")
-        check(self.normalize in ("imagenet", "inception", "clip", "none"), prefix + "normalize",
-              f"imagenet, inception, clip or none, got {self.normalize!r}")
+        check(self.normalize in ("auto", "imagenet", "inception", "clip", "none"), prefix + "normalize",
+              f"auto, imagenet, inception, clip or none, got {self.normalize!r}")
 
 
 @torch.no_grad()

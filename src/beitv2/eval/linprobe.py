@@ -9,9 +9,10 @@ the per-step cosine schedule, checkpoints with resume, the progress bar, ``metri
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +42,8 @@ class ProbeConfig:
                                "default False: features computed once and cached")
     min_crop_scale: float = opt(0.08, "with augment: RandomResizedCrop minimum scale")
     crop_pct: float = opt(0.875, "evaluation/feature transform: resize to size / crop_pct, centre crop")
-    normalize: str = opt("imagenet", "input normalisation: imagenet, inception, clip or none")
+    normalize: str = opt("auto", "input normalisation: auto (the backbone's own, see docs), imagenet, inception, "
+                                 "clip or none")
 
     def validate(self, prefix: str = "probe.") -> None:
         check(self.optimizer in ("adamw", "sgd"), prefix + "optimizer", f"adamw or sgd, got {self.optimizer!r}")
@@ -49,8 +51,8 @@ class ProbeConfig:
         check(self.init_std > 0, prefix + "init_std", "must be > 0")
         check(0 < self.min_crop_scale <= 1, prefix + "min_crop_scale", "must be in (0, 1]")
         check(0 < self.crop_pct <= 1, prefix + "crop_pct", "must be in (0, 1]")
-        check(self.normalize in ("imagenet", "inception", "clip", "none"), prefix + "normalize",
-              f"imagenet, inception, clip or none, got {self.normalize!r}")
+        check(self.normalize in ("auto", "imagenet", "inception", "clip", "none"), prefix + "normalize",
+              f"auto, imagenet, inception, clip or none, got {self.normalize!r}")
 
 
 def probe_optim_defaults() -> OptimConfig:

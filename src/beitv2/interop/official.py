@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -158,8 +159,14 @@ def infer_vit_fields(state: dict[str, torch.Tensor], what: str, prefix: str = ""
         num_classes=int(state[prefix + "head.weight"].shape[0]) if prefix + "head.weight" in state else 0,
     )
     if grid is not None:
-        fields["img_size"] = (grid[0] * fields["patch_size"], grid[1] * fields["patch_size"])
+        fields["img_size"] = _img(grid, fields["patch_size"])
     return fields, grid
+
+
+def _img(grid: tuple[int, int], patch: int) -> tuple[int, ...]:
+    """ViTConfig.img_size of a patch grid: (S,) when square (the config's own convention), else (H, W)."""
+    h, w = grid[0] * patch, grid[1] * patch
+    return (h,) if h == w else (h, w)
 
 
 def _target_grid(img_size: int | Sequence[int] | None, patch: int, src_grid: tuple[int, int] | None,
@@ -250,7 +257,7 @@ def load_official_pretrain(path: str | Path, target: str = "mim", img_size: int 
     fields, src_grid = infer_vit_fields(state, what, "", num_heads)
     lm = _require(state, "lm_head.weight", what)
     dst_grid = _target_grid(img_size, fields["patch_size"], src_grid, what)
-    fields["img_size"] = (dst_grid[0] * fields["patch_size"], dst_grid[1] * fields["patch_size"])
+    fields["img_size"] = _img(dst_grid, fields["patch_size"])
     if target == "mim":
         head_layers = _num_blocks(state, "cls_pt_layers.")
         backbone = ViTConfig(**{**fields, **overrides})
@@ -285,7 +292,7 @@ def load_official_classifier(path: str | Path, img_size: int | Sequence[int] | N
     state = _drop_index(read_official_state_dict(path))
     fields, src_grid = infer_vit_fields(state, what, "", num_heads)
     dst_grid = _target_grid(img_size, fields["patch_size"], src_grid, what)
-    fields["img_size"] = (dst_grid[0] * fields["patch_size"], dst_grid[1] * fields["patch_size"])
+    fields["img_size"] = _img(dst_grid, fields["patch_size"])
     model = BEiTViT(ViTConfig(**{**fields, **overrides}))
     if src_grid is not None and src_grid != dst_grid:
         state = resize_state_dict(state, src_grid, dst_grid)
@@ -296,10 +303,11 @@ def load_official_classifier(path: str | Path, img_size: int | Sequence[int] | N
 # ------------------------------------------------------------------------------------ our own models
 def resize_model(model: BEiTViT, img_size: int | Sequence[int]) -> BEiTViT:
     """A copy of ``model`` (BEiTViT or BEiTv2ForMIM) at another resolution, with the official cubic table remap
-    (timm's in-place `set_input_size` falls back to linear interpolation without SciPy)."""
+    (`BEiTViT.set_input_size` does the same in place)."""
     cfg = model.mim_cfg if isinstance(model, BEiTv2ForMIM) else model.cfg
     vit = cfg.backbone if isinstance(model, BEiTv2ForMIM) else cfg
-    new_vit = replace(vit, img_size=to_2tuple(img_size))
+    h, w = to_2tuple(img_size)
+    new_vit = replace(vit, img_size=(h,) if h == w else (h, w))
     new = BEiTv2ForMIM(replace(cfg, backbone=new_vit)) if isinstance(model, BEiTv2ForMIM) else BEiTViT(new_vit)
     state = resize_state_dict(model.state_dict(), vit.grid_size, new_vit.grid_size)
     load_strict(new, state, f"{type(model).__name__} resized to {new_vit.img_hw}")

@@ -20,7 +20,7 @@ limit of the not-a-knot spline. Unlike the official code, non-square windows are
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from timm.layers import resample_abs_pos_embed

@@ -49,11 +49,13 @@ def timm_model_args(cfg: ViTConfig, rel_pos: str = "per_layer") -> dict[str, Any
     if rel_pos not in REL_POS_CHOICES:
         raise ValueError(f"rel_pos must be one of {REL_POS_CHOICES}, got {rel_pos!r}")
     per_layer = cfg.use_rel_pos_bias or (cfg.use_shared_rel_pos_bias and rel_pos == "per_layer")
+    # No layer scale is init_values=0.0, not None: timm drops nulls from config.json and the beitv2 entry point's
+    # default (1e-5) would come back with gammas the weights do not have.
     return dict(
         img_size=_img_size(cfg), patch_size=cfg.patch_size, in_chans=cfg.in_chans, num_classes=cfg.num_classes,
         global_pool="avg" if cfg.use_mean_pooling else "token", embed_dim=cfg.embed_dim, depth=cfg.depth,
         num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-        init_values=cfg.init_values if cfg.init_values > 0 else None, use_abs_pos_emb=cfg.use_abs_pos_emb,
+        init_values=cfg.init_values if cfg.init_values > 0 else 0.0, use_abs_pos_emb=cfg.use_abs_pos_emb,
         use_rel_pos_bias=per_layer, use_shared_rel_pos_bias=cfg.use_shared_rel_pos_bias and not per_layer,
     )
 
@@ -96,6 +98,17 @@ def move_into(tmp: Path, out: Path) -> Path:
     return out
 
 
+def pretrained_cfg_of(model: nn.Module) -> dict[str, Any]:
+    """Preprocessing recorded in timm's config: ImageNet mean/std (BEiT v2), or the [-1, 1] mapping of VQ-KD."""
+    cfg: dict[str, Any] = {"tag": "beitv2_export"}
+    if isinstance(model, VQKD):
+        if model.cfg.input_norm == "default":  # images * 2 - 1 == (images - 0.5) / 0.5
+            cfg.update(mean=(0.5,) * model.in_chans, std=(0.5,) * model.in_chans)
+        else:
+            cfg.update(mean=tuple(model._mean.flatten().tolist()), std=tuple(model._std.flatten().tolist()))
+    return cfg
+
+
 def export_timm(model: nn.Module, out_dir: str | Path, rel_pos: str = "per_layer") -> Path:
     """Write a timm model folder (`config.json` + `model.safetensors`) for ``model``'s backbone."""
     from timm.models import save_for_hf
@@ -107,7 +120,7 @@ def export_timm(model: nn.Module, out_dir: str | Path, rel_pos: str = "per_layer
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_for_hf(tm, str(tmp), model_args=args, safe_serialization=True,
-                    model_config={"pretrained_cfg": {"tag": "beitv2_export"}})
+                    model_config={"pretrained_cfg": pretrained_cfg_of(model)})
         return move_into(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

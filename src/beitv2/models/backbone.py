@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.beit import Block, RelativePositionBias
 from torch.utils.checkpoint import checkpoint
 
@@ -171,21 +171,25 @@ class BEiTViT(nn.Module):
         return self.rel_pos_bias() if self.rel_pos_bias is not None else None
 
     def set_input_size(self, img_size: int | Sequence[int]) -> None:
-        """Change the input resolution in place, resizing position embedding and relative position tables."""
+        """Change the input resolution in place: position embedding resized bicubically, relative position tables
+        with the official geometric-progression cubic remap (`beitv2.interop.relpos`)."""
+        from ..interop.relpos import resize_pos_embed, resize_rel_pos_table
+
         img_hw = to_2tuple(img_size)
         old_grid = self.grid_size
         self.patch_embed.set_input_size(img_size=img_hw)
         self.grid_size = tuple(self.patch_embed.grid_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.cfg.img_size = img_hw
-        if self.pos_embed is not None and self.grid_size != old_grid:
-            self.pos_embed = nn.Parameter(resample_abs_pos_embed(self.pos_embed, self.grid_size, old_grid,
-                                                                 num_prefix_tokens=1))
-        if self.rel_pos_bias is not None:
-            self.rel_pos_bias.set_window_size(self.grid_size)
-        for blk in self.blocks:
-            if blk.attn.relative_position_bias_table is not None:
-                blk.attn.set_window_size(self.grid_size)
+        if self.grid_size == old_grid:
+            return
+        if self.pos_embed is not None:
+            self.pos_embed = nn.Parameter(resize_pos_embed(self.pos_embed.data, old_grid, self.grid_size))
+        owners = [m for m in self.modules() if getattr(m, "relative_position_bias_table", None) is not None]
+        for m in owners:
+            table = resize_rel_pos_table(m.relative_position_bias_table.data, old_grid, self.grid_size)
+            m.set_window_size(self.grid_size)  # timm rebuilds the index buffer (its own table resize is replaced)
+            m.relative_position_bias_table = nn.Parameter(table)
 
     # ------------------------------------------------------------------------------------------------ forward
     def embed(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None,

@@ -1,0 +1,487 @@
+"""Reproduce the BEiT v1 / v2 ablation ordering on Fashion-MNIST with one fixed budget per row.
+
+Every row uses the same backbone (28 px, patch 4, a small ViT), the same seed, data subsets and epochs; rows differ only
+in the pre-training target / head / masking. Shared stages run once: the stand-in teacher (the same ViT supervised on
+10% of the training subset's labels, as `beitv2 quickstart` does, since no CLIP can be downloaded here), the VQ-KD
+tokenizer distilled from it, and the BEiT v1 dVAE. Every stage calls the `beitv2` commands in-process
+(`beitv2.cli.main`), so this is also an end-to-end test of the CLI.
+
+    python benchmarks/reproduce_fmnist.py --budget small --out results/fmnist
+
+Rows: random init, pixel target, dVAE target (v1), VQ-KD target without / with patch aggregation (v2), VQ-KD with
+random masking, teacher-feature regression, and the teacher itself. Columns: linear-probe top-1, k-NN top-1,
+fine-tune top-1, tokenizer codebook usage (share of codes used on the validation images), wall time.
+
+Outputs under ``--out``: ``results.md`` (table, command, machine), ``results.json``, ``results.png``, rewritten after
+every row. Resumable: finished stages and rows are skipped, an interrupted training resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CLASSES = 10
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Everything that fixes a row's cost; identical for all rows of one run."""
+
+    train: int  # training images (class-stratified subset) for tokenizers, pre-training, probes and k-NN
+    val: int  # validation images (Fashion-MNIST test split subset) for every evaluation
+    width: int
+    depth: int
+    heads: int
+    early_layers: int  # l of patch aggregation
+    vocab: int  # codes of the VQ-KD codebook and of the dVAE
+    tokenizer_epochs: int
+    pretrain_epochs: int
+    teacher_fraction: float  # share of `train` whose labels the stand-in teacher sees
+    teacher_epochs: int
+    finetune_train: int  # labelled images for fine-tuning
+    finetune_epochs: int
+    probe_epochs: int
+    batch: int
+    mask_patches: int  # of the 7 x 7 = 49 patches (official: 75 of 196, ~38%)
+
+
+BUDGETS = {
+    # seconds on 2 CPU cores; also the smoke test (with --subset)
+    "tiny": Budget(train=512, val=256, width=32, depth=2, heads=2, early_layers=1, vocab=64, tokenizer_epochs=1,
+                   pretrain_epochs=1, teacher_fraction=0.25, teacher_epochs=2, finetune_train=256, finetune_epochs=1,
+                   probe_epochs=10, batch=64, mask_patches=18),
+    # about an hour on 2 busy CPU cores
+    "small": Budget(train=4000, val=2000, width=64, depth=4, heads=2, early_layers=3, vocab=256, tokenizer_epochs=3,
+                    pretrain_epochs=4, teacher_fraction=0.1, teacher_epochs=15, finetune_train=1000,
+                    finetune_epochs=4, probe_epochs=50, batch=64, mask_patches=18),
+    # a GPU or a long CPU night: all of Fashion-MNIST
+    "full": Budget(train=60000, val=10000, width=128, depth=6, heads=4, early_layers=4, vocab=1024,
+                   tokenizer_epochs=20, pretrain_epochs=100, teacher_fraction=0.1, teacher_epochs=50,
+                   finetune_train=60000, finetune_epochs=30, probe_epochs=100, batch=128, mask_patches=18),
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    label: str
+    pretrain: dict | None  # overrides of the pre-training config; None = no pre-training
+    tokenizer: str = ""  # 'vqkd' or 'dvae' (shared stage whose checkpoint the row uses)
+    backbone: str = ""  # for rows without pre-training: 'random' or 'teacher'
+
+
+ROWS = [
+    Row("random", "random init (no pre-training)", None, backbone="random"),
+    Row("pixels", "pixel target (norm-pix MSE), no aggregation",
+        {"model": {"target": "pixels", "patch_aggregation": False}}),
+    Row("dvae", "dVAE target (BEiT v1)", {"model": {"target": "tokens", "patch_aggregation": False}},
+        tokenizer="dvae"),
+    Row("vqkd_noagg", "VQ-KD target, no aggregation", {"model": {"target": "tokens", "patch_aggregation": False}},
+        tokenizer="vqkd"),
+    Row("vqkd", "VQ-KD target + patch aggregation (BEiT v2)",
+        {"model": {"target": "tokens", "patch_aggregation": True}}, tokenizer="vqkd"),
+    Row("vqkd_random", "BEiT v2 with random masking",
+        {"model": {"target": "tokens", "patch_aggregation": True}, "mask": {"kind": "random"}}, tokenizer="vqkd"),
+    Row("features", "teacher-feature regression (cosine), no aggregation",
+        {"model": {"target": "features", "patch_aggregation": False}}),
+    Row("teacher", "the teacher itself (supervised, 10% labels)", None, backbone="teacher"),
+]
+# the order in which rows are computed: the paper's method first, so a cut-short run still has the key comparison
+RUN_ORDER = ["random", "vqkd", "pixels", "dvae", "vqkd_noagg", "vqkd_random", "teacher", "features"]
+
+
+# ----------------------------------------------------------------------------------------------------- helpers
+
+def cli(argv: list[str]) -> float:
+    """Run one `beitv2` command in-process; returns its wall time in seconds."""
+    from beitv2.cli import main
+
+    t = time.perf_counter()
+    rc = main(argv)
+    if rc != 0:
+        raise RuntimeError(f"beitv2 {' '.join(argv)} exited with {rc}")
+    return time.perf_counter() - t
+
+
+def dump(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+class Plan:
+    """The configs of every stage, derived from one budget."""
+
+    def __init__(self, budget: Budget, out: Path, data_path: str, device: str, workers: int):
+        self.b, self.out, self.device = budget, out, device
+        self.data = {"kind": "fmnist", "path": data_path, "channels": 1, "num_workers": workers, "seed": 0,
+                     "subset": budget.train, "val_subset": budget.val}
+        self.train = {"device": device, "precision": "bf16", "seed": 0, "progress": False, "tensorboard": False,
+                      "batch_size": budget.batch, "log_every_steps": 20, "keep_last": 1}
+
+    def vit(self, **kw) -> dict:
+        b = self.b
+        return {"img_size": [28], "patch_size": 4, "in_chans": 1, "embed_dim": b.width, "depth": b.depth,
+                "num_heads": b.heads, **kw}
+
+    def stage_dir(self, name: str) -> Path:
+        return self.out / "runs" / name
+
+    # --- shared stages
+    def random_init(self) -> Path:
+        """The untrained backbone every pre-training row starts from (the MIM init, seed 0), saved as a file."""
+        path = self.stage_dir("random_init") / "model.safetensors"
+        if not path.is_file():
+            import torch
+
+            from beitv2.checkpoint import save_model
+            from beitv2.config import from_dict
+            from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
+
+            torch.manual_seed(0)
+            cfg = from_dict(MIMConfig, self.mim_model({"target": "pixels", "patch_aggregation": False}))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_model(path, BEiTv2ForMIM(cfg), "mim", cfg)
+            dump(path.parent / "config.yaml", {"aug": {"normalize": "imagenet"}})
+        return path
+
+    def teacher(self) -> list[str]:
+        b = self.b
+        n = max(CLASSES, round(b.train * b.teacher_fraction))
+        return self.finetune_argv(str(self.random_init()), self.stage_dir("teacher"), n, b.teacher_epochs)
+
+    def vqkd(self, teacher: Path) -> list[str]:
+        b = self.b
+        cfg = {"tokenizer": {"type": "vqkd", "vqkd": {
+                   "encoder": self.vit(init_values=0.0, use_abs_pos_emb=True, use_rel_pos_bias=False,
+                                       use_shared_rel_pos_bias=False, use_mean_pooling=True, num_classes=0),
+                   "decoder_depth": 1, "quantizer": {"num_codes": b.vocab, "code_dim": 32, "kmeans_init": True},
+                   "teacher_dim": b.width}},
+               "teacher": {"kind": "beitv2", "name_or_path": str(teacher), "bf16": True},
+               "data": self.data, "aug": {"min_crop_scale": 0.5},
+               "optim": {"lr": 1e-3, "lr_reference_batch": 0, "min_lr": 1e-5, "warmup_epochs": 0.5,
+                         "betas": [0.9, 0.99], "weight_decay": 1e-4},
+               "train": {**self.train, "epochs": b.tokenizer_epochs, "output_dir": str(self.stage_dir("vqkd")),
+                         "eval_every_epochs": b.tokenizer_epochs}}
+        return ["train-tokenizer", "--config", str(dump(self.out / "configs" / "vqkd.yaml", cfg))]
+
+    def dvae(self) -> list[str]:
+        b = self.b
+        steps = b.tokenizer_epochs * (b.train // b.batch)
+        cfg = {"tokenizer": {"type": "dvae", "dvae": {
+                   "img_size": 28, "in_chans": 1, "downsample": 4, "vocab_size": b.vocab, "code_dim": 64,
+                   "hidden_dim": 32, "blocks_per_group": 1, "temp_anneal_steps": max(1, int(0.8 * steps)),
+                   "temp_end": 1.0 / 16, "kl_warmup_steps": max(1, steps // 4)}},
+               "data": self.data, "aug": {"min_crop_scale": 0.5},
+               "optim": {"lr": 1e-3, "lr_reference_batch": 0, "min_lr": 1e-5, "warmup_epochs": 0.5,
+                         "weight_decay": 0.0},
+               "train": {**self.train, "epochs": b.tokenizer_epochs, "output_dir": str(self.stage_dir("dvae")),
+                         "eval_every_epochs": b.tokenizer_epochs}}
+        return ["train-tokenizer", "--config", str(dump(self.out / "configs" / "dvae.yaml", cfg))]
+
+    # --- rows
+    def mim_model(self, over: dict) -> dict:
+        b = self.b
+        model = {"backbone": self.vit(init_values=0.1, drop_path_rate=0.0, use_shared_rel_pos_bias=True),
+                 "vocab_size": b.vocab, "early_layers": b.early_layers, "head_layers": 2, "shared_lm_head": True}
+        model.update(over)
+        if model.get("target") == "features":
+            model["target_dim"] = b.width
+        return model
+
+    def pretrain(self, row: Row, tokenizer: Path | None, teacher: Path | None) -> list[str]:
+        b = self.b
+        over = row.pretrain or {}
+        cfg = {"model": self.mim_model(over.get("model", {})),
+               "data": self.data,
+               "aug": {"min_crop_scale": 0.5, "color_jitter": 0.0, "hflip": 0.5, "normalize": "imagenet"},
+               "mask": {"kind": "block", "num_masking_patches": b.mask_patches, "min_num_patches": 4,
+                        **over.get("mask", {})},
+               "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "warmup_epochs": 0.5, "betas": [0.9, 0.98],
+                         "weight_decay": 0.05, "clip_grad": 3.0},
+               "train": {**self.train, "epochs": b.pretrain_epochs, "output_dir": str(self.stage_dir(row.name))}}
+        if tokenizer is not None:
+            cfg["tokenizer"] = {"checkpoint": str(tokenizer)}
+        if teacher is not None:
+            cfg["teacher"] = {"kind": "beitv2", "name_or_path": str(teacher)}
+        return ["pretrain", "--config", str(dump(self.out / "configs" / f"pretrain_{row.name}.yaml", cfg))]
+
+    def features(self, cache: Path) -> dict:
+        return {"feature": "cls+mean", "layers": list(range(1, self.b.depth + 1)), "cache_dir": str(cache)}
+
+    def linprobe_argv(self, ckpt: str, out: Path) -> list[str]:
+        cfg = {"model": {"checkpoint": ckpt}, "data": self.data, "features": self.features(out.parent / "features"),
+               "probe": {"crop_pct": 1.0, "normalize": "imagenet"},
+               "train": {**self.train, "batch_size": 256, "epochs": self.b.probe_epochs, "output_dir": str(out)}}
+        return ["linprobe", "--config", str(dump(out.parent / "linprobe.yaml", cfg))]
+
+    def knn_argv(self, ckpt: str, out: Path) -> list[str]:
+        cfg = {"model": {"checkpoint": ckpt}, "data": self.data, "features": self.features(out.parent / "features"),
+               "knn": {"k": [20], "crop_pct": 1.0, "normalize": "imagenet"},
+               "run": {"output_dir": str(out), "device": self.device, "precision": "bf16", "progress": False}}
+        return ["knn", "--config", str(dump(out.parent / "knn.yaml", cfg))]
+
+    def finetune_argv(self, ckpt: str, out: Path, n_train: int, epochs: int) -> list[str]:
+        """A small-data recipe (no Mixup/CutMix/RandAugment, which hurt at a few epochs), identical for all rows."""
+        cfg = {"model": {"checkpoint": ckpt, "drop_path": 0.1},
+               "data": {**self.data, "subset": n_train},
+               "aug": {"min_crop_scale": 0.5, "rand_aug": "", "color_jitter": 0.0, "reprob": 0.0, "mixup": 0.0,
+                       "cutmix": 0.0, "smoothing": 0.1, "crop_pct": 1.0, "normalize": "imagenet"},
+               "optim": {"lr": 1e-3, "min_lr": 1e-6, "weight_decay": 0.05, "warmup_epochs": 1.0,
+                         "layer_decay": 0.75},
+               "train": {**self.train, "epochs": epochs, "output_dir": str(out), "eval_every_epochs": epochs}}
+        return ["finetune", "--config", str(dump(out.parent / f"{out.name}.yaml", cfg))]
+
+
+def codebook_usage(tokenizer: Path, plan: Plan) -> dict[str, float]:
+    """Share of the codebook the tokenizer uses on the validation images, and the code perplexity."""
+    import torch
+    from torchvision.transforms.v2 import functional as TF
+
+    from beitv2.checkpoint import load_model
+    from beitv2.config import from_dict
+    from beitv2.data import DataConfig, build_dataset
+
+    model, _, _ = load_model(tokenizer)
+    data = from_dict(DataConfig, {**plan.data, "num_workers": 0})
+    ds = build_dataset(data, "val")
+    counts = torch.zeros(model.vocab_size, dtype=torch.long)
+    batch: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if batch:
+            with torch.no_grad():
+                codes = model.tokenize(torch.stack(batch))
+            counts.add_(torch.bincount(codes.flatten(), minlength=model.vocab_size))
+            batch.clear()
+
+    for i in range(len(ds)):
+        img = ds[i][0]
+        t = TF.to_dtype(TF.to_image(img), torch.float32, scale=True)
+        batch.append(TF.resize(t, list(model.img_size), antialias=True) if tuple(t.shape[-2:]) != tuple(
+            model.img_size) else t)
+        if len(batch) == 256:
+            flush()
+    flush()
+    p = counts.float() / counts.sum().clamp_min(1)
+    nz = p[p > 0]
+    return {"usage": float((counts > 0).float().mean()), "codes_used": int((counts > 0).sum()),
+            "perplexity": float(torch.exp(-(nz * nz.log()).sum())), "vocab": int(model.vocab_size)}
+
+
+def evaluate(plan: Plan, ckpt: str, row_dir: Path) -> tuple[dict[str, float], float]:
+    t = cli(plan.linprobe_argv(ckpt, row_dir / "linprobe"))
+    t += cli(plan.knn_argv(ckpt, row_dir / "knn"))
+    t += cli(plan.finetune_argv(ckpt, row_dir / "finetune", plan.b.finetune_train, plan.b.finetune_epochs))
+    lp = read_json(row_dir / "linprobe" / "metrics.json")
+    kn = read_json(row_dir / "knn" / "metrics.json")
+    ft = read_json(row_dir / "finetune" / "metrics.json")
+    return {"linprobe_top1": lp["acc1"], "linprobe_block": lp.get("best_layer"), "knn_top1": kn["acc1"],
+            "knn_block": kn.get("best_layer"), "finetune_top1": ft["acc1"]}, t
+
+
+# ----------------------------------------------------------------------------------------------------- reports
+
+def machine_info(device: str) -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "device": device}
+    if torch.cuda.is_available() and device != "cpu":
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _fmt(v: Any, pct: bool = True) -> str:
+    if v is None:
+        return "–"
+    return f"{v:.1f}" if pct else str(v)
+
+
+def render(out: Path, state: dict) -> None:
+    """results.json, results.md and results.png from the finished rows (called after every row)."""
+    write_json(out / "results.json", state)
+    rows = state["rows"]
+    lines = [f"# BEiT ablations on Fashion-MNIST, budget `{state['budget_name']}`", "",
+             f"Command: `{state['command']}`", "",
+             "| row | linear probe top-1 | k-NN top-1 | fine-tune top-1 | codebook usage | wall time (min) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in ROWS:
+        res = rows.get(r.name)
+        if res is None:
+            lines.append(f"| {r.label} | not run | | | | |")
+            continue
+        usage = res.get("codebook")
+        u = f"{100 * usage['usage']:.0f}% ({usage['codes_used']}/{usage['vocab']})" if usage else "–"
+        lines.append(f"| {r.label} | {_fmt(res['linprobe_top1'])} | {_fmt(res['knn_top1'])} | "
+                     f"{_fmt(res['finetune_top1'])} | {u} | {res['wall_s'] / 60:.1f} |")
+    b = state["budget"]
+    shared = ", ".join(f"{k} {v / 60:.1f} min" for k, v in state["shared_wall_s"].items())
+    lines += ["", f"Wall time = the row's own pre-training + linear probe + k-NN + fine-tuning. Shared stages (not in "
+                  f"the rows): {shared or 'none yet'}. Teacher top-1 accuracy on the validation subset: "
+                  f"{_fmt(state.get('teacher_top1'))}.", "",
+              f"Budget: {json.dumps(b)}", "",
+              f"Machine: {json.dumps(state['machine'])}; started {state['started']}, updated {state['updated']}.", ""]
+    (out / "results.md").write_text("\n".join(lines))
+    plot(out / "results.png", state)
+
+
+def plot(path: Path, state: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = [r for r in ROWS if r.name in state["rows"]]
+    metrics = [("linprobe_top1", "linear probe"), ("knn_top1", "k-NN"), ("finetune_top1", "fine-tune")]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names) + 2), 4.5))
+    x = np.arange(len(names))
+    w = 0.27
+    for i, (key, label) in enumerate(metrics):
+        vals = [state["rows"][r.name][key] for r in names]
+        bars = ax.bar(x + (i - 1) * w, vals, w, label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(x, [r.name for r in names], rotation=20)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Fashion-MNIST, budget {state['budget_name']}")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------------------------------- main
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", choices=sorted(BUDGETS), default="small")
+    ap.add_argument("--out", default="results/fmnist", help="results folder (resumes what it finds there)")
+    ap.add_argument("--data-path", default="", help="folder of the Fashion-MNIST IDX files (empty: the system copy)")
+    ap.add_argument("--subset", type=int, default=0,
+                    help="smoke mode: cap the training images at N (val N/2, fine-tune N/2); changes the budget")
+    ap.add_argument("--rows", default="", help="comma-separated row names to run (default: all); " +
+                    ", ".join(r.name for r in ROWS))
+    ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    ap.add_argument("--workers", type=int, default=1, help="data-loader workers per stage")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    budget = BUDGETS[args.budget]
+    if args.subset:
+        n = args.subset
+        budget = replace(budget, train=min(budget.train, n), val=min(budget.val, max(CLASSES, n // 2)),
+                         finetune_train=min(budget.finetune_train, max(CLASSES, n // 2)),
+                         batch=min(budget.batch, max(2, n // 4)))
+    names = [s for s in args.rows.split(",") if s] or [r.name for r in ROWS]
+    unknown = set(names) - {r.name for r in ROWS}
+    if unknown:
+        raise SystemExit(f"--rows: unknown row(s) {sorted(unknown)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan_file = out / "plan.json"
+    if plan_file.is_file() and read_json(plan_file)["budget"] != asdict(budget):
+        raise SystemExit(f"{out} holds results of another budget ({read_json(plan_file)['budget']}); "
+                         "use another --out")
+    write_json(plan_file, {"budget": asdict(budget)})
+    plan = Plan(budget, out, args.data_path, args.device, args.workers)
+    command = " ".join(["python", "benchmarks/reproduce_fmnist.py", *map(shlex.quote, sys.argv[1:] if argv is None
+                                                                              else argv)])
+    state_file = out / "results.json"
+    state = read_json(state_file) if state_file.is_file() else {
+        "rows": {}, "shared_wall_s": {}, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    state.update(budget_name=args.budget + (f" (subset {args.subset})" if args.subset else ""), budget=asdict(budget),
+                 command=command, machine=machine_info(args.device))
+
+    def save() -> None:
+        state["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        render(out, state)
+
+    def shared(name: str, argv_fn) -> Path:
+        model = plan.stage_dir(name) / "model.safetensors"
+        if not model.is_file():
+            state["shared_wall_s"][name] = state["shared_wall_s"].get(name, 0.0) + cli(argv_fn())
+            save()
+        return model
+
+    order = [n for n in RUN_ORDER if n in names]
+    needs = {r.name: r for r in ROWS}
+    if any(needs[n].tokenizer == "vqkd" or n in ("teacher", "features") for n in order):
+        teacher = shared("teacher", plan.teacher)
+        if state.get("teacher_top1") is None:
+            state["teacher_top1"] = read_json(plan.stage_dir("teacher") / "metrics.json")["acc1"]
+    else:
+        teacher = None
+    for name in order:
+        row = needs[name]
+        if name in state["rows"]:
+            print(f"[reproduce] {name}: done, skipped", flush=True)
+            continue
+        print(f"[reproduce] {name}: {row.label}", flush=True)
+        row_dir = out / "rows" / name
+        t_pre = 0.0
+        tok = None
+        if row.tokenizer == "vqkd":
+            tok = shared("vqkd", lambda: plan.vqkd(teacher))
+        elif row.tokenizer == "dvae":
+            tok = shared("dvae", plan.dvae)
+        if row.backbone == "random":
+            ckpt = str(plan.random_init())
+        elif row.backbone == "teacher":
+            ckpt = str(teacher)
+        else:
+            t_pre = cli(plan.pretrain(row, tok, teacher if name == "features" else None))
+            ckpt = str(plan.stage_dir(name) / "model.safetensors")
+        res, t_eval = evaluate(plan, ckpt, row_dir)
+        res.update(pretrain_s=t_pre, eval_s=t_eval, wall_s=t_pre + t_eval)
+        if tok is not None:
+            key = f"codebook_{row.tokenizer}"
+            if key not in state:
+                state[key] = codebook_usage(tok, plan)
+            res["codebook"] = state[key]
+        state["rows"][name] = res
+        save()
+        print(f"[reproduce] {name}: {json.dumps(res)}", flush=True)
+    save()
+    print(f"[reproduce] table in {out / 'results.md'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
