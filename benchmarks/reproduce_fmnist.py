@@ -222,7 +222,7 @@ class Plan:
                         **over.get("mask", {})},
                "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "warmup_epochs": 0.5, "betas": [0.9, 0.98],
                          "weight_decay": 0.05, "clip_grad": 3.0},
-               "train": {**self.train, "epochs": b.pretrain_epochs, "output_dir": str(self.stage_dir(row.name))}}
+               "train": {**self.train, "epochs": b.pretrain_epochs, "output_dir": str(self.stage_dir(f"pretrain_{row.name}"))}}
         if tokenizer is not None:
             cfg["tokenizer"] = {"checkpoint": str(tokenizer)}
         if teacher is not None:
@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             ckpt = str(teacher)
         else:
             t_pre = cli(plan.pretrain(row, tok, teacher if name == "features" else None))
-            ckpt = str(plan.stage_dir(name) / "model.safetensors")
+            ckpt = str(plan.stage_dir(f"pretrain_{name}") / "model.safetensors")
         res, t_eval = evaluate(plan, ckpt, row_dir)
         res.update(pretrain_s=t_pre, eval_s=t_eval, wall_s=t_pre + t_eval)
         if tok is not None:

@@ -211,7 +211,7 @@ def test_sigterm_saves_at_step_boundary_and_resume_matches(tmp_path):
     tr.task.kill_at_step = 5  # SIGTERM arrives during step 5 (0-based): step 5 completes, then it saves and stops
     handler = signal.getsignal(signal.SIGTERM)
     res = tr.fit()
-    assert res.status == "interrupted" and res.global_step == 6
+    assert res.status == "interrupted" and res.global_step == 6 and res.exit_code == 128 + signal.SIGTERM
     assert [s for s, _ in S.list_checkpoints(tmp_path / "cut")] == [4, 6]  # epoch end 4, then the signal
     assert signal.getsignal(signal.SIGTERM) is handler  # restored
     again = make_trainer(tmp_path / "cut", batch=4, epochs=2)

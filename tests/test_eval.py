@@ -18,7 +18,7 @@ from beitv2.cli import main
 from beitv2.engine import OptimConfig, TrainConfig
 from beitv2.engine.distributed import DistInfo
 from beitv2.engine.optim import param_groups
-from beitv2.eval.features import ModelSource, layer_features, load_backbone
+from beitv2.eval.features import ModelSource, auto_normalize, layer_features, load_backbone
 from beitv2.eval.finetune import (
     FinetuneModelConfig,
     build_finetune_model,
@@ -166,7 +166,7 @@ def test_linprobe_command_on_class_folders(colour_folder, mim_ckpt, tmp_path):
 
 
 def test_linprobe_random_init_baseline_on_fashion_mnist_idx(idx_folder, tmp_path):
-    """A 1-channel untrained preset on IDX files (grayscale kept as 1 channel); constant intensity per class."""
+    """An untrained 3-channel preset on IDX files (grayscale becomes 3-channel); classes in convex position."""
     out = tmp_path / "run"
     args = ["linprobe", "--model.preset", "vit_tiny", "--model.random_init", "true", "--data.kind", "fmnist",
             "--data.path", str(idx_folder), "--features.feature", "mean", "--probe.crop_pct", "1.0",
@@ -193,6 +193,14 @@ def test_features_from_vqkd_encoder_and_layers(mim_ckpt, tmp_path):
     # the last block's mean feature is the encoder's own pooled output (fc_norm of the mean)
     torch.testing.assert_close(feats[2][:, 32:], vq.encoder.forward_head(vq.encoder.forward_features(x)[0],
                                                                         pre_logits=True))
+    # input normalisation 'auto': the VQ-KD encoder sees 2x-1; a run folder's config.yaml names its own
+    assert auto_normalize(ModelSource(checkpoint=str(path))) == "inception"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("aug: {normalize: clip}\n")
+    (run / "model.safetensors").write_bytes(Path(mim_ckpt).read_bytes())
+    assert auto_normalize(ModelSource(checkpoint=str(run))) == "clip"
+    assert auto_normalize(ModelSource(checkpoint=str(mim_ckpt))) == "imagenet"
     vit, _ = load_backbone(ModelSource(checkpoint=str(mim_ckpt)))
     tokens, _ = vit.forward_features(x)
     torch.testing.assert_close(layer_features(vit, x, (2,), "cls")[2], vit.norm(tokens)[:, 0])
@@ -254,6 +262,7 @@ def test_layer_decay_groups_match_the_official_table():
     assert layer_id_for_vit("norm.weight", depth) == 13
     assert layer_id_for_vit("pos_embed", depth) == 0 and layer_id_for_vit("mask_token", depth) == 0
     assert layer_decay_scale(0, depth, decay) == pytest.approx(decay ** 13)
+    assert layer_id_fn(depth, "net.")("net.blocks.3.attn.qkv.weight") == 4  # inside the EMA wrapper
     # no weight decay on 1-d params, cls_token, rel-pos tables; decay on the head weight
     assert not where["cls_token"]["apply_wd"] and not where["blocks.0.attn.relative_position_bias_table"]["apply_wd"]
     assert where["head.weight"]["apply_wd"] and not where["head.bias"]["apply_wd"]
@@ -350,3 +359,30 @@ def test_finetune_command_learns_fashion_mnist_idx_without_mixup(idx_folder, tmp
 def test_bad_configs_fail_naming_the_field(cmd, extra, field, colour_folder, capsys):
     assert main([cmd, "--data.path", str(colour_folder / "train"), *extra]) == 2
     assert field in capsys.readouterr().err
+
+
+def test_randaugment_posterize_to_zero_bits_does_not_crash():
+    """inc1 policies reach 0 bits at magnitude 10; recent Pillow rejects that, so the op keeps its old meaning."""
+    from timm.data.auto_augment import RandAugment
+
+    from beitv2.commands.finetune import FinetuneAugConfig, train_transform
+
+    tf = train_transform(FinetuneAugConfig(), (16, 16), 3, "imagenet")
+    ra = next(t for t in tf.transforms if isinstance(t, RandAugment))
+    op = next(o for o in ra.ops if o.name == "PosterizeIncreasing")
+    img = Image.new("RGB", (16, 16), (200, 100, 50))
+    assert op.aug_fn(img, 0).getextrema() == ((0, 0), (0, 0), (0, 0))
+    assert op.aug_fn(img, 1).getpixel((0, 0)) == (128, 0, 0)
+
+
+@pytest.mark.parametrize("name,module,cls", [("finetune_small_cpu", "finetune", "FinetuneConfig"),
+                                             ("linprobe_small_cpu", "linprobe", "LinProbeConfig"),
+                                             ("knn_small_cpu", "knn", "KNNCommandConfig")])
+def test_small_cpu_presets_parse(name, module, cls):
+    import importlib
+
+    from beitv2.commands._training import load_preset
+    from beitv2.config import from_dict
+
+    cfg = from_dict(getattr(importlib.import_module(f"beitv2.commands.{module}"), cls), load_preset(name))
+    assert cfg.data.num_workers == 2

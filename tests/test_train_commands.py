@@ -189,6 +189,8 @@ def test_pretrain_end_to_end_and_bitwise_resume(tmp_path, tokenizer, folder):
     # stop mid-epoch after step 3, then resume automatically from ckpt-3 and finish
     assert main(["pretrain", "--config", str(cfg), "--train.stop_after_steps", "3"]) == 0
     assert [s for s, _ in S.list_checkpoints(cut)] == [3] and not (cut / "model.safetensors").exists()
+    assert main(["pretrain", "--config", str(cfg), "--train.stop_after_steps", "3"]) == 0  # already there: no-op
+    assert [s for s, _ in S.list_checkpoints(cut)] == [3]
     assert main(["pretrain", "--config", str(cfg)]) == 0
     resumed_steps = [r["step"] for r in metrics(cut) if r["type"] == "step"]
     assert resumed_steps == [1, 2, 3, 4, 5, 6, 7, 8]

@@ -5,7 +5,7 @@ head initialised at scale 0.001, per-block relative position tables copied from 
 0.65, drop path 0.1, AdamW lr 5e-4 (no batch scaling), weight decay 0.05, 5 warmup epochs, cosine to 1e-6, 100 epochs;
 RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, Mixup 0.8 / CutMix 1.0 with label smoothing 0.1; evaluation
 every epoch (top-1/top-5, EMA too when enabled), best model kept in ``best/``. Writes metrics.json and
-confusion_matrix.png. ``--preset finetune-small`` is a recipe for small data sets on a CPU.
+confusion_matrix.png. ``--preset finetune_small_cpu`` is a recipe for small data sets on a CPU.
 """
 
 from __future__ import annotations
@@ -127,8 +127,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _posterize(img, bits_to_keep, **_):
-    """timm's posterize, keeping its old meaning for 0 bits (a black image, as Pillow < 11 and TensorFlow do):
-    ``inc1`` policies reach 0 bits at magnitude 10, which Pillow >= 11 rejects with a ValueError."""
+    """timm's posterize, keeping its old meaning for 0 bits (a black image, as older Pillow and TensorFlow give):
+    ``inc1`` policies reach 0 bits at magnitude 10, which recent Pillow (13) rejects with a ValueError."""
     from PIL import Image, ImageOps
 
     if bits_to_keep >= 8:

@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         if dist.is_main:
             log.info("%s after %d steps (last: %s)", result.status, result.global_step,
                      {k: round(v, 4) for k, v in result.last_metrics.items()})
-        return 0
+        return result.exit_code
     except NonFiniteLossError as e:
         log.error("%s", e)
         return 1

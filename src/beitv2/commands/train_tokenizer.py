@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         if dist.is_main:
             log.info("%s after %d steps; weights in %s", result.status, result.global_step,
                      cfg.train.output_dir if result.status == "finished" else result.checkpoint)
-        return 0
+        return result.exit_code
     except NonFiniteLossError as e:
         log.error("%s", e)
         return 1

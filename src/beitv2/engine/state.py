@@ -3,7 +3,8 @@
 Layout of ``output_dir``::
 
     ckpt-<global_step>/model.safetensors   weights + model config (``beitv2.checkpoint.save_model``)
-    ckpt-<global_step>/train_state.pt      optimizer, scaler, step, epoch/batch position, RNG states, config
+    ckpt-<global_step>/train_state.pt      optimizer, scaler, global step, next (epoch, step_in_epoch), RNG states,
+                                           config
     latest                                 text file naming the newest checkpoint directory
 
 A checkpoint is assembled in ``.tmp-ckpt-<step>-<pid>`` and renamed into place (``os.replace``), so a directory named
@@ -77,6 +78,8 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, kind: str, model
     tmp.mkdir(parents=True)
     save_model(tmp / WEIGHTS, model, kind, model_config)
     torch.save(train_state, tmp / STATE)
+    with open(tmp / STATE, "rb") as f:
+        os.fsync(f.fileno())
     if final.exists():  # re-saving the same step (e.g. epoch end right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -46,6 +46,7 @@ class FitResult:
     global_step: int
     checkpoint: Path | None
     last_metrics: dict[str, float] = field(default_factory=dict)
+    exit_code: int = 0  # 128 + signal number when interrupted (the shell convention)
 
 
 def _images_in(batch: dict) -> int:
@@ -176,7 +177,9 @@ class Trainer:
         rngs = D.all_gather_object(S.rng_state())
         path = None
         if self.dist.is_main:
-            st = {"global_step": self.global_step, "steps_per_epoch": self.steps_per_epoch,
+            epoch, step_in_epoch = divmod(self.global_step, self.steps_per_epoch)
+            st = {"global_step": self.global_step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                  "steps_per_epoch": self.steps_per_epoch, "accum_steps": self.cfg.accum_steps,
                   "total_steps": self.total_steps, "world_size": self.dist.world_size,
                   "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs,
                   "config": to_dict(self.run_config) if self.run_config is not None else {}}
@@ -205,6 +208,8 @@ class Trainer:
         try:
             with _StopFlag() as stop:
                 result = self._run(loader, stop)
+                if result.status == "interrupted":
+                    result.exit_code = 128 + (stop.signum or signal.SIGTERM)
         finally:
             self.logger.close()
         last_ckpt = result.checkpoint or last_ckpt
@@ -238,6 +243,9 @@ class Trainer:
         start_epoch, start_step = divmod(self.global_step, self.steps_per_epoch)
         last: dict[str, float] = {}
         ckpt, status = None, "finished"
+        if cfg.stop_after_steps and self.global_step >= cfg.stop_after_steps:
+            self.logger.info(f"already at step {self.global_step} >= train.stop_after_steps; nothing to do")
+            return FitResult("stopped", self.global_step, None, last)
         for epoch in range(start_epoch, cfg.epochs):
             first = start_step * accum if epoch == start_epoch else 0
             if hasattr(self.train_set, "set_epoch"):
@@ -272,7 +280,8 @@ class Trainer:
                         self.scaler.scale(loss / accum).backward()
                     finite = finite * torch.isfinite(loss.detach()).float()
                     micro_loss.append(loss.detach().float())
-                    micro_metrics.append({k: torch.as_tensor(v).detach().float() for k, v in metrics.items()})
+                    micro_metrics.append({k: torch.as_tensor(v, device=self.device).detach().float()
+                                          for k, v in metrics.items()})
                     if m < accum - 1:
                         continue
                     flags = D.all_reduce_sum(torch.stack([1 - finite, torch.tensor(float(stop.signum > 0),
@@ -302,7 +311,7 @@ class Trainer:
                         break
                     if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0:
                         ckpt = self.save()
-            except (KeyboardInterrupt, RuntimeError) as e:
+            except RuntimeError as e:  # a second Ctrl-C (KeyboardInterrupt) aborts without saving
                 if isinstance(e, NonFiniteLossError) or not stop.signum:
                     raise
                 # the loader's workers died of the same Ctrl-C: the state is that of the last finished step

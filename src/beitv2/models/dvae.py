@@ -317,7 +317,8 @@ class DiscreteVAE(nn.Module):
             # NLL of y = map_pixels(x) under a logit-Laplace(mu, b): log(2 b y (1-y)) + |logit(y) - mu| / b.
             y = map_pixels(x, c.logit_laplace_eps)
             mu, log_b = out[:, : c.in_chans], out[:, c.in_chans:]
-            nll = math.log(2.0) + log_b + torch.log(y) + torch.log1p(-y) + (torch.logit(y) - mu).abs() * torch.exp(-log_b)
+            log_density_jacobian = torch.log(y) + torch.log1p(-y)
+            nll = math.log(2.0) + log_b + log_density_jacobian + (torch.logit(y) - mu).abs() * torch.exp(-log_b)
             return nll.mean()
         target = self._map_input(x)
         return F.mse_loss(out, target) if c.rec_loss == "mse" else F.l1_loss(out, target)

@@ -1,0 +1,436 @@
+"""`beitv2 quickstart`: the whole BEiT v2 pipeline on Fashion-MNIST on a CPU, ending in a report folder.
+
+Stages, each run in-process through the project's own commands (``beitv2.cli.main``):
+
+1. teacher - a user-given one (``--teacher-kind hf|timm|open_clip|beitv2 --teacher NAME_OR_PATH``), or, since no
+   CLIP/DINO weights can be fetched offline, a *stand-in*: a small ViT trained supervised (``beitv2 finetune`` from
+   random init) on 10% of the training labels;
+2. tokenizer - ``beitv2 train-tokenizer``: VQ-KD distilled from the teacher on all training images;
+3. pre-training - ``beitv2 pretrain``: BEiT v2 masked image modeling (blockwise masking, patch aggregation) on all
+   training images;
+4. evaluation - ``beitv2 linprobe`` and ``beitv2 knn`` on the test split for the pre-trained backbone, a randomly
+   initialised backbone of the same shape and the teacher;
+5. report - ``metrics.json``, ``report.md`` and PNG figures (training curves, codebook atlas, attention maps, masks).
+
+The full run is sized for about 10 minutes on 2 CPU cores; ``--fast`` runs every stage on a subset (about a minute)
+for the test suite. See docs/quickstart.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HELP = "run the whole BEiT v2 pipeline on Fashion-MNIST in minutes on a CPU and write a report"
+DESCRIPTION = __doc__
+
+log = logging.getLogger("beitv2.quickstart")
+
+NORM = "imagenet"  # model-view normalisation of every stage (the beitv2 teacher adapter's default too)
+STAGE_DIRS = ("teacher", "tokenizer", "pretrain", "random_init", "eval", "figures")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes and schedules of one quickstart run (the 28 px images give a 7 x 7 grid of 4 px patches)."""
+
+    train_subset: float  # images for tokenizer / pre-training / probes: 0 = all, >= 1 = a count
+    test_subset: float  # test images for evaluation and figures
+    teacher_labels: float  # labelled training images of the stand-in teacher (fraction or count)
+    teacher_vit: tuple[int, int, int]  # width, depth, heads
+    teacher_epochs: int
+    teacher_batch: int
+    teacher_lr: float
+    tok_vit: tuple[int, int, int]
+    tok_codes: int
+    tok_code_dim: int
+    tok_epochs: int
+    tok_batch: int
+    tok_lr: float
+    mim_vit: tuple[int, int, int]
+    mim_early_layers: int  # patch aggregation: patch tokens of this block feed the 2-block head
+    mim_epochs: int
+    mim_batch: int
+    mim_lr: float
+    mask_patches: int
+    mask_min_block: int
+    probe_epochs: int
+    probe_batch: int
+    probe_lr: float
+    knn_k: tuple[int, ...]
+    feature_batch: int
+    num_workers: int
+
+
+FULL = Plan(train_subset=0, test_subset=0, teacher_labels=0.1, teacher_vit=(96, 4, 3), teacher_epochs=4,
+            teacher_batch=128, teacher_lr=2e-3,
+            tok_vit=(64, 2, 4), tok_codes=256, tok_code_dim=32, tok_epochs=1, tok_batch=128, tok_lr=2e-3,
+            mim_vit=(96, 4, 3), mim_early_layers=2, mim_epochs=1, mim_batch=128, mim_lr=1.5e-3,
+            mask_patches=20, mask_min_block=4, probe_epochs=15, probe_batch=1024, probe_lr=1e-3, knn_k=(10, 20),
+            feature_batch=1000, num_workers=0)
+FAST = Plan(train_subset=1200, test_subset=500, teacher_labels=400, teacher_vit=(32, 2, 2), teacher_epochs=3,
+            teacher_batch=64, teacher_lr=2e-3,
+            tok_vit=(32, 1, 2), tok_codes=64, tok_code_dim=16, tok_epochs=1, tok_batch=64, tok_lr=2e-3,
+            mim_vit=(32, 2, 2), mim_early_layers=1, mim_epochs=1, mim_batch=64, mim_lr=1.5e-3,
+            mask_patches=20, mask_min_block=4, probe_epochs=10, probe_batch=256, probe_lr=1e-3, knn_k=(10, 20),
+            feature_batch=500, num_workers=0)
+
+
+class StageError(RuntimeError):
+    """A sub-command failed; the message names the stage and its exit status."""
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="demo_out", help="report folder (its stage sub-folders are replaced)")
+    parser.add_argument("--fast", action="store_true", help="every stage on a small subset with tiny models "
+                                                            "(about a minute; what the test suite runs)")
+    parser.add_argument("--data-path", default="", help="folder holding the Fashion-MNIST IDX files (default: "
+                                                        "/usr/share/datasets/fashion-mnist, else a torchvision "
+                                                        "download when online)")
+    parser.add_argument("--teacher-kind", choices=("hf", "timm", "open_clip", "beitv2"), default="hf",
+                        help="library of --teacher")
+    parser.add_argument("--teacher", default="", help="a real teacher for VQ-KD: HF hub id or directory, timm or "
+                                                      "open_clip model name, or a beitv2 vit/mim checkpoint; "
+                                                      "empty = train the stand-in supervised ViT")
+    parser.add_argument("--teacher-checkpoint", default="", help="timm/open_clip: weights file for --teacher")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars (default: on, off with --fast)")
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+def resolve_data_path(path: str, out: Path) -> str:
+    """A folder with the Fashion-MNIST IDX files: ``path``, the Debian package's, or a torchvision download.
+
+    Raises FileNotFoundError with instructions when none is available."""
+    from ..data import FASHION_MNIST_ROOT
+    from ..data.datasets import _find_idx
+
+    def ok(root: str) -> bool:
+        return all(_find_idx(root, f"{s}-{k}") for s in ("train", "t10k")
+                   for k in ("images-idx3-ubyte", "labels-idx1-ubyte"))
+
+    if path:
+        if ok(path):
+            return path
+        raise FileNotFoundError(f"--data-path {path}: no Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz], "
+                                "train-labels-idx1-ubyte[.gz], t10k-...) found there")
+    if ok(FASHION_MNIST_ROOT):
+        return FASHION_MNIST_ROOT
+    cache = Path.home() / ".cache" / "beitv2" / "fashion-mnist"
+    if ok(str(cache)):
+        return str(cache)
+    try:
+        import torchvision
+
+        for train in (True, False):
+            torchvision.datasets.FashionMNIST(str(cache), train=train, download=True)
+        if ok(str(cache)):
+            return str(cache)
+    except Exception as e:  # offline: say how to get the data
+        log.info("torchvision download failed: %s", e)
+    raise FileNotFoundError(
+        "Fashion-MNIST not found. Install it with `sudo apt-get install dataset-fashion-mnist` (files in "
+        f"{FASHION_MNIST_ROOT}), or pass --data-path to a folder holding train-images-idx3-ubyte.gz, "
+        "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz, or run once online "
+        f"(torchvision downloads them to {cache}).")
+
+
+def load_split(root: str, train: bool, subset: float, seed: int):
+    """(images [N, 1, 28, 28] float in [0, 1], labels [N], class names) of a split, the same subset the stages use."""
+    import torch
+
+    from ..data import FashionMNIST
+
+    ds = FashionMNIST(root, train=train, channels=1, subset=subset, seed=seed)
+    return torch.from_numpy(ds.images).float().div(255.0)[:, None], torch.from_numpy(ds.labels), list(ds.classes)
+
+
+# --------------------------------------------------------------------------------------------------- configs
+
+def _vit(width_depth_heads: tuple[int, int, int], **kw) -> dict[str, Any]:
+    w, d, h = width_depth_heads
+    return {"img_size": [28], "patch_size": 4, "in_chans": 1, "embed_dim": w, "depth": d, "num_heads": h, **kw}
+
+
+def _data(root: str, subset: float, val_subset: float, plan: Plan, seed: int) -> dict[str, Any]:
+    return {"kind": "fmnist", "path": root, "channels": 1, "subset": subset, "val_subset": val_subset,
+            "num_workers": plan.num_workers, "seed": seed}
+
+
+def _train(out: Path, epochs: int, batch: int, seed: int, progress: bool, **kw) -> dict[str, Any]:
+    return {"output_dir": str(out), "epochs": epochs, "batch_size": batch, "precision": "bf16", "device": "cpu",
+            "seed": seed, "progress": progress, "tensorboard": False, "keep_last": 1, "resume": "none",
+            "log_every_steps": kw.pop("log_every_steps", 10), **kw}
+
+
+def teacher_config(plan: Plan, root: str, init: Path, out: Path, seed: int, progress: bool) -> dict[str, Any]:
+    """`beitv2 finetune` from random init on a labelled subset: light augmentation, no Mixup (short schedule)."""
+    return {
+        "model": {"checkpoint": str(init), "drop_path": 0.0, "rel_pos_bias": False},
+        "data": _data(root, plan.teacher_labels, plan.test_subset, plan, seed),
+        "aug": {"min_crop_scale": 0.6, "rand_aug": "", "color_jitter": 0.0, "reprob": 0.0, "mixup": 0.0,
+                "cutmix": 0.0, "smoothing": 0.1, "crop_pct": 1.0, "normalize": NORM},
+        "optim": {"lr": plan.teacher_lr, "min_lr": 1e-5, "weight_decay": 0.05, "warmup_epochs": 0.5,
+                  "layer_decay": 1.0},
+        "train": _train(out, plan.teacher_epochs, plan.teacher_batch, seed, progress,
+                        eval_every_epochs=plan.teacher_epochs),
+    }
+
+
+def tokenizer_config(plan: Plan, root: str, teacher: dict[str, Any], teacher_dim: int, out: Path, seed: int,
+                     progress: bool) -> dict[str, Any]:
+    encoder = _vit(plan.tok_vit, init_values=0.0, use_abs_pos_emb=True, use_rel_pos_bias=False,
+                   use_shared_rel_pos_bias=False, use_mean_pooling=True, num_classes=0, init_trunc_sigmas=100.0)
+    return {
+        "tokenizer": {"type": "vqkd", "vqkd": {
+            "encoder": encoder, "decoder_depth": 1, "teacher_dim": teacher_dim,
+            "quantizer": {"num_codes": plan.tok_codes, "code_dim": plan.tok_code_dim, "kmeans_init": True}}},
+        "teacher": teacher,
+        "data": _data(root, plan.train_subset, plan.test_subset, plan, seed),
+        "aug": {"min_crop_scale": 0.5, "hflip": 0.5, "interpolation": "bicubic"},
+        "optim": {"lr": plan.tok_lr, "lr_reference_batch": 0, "min_lr": 1e-5, "warmup_epochs": 0.1,
+                  "betas": [0.9, 0.99], "weight_decay": 1e-4},
+        "train": _train(out, plan.tok_epochs, plan.tok_batch, seed, progress),
+    }
+
+
+def mim_backbone(plan: Plan) -> dict[str, Any]:
+    """The BEiT v2 pre-training ViT (shared relative position bias, layer scale 0.1, as the official recipe)."""
+    return _vit(plan.mim_vit, init_values=0.1, use_abs_pos_emb=False, use_rel_pos_bias=False,
+                use_shared_rel_pos_bias=True, drop_path_rate=0.0)
+
+
+def pretrain_config(plan: Plan, root: str, tokenizer: Path, out: Path, seed: int, progress: bool) -> dict[str, Any]:
+    return {
+        "model": {"backbone": mim_backbone(plan), "vocab_size": plan.tok_codes, "patch_aggregation": True,
+                  "early_layers": plan.mim_early_layers, "head_layers": 2, "shared_lm_head": True},
+        "tokenizer": {"checkpoint": str(tokenizer)},
+        "data": _data(root, plan.train_subset, plan.test_subset, plan, seed),
+        "aug": {"min_crop_scale": 0.5, "color_jitter": 0.0, "hflip": 0.5, "normalize": NORM},
+        "mask": {"kind": "block", "num_masking_patches": plan.mask_patches, "min_num_patches": plan.mask_min_block},
+        "optim": {"lr": plan.mim_lr, "min_lr": 1e-5, "warmup_epochs": 0.1, "betas": [0.9, 0.98],
+                  "weight_decay": 0.05, "clip_grad": 3.0},
+        "train": _train(out, plan.mim_epochs, plan.mim_batch, seed, progress),
+    }
+
+
+def _features(plan: Plan, cache: Path) -> dict[str, Any]:
+    # one feature definition for both protocols, so k-NN reuses the probe's cached features
+    return {"feature": "cls+mean", "batch_size": plan.feature_batch, "cache_dir": str(cache)}
+
+
+def linprobe_config(plan: Plan, root: str, checkpoint: Path, out: Path, cache: Path, seed: int, progress: bool
+                    ) -> dict[str, Any]:
+    return {
+        "model": {"checkpoint": str(checkpoint)},
+        "data": _data(root, plan.train_subset, plan.test_subset, plan, seed),
+        "features": _features(plan, cache),
+        "probe": {"crop_pct": 1.0, "normalize": NORM},
+        "optim": {"lr": plan.probe_lr, "min_lr": 0.0, "lr_reference_batch": 256, "weight_decay": 1e-4,
+                  "warmup_epochs": 0.0},
+        "train": _train(out, plan.probe_epochs, plan.probe_batch, seed, progress, log_every_steps=50,
+                        eval_every_epochs=plan.probe_epochs),
+    }
+
+
+def knn_config(plan: Plan, root: str, checkpoint: Path, out: Path, cache: Path, seed: int, progress: bool
+               ) -> dict[str, Any]:
+    return {
+        "model": {"checkpoint": str(checkpoint)},
+        "data": _data(root, plan.train_subset, plan.test_subset, plan, seed),
+        "features": _features(plan, cache),
+        "knn": {"k": list(plan.knn_k), "crop_pct": 1.0, "normalize": NORM},
+        "run": {"output_dir": str(out), "device": "cpu", "precision": "bf16", "seed": seed, "progress": progress},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+
+def run_command(name: str, cfg: dict[str, Any], cfg_dir: Path) -> None:
+    """Write ``cfg`` to ``cfg_dir/<name>.yaml`` and run ``beitv2 <command> --config`` on it in-process."""
+    from ..cli import main
+
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    command = name.split(".")[0]
+    path = cfg_dir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    rc = main([command, "--config", str(path)])
+    if rc != 0:
+        raise StageError(f"`beitv2 {command} --config {path}` failed with exit status {rc}")
+
+
+class Timer:
+    def __init__(self):
+        self.stages: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str, index: int, total: int):
+        print(f"[quickstart] stage {index}/{total}: {name} ...", flush=True)
+        t0 = time.perf_counter()
+        yield
+        dt = time.perf_counter() - t0
+        self.stages[name] = dt
+        print(f"[quickstart] stage {index}/{total}: {name} done in {dt:.1f} s", flush=True)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _knn_at(metrics: dict, k: int) -> float | None:
+    layers = metrics.get("layers", {})
+    if not layers:
+        return None
+    last = layers[max(layers, key=int)]
+    v = last.get(str(k))
+    return None if v is None else float(v["acc1"])
+
+
+def build_teacher_spec(args: argparse.Namespace, plan: Plan, root: str, out: Path, cfg_dir: Path, progress: bool
+                       ) -> tuple[dict[str, Any], int, Path | None, str]:
+    """(teacher section for train-tokenizer, feature width, beitv2 checkpoint to evaluate or None, description)."""
+    import torch
+
+    from ..checkpoint import save_model
+    from ..models.backbone import BEiTViT, ViTConfig
+    from ..teachers import TeacherConfig, build_teacher
+
+    if args.teacher:
+        spec: dict[str, Any] = {"kind": args.teacher_kind, "name_or_path": args.teacher}
+        if args.teacher_checkpoint:
+            spec["checkpoint"] = args.teacher_checkpoint
+        if args.teacher_kind == "hf":
+            spec["local_files_only"] = False
+        teacher = build_teacher(TeacherConfig(**spec), (7, 7))  # fails early, naming the field, when unusable
+        dim = teacher.feature_dim
+        del teacher
+        path = Path(args.teacher) if args.teacher_kind == "beitv2" else None
+        return spec, dim, path, f"user-given {args.teacher_kind} teacher {args.teacher}"
+    tdir = out / "teacher"
+    tdir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    vit_cfg = ViTConfig(**_vit(plan.teacher_vit, init_values=0.1, use_abs_pos_emb=True,
+                               use_shared_rel_pos_bias=False, use_mean_pooling=True))
+    init = tdir / "init.safetensors"
+    save_model(init, BEiTViT(vit_cfg), "vit", vit_cfg)
+    run_command("finetune.teacher", teacher_config(plan, root, init, tdir, args.seed, progress), cfg_dir)
+    path = tdir / "model.safetensors"
+    desc = (f"stand-in teacher: a ViT (width {plan.teacher_vit[0]}, depth {plan.teacher_vit[1]}) trained "
+            f"supervised from random init on {_subset_words(plan.teacher_labels)} of the training labels, because "
+            "no CLIP or DINO weights can be fetched offline")
+    return {"kind": "beitv2", "name_or_path": str(path)}, plan.teacher_vit[0], path, desc
+
+
+def _subset_words(subset: float) -> str:
+    if subset <= 0:
+        return "all"
+    return f"{100 * subset:.0f}%" if subset < 1 else f"{int(subset)} images"
+
+
+def evaluate(name: str, checkpoint: Path, plan: Plan, root: str, out: Path, cfg_dir: Path, seed: int,
+             progress: bool) -> dict[str, Any]:
+    """Linear probe and k-NN of one backbone; features are extracted once (shared cache)."""
+    cache = out / "eval" / "features"
+    lp_dir, knn_dir = out / "eval" / name / "linprobe", out / "eval" / name / "knn"
+    run_command(f"linprobe.{name}", linprobe_config(plan, root, checkpoint, lp_dir, cache, seed, progress), cfg_dir)
+    run_command(f"knn.{name}", knn_config(plan, root, checkpoint, knn_dir, cache, seed, progress), cfg_dir)
+    lp, knn = _read_json(lp_dir / "metrics.json"), _read_json(knn_dir / "metrics.json")
+    return {"linprobe_acc1": lp.get("acc1"), "knn_acc1": _knn_at(knn, 20) if 20 in plan.knn_k else knn.get("acc1"),
+            "knn_best": {"acc1": knn.get("acc1"), "k": knn.get("best_k")}, "checkpoint": str(checkpoint)}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    out = Path(args.out)
+    plan = FAST if args.fast else FULL
+    progress = (not args.fast) if args.progress is None else args.progress
+    torch.set_num_threads(max(1, args.threads))
+    t_start = time.perf_counter()
+    try:
+        root = resolve_data_path(args.data_path, out)
+    except FileNotFoundError as e:
+        print(f"beitv2 quickstart: {e}", flush=True)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    for d in STAGE_DIRS:  # a fresh run: the stage folders are owned by quickstart
+        shutil.rmtree(out / d, ignore_errors=True)
+    cfg_dir = out / "configs"
+    shutil.rmtree(cfg_dir, ignore_errors=True)
+    print(f"[quickstart] Fashion-MNIST from {root}; {'fast' if args.fast else 'full'} run, {args.threads} threads, "
+          f"report in {out}", flush=True)
+    timer = Timer()
+    total = 5
+    try:
+        with timer.stage("teacher", 1, total):
+            teacher_spec, teacher_dim, teacher_ckpt, teacher_desc = build_teacher_spec(args, plan, root, out,
+                                                                                       cfg_dir, progress)
+        with timer.stage("tokenizer (VQ-KD)", 2, total):
+            tok_dir = out / "tokenizer"
+            run_command("train-tokenizer", tokenizer_config(plan, root, teacher_spec, teacher_dim, tok_dir,
+                                                            args.seed, progress), cfg_dir)
+        with timer.stage("pre-training (BEiT v2 MIM)", 3, total):
+            mim_dir = out / "pretrain"
+            run_command("pretrain", pretrain_config(plan, root, tok_dir / "model.safetensors", mim_dir, args.seed,
+                                                    progress), cfg_dir)
+        with timer.stage("evaluation (linear probe, k-NN)", 4, total):
+            results = evaluate_all(args, plan, root, out, cfg_dir, mim_dir, teacher_ckpt, progress)
+    except StageError as e:
+        print(f"beitv2 quickstart: {e}", flush=True)
+        return 1
+    with timer.stage("report", 5, total):
+        from ..report.quickstart import build_report
+
+        metrics = build_report(out, plan, root, args, results, timer.stages, teacher_desc, teacher_spec,
+                               teacher_ckpt is not None and not args.teacher, tok_dir, mim_dir,
+                               time.perf_counter() - t_start)
+    metrics["timings_s"]["report"] = round(timer.stages["report"], 2)
+    metrics["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"[quickstart] total {metrics['timings_s']['total']:.1f} s; report: {out / 'report.md'}", flush=True)
+    for name, r in results.items():
+        print(f"[quickstart] {name:>24}: linear probe {_pct(r.get('linprobe_acc1'))}, "
+              f"k-NN (k=20) {_pct(r.get('knn_acc1'))}", flush=True)
+    return 0
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}%"
+
+
+def evaluate_all(args: argparse.Namespace, plan: Plan, root: str, out: Path, cfg_dir: Path, mim_dir: Path,
+                 teacher_ckpt: Path | None, progress: bool) -> dict[str, dict[str, Any]]:
+    import torch
+
+    from ..checkpoint import save_model
+    from ..config import from_dict
+    from ..models.backbone import BEiTViT, ViTConfig
+
+    rdir = out / "random_init"
+    rdir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed + 1)
+    cfg = from_dict(ViTConfig, mim_backbone(plan))
+    random_ckpt = rdir / "model.safetensors"
+    save_model(random_ckpt, BEiTViT(cfg), "vit", cfg)  # same architecture as the pre-trained backbone, untrained
+    results = {"BEiT v2 (pre-trained)": evaluate("beitv2", mim_dir / "model.safetensors", plan, root, out, cfg_dir,
+                                                 args.seed, progress),
+               "random init (same ViT)": evaluate("random_init", random_ckpt, plan, root, out, cfg_dir, args.seed,
+                                                  progress)}
+    if teacher_ckpt is not None:
+        results["teacher"] = evaluate("teacher", teacher_ckpt, plan, root, out, cfg_dir, args.seed, progress)
+    else:
+        results["teacher"] = {"linprobe_acc1": None, "knn_acc1": None,
+                              "note": "external teachers are not evaluated by the quickstart"}
+    return results
