@@ -4,7 +4,8 @@ Defaults reproduce the official ViT-B/16 1600-epoch recipe (PRETRAINING.md, fact
 layer 9 with 2 head layers and a shared lm_head, 75 blockwise-masked patches, lr 1.5e-3 with 10 warmup epochs,
 clip 3.0, weight decay 0.05, 128 images per GPU. The tokenizer (``--tokenizer.checkpoint``) must be a file made by
 this project (``beitv2 train-tokenizer`` or ``beitv2 convert``); its labels are computed on the fly, frozen, in
-eval mode and outside DDP.
+eval mode and outside DDP. Ablations (`beitv2.mim_targets`, docs/ablations.md): ``--model.target pixels`` regresses
+normalised pixels (no tokenizer), ``--model.target features`` regresses the ``teacher:`` section's features.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ from ..data import DataConfig, MIMDataset, TwoViewTransform, build_dataset, coll
 from ..data.mim_dataset import for_loader
 from ..engine import NonFiniteLossError, OptimConfig, TrainConfig, Trainer, cleanup, init_distributed, seed_everything
 from ..masking import build_mask_generator
+from ..mim_targets import regression_target
 from ..models.backbone import to_2tuple
 from ..models.mim import BEiTv2ForMIM, MIMConfig
 from ..models.presets import get_preset
 from ..tasks import MIMTask
+from ..teachers import TeacherConfig
 from ._training import configure_parser, quiet_other_ranks, resolve_config
 
 HELP = "pre-train a ViT by masked image modeling of tokenizer codes (BEiT v2 / v1)"
@@ -105,6 +108,7 @@ def _train_defaults() -> TrainConfig:
 class PretrainConfig:
     model: MIMConfig = field(default_factory=_model_defaults, metadata={"help": "MIM model"})
     tokenizer: TokenizerRef = field(default_factory=TokenizerRef, metadata={"help": "frozen tokenizer"})
+    teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"help": "model.target features only"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "images"})
     aug: PretrainAugConfig = field(default_factory=PretrainAugConfig, metadata={"help": "augmentation"})
     mask: MaskConfig = field(default_factory=MaskConfig, metadata={"help": "masking"})
@@ -116,20 +120,24 @@ class PretrainConfig:
         b = self.model.backbone
         grid = b.grid_size
         n = grid[0] * grid[1]
-        check(self.model.target == "tokens", "model.target", "pretrain predicts tokenizer codes; use 'tokens'")
         check(self.data.kind != "wds", "data.kind", "WebDataset streams are not supported by the training commands "
                                                    "yet (they need a known epoch length); use a folder")
         check(self.data.channels == b.in_chans, "data.channels",
               f"{self.data.channels} differs from model.backbone.in_chans {b.in_chans}")
-        check(bool(self.tokenizer.checkpoint), "tokenizer.checkpoint", "required (a tokenizer made by this project)")
-        _, tgrid, vocab, _, chans = self.tokenizer.describe()
-        check(tgrid == grid, "tokenizer.checkpoint",
-              f"tokenizer grid {tgrid[0]}x{tgrid[1]} != model grid {grid[0]}x{grid[1]} "
-              f"(model.backbone.img_size / patch_size)")
-        check(vocab == self.model.vocab_size, "model.vocab_size",
-              f"{self.model.vocab_size} differs from the tokenizer's {vocab} codes")
-        check(chans == b.in_chans, "tokenizer.checkpoint",
-              f"tokenizer takes {chans}-channel images, the model {b.in_chans}")
+        if self.model.target == "tokens":
+            check(bool(self.tokenizer.checkpoint), "tokenizer.checkpoint",
+                  "required (a tokenizer made by this project) for model.target tokens")
+            _, tgrid, vocab, _, chans = self.tokenizer.describe()
+            check(tgrid == grid, "tokenizer.checkpoint",
+                  f"tokenizer grid {tgrid[0]}x{tgrid[1]} != model grid {grid[0]}x{grid[1]} "
+                  f"(model.backbone.img_size / patch_size)")
+            check(vocab == self.model.vocab_size, "model.vocab_size",
+                  f"{self.model.vocab_size} differs from the tokenizer's {vocab} codes")
+            check(chans == b.in_chans, "tokenizer.checkpoint",
+                  f"tokenizer takes {chans}-channel images, the model {b.in_chans}")
+        else:
+            check(not self.tokenizer.checkpoint, "tokenizer.checkpoint",
+                  f"unused with model.target {self.model.target}; leave it empty")
         check(self.mask.num_masking_patches <= n, "mask.num_masking_patches",
               f"{self.mask.num_masking_patches} masked patches > {n} patches of the {grid[0]}x{grid[1]} grid")
         check(self.mask.min_num_patches <= self.mask.num_masking_patches, "mask.min_num_patches",
@@ -146,10 +154,16 @@ def run(args: argparse.Namespace) -> int:
     quiet_other_ranks(dist.rank)
     try:
         seed_everything(cfg.train.seed)  # identical initial model on every rank
-        tokenizer, kind, _ = load_model(cfg.tokenizer.checkpoint)
         b = cfg.model.backbone
+        if cfg.model.target == "tokens":
+            tokenizer, kind, _ = load_model(cfg.tokenizer.checkpoint)
+            make_task, second_size = (lambda m: MIMTask(m, tokenizer)), tokenizer.img_size
+            desc = f"{kind} tokenizer {cfg.tokenizer.checkpoint}"
+        else:
+            make_task, second_size, desc = regression_target(cfg.model.target, cfg.teacher, b.grid_size, b.img_hw,
+                                                             cfg.model.target_dim)
         a, m = cfg.aug, cfg.mask
-        transform = TwoViewTransform(b.img_hw, tokenizer.img_size, a.min_crop_scale, 1.0, color_jitter=a.color_jitter,
+        transform = TwoViewTransform(b.img_hw, second_size, a.min_crop_scale, 1.0, color_jitter=a.color_jitter,
                                      hflip=a.hflip, train_interpolation=a.train_interpolation,
                                      second_interpolation=a.second_interpolation, normalize=a.normalize,
                                      channels=cfg.data.channels)
@@ -159,9 +173,8 @@ def run(args: argparse.Namespace) -> int:
         model = BEiTv2ForMIM(cfg.model)
         if dist.is_main:
             n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            log.info("MIM model: %.2f M learnable parameters; %s tokenizer %s", n / 1e6, kind,
-                     cfg.tokenizer.checkpoint)
-        trainer = Trainer(MIMTask(model, tokenizer), for_loader(train_set), cfg.train, cfg.optim, dist=dist,
+            log.info("MIM model: %.2f M learnable parameters; %s", n / 1e6, desc)
+        trainer = Trainer(make_task(model), for_loader(train_set), cfg.train, cfg.optim, dist=dist,
                           model_kind="mim", model_config=cfg.model, run_config=cfg, collate_fn=collate_skip_bad,
                           num_workers=cfg.data.num_workers)
         result = trainer.fit()

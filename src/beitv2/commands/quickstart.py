@@ -43,9 +43,11 @@ STAGE_DIRS = ("teacher", "tokenizer", "pretrain", "random_init", "eval", "figure
 class Plan:
     """Sizes and schedules of one quickstart run (the 28 px images give a 7 x 7 grid of 4 px patches)."""
 
-    train_subset: float  # images for tokenizer / pre-training / probes: 0 = all, >= 1 = a count
-    test_subset: float  # test images for evaluation and figures
+    train_subset: float  # images for tokenizer / pre-training: 0 = all, >= 1 = a count
+    test_subset: float  # test images for evaluation and figures (0 = all)
+    eval_train_subset: float  # training images the linear probe and k-NN fit on
     teacher_labels: float  # labelled training images of the stand-in teacher (fraction or count)
+    teacher_val_subset: float  # test images its own classifier is scored on
     teacher_vit: tuple[int, int, int]  # width, depth, heads
     teacher_epochs: int
     teacher_batch: int
@@ -65,23 +67,25 @@ class Plan:
     mask_min_block: int
     probe_epochs: int
     probe_batch: int
-    probe_lr: float
+    probe_lr: float  # AdamW lr per 256 images (scaled by batch / 256)
     knn_k: tuple[int, ...]
     feature_batch: int
     num_workers: int
 
 
-FULL = Plan(train_subset=0, test_subset=0, teacher_labels=0.1, teacher_vit=(96, 4, 3), teacher_epochs=4,
-            teacher_batch=128, teacher_lr=2e-3,
+# Sized for ~10 minutes on 2 CPU cores (see docs/quickstart.md for the measured stage times).
+FULL = Plan(train_subset=0, test_subset=0, eval_train_subset=20000, teacher_labels=0.1, teacher_val_subset=2000,
+            teacher_vit=(96, 4, 3), teacher_epochs=4, teacher_batch=128, teacher_lr=2e-3,
             tok_vit=(64, 2, 4), tok_codes=256, tok_code_dim=32, tok_epochs=1, tok_batch=128, tok_lr=2e-3,
             mim_vit=(96, 4, 3), mim_early_layers=2, mim_epochs=1, mim_batch=128, mim_lr=1.5e-3,
-            mask_patches=20, mask_min_block=4, probe_epochs=15, probe_batch=1024, probe_lr=1e-3, knn_k=(10, 20),
-            feature_batch=1000, num_workers=0)
-FAST = Plan(train_subset=1200, test_subset=500, teacher_labels=400, teacher_vit=(32, 2, 2), teacher_epochs=3,
-            teacher_batch=64, teacher_lr=2e-3,
-            tok_vit=(32, 1, 2), tok_codes=64, tok_code_dim=16, tok_epochs=1, tok_batch=64, tok_lr=2e-3,
-            mim_vit=(32, 2, 2), mim_early_layers=1, mim_epochs=1, mim_batch=64, mim_lr=1.5e-3,
-            mask_patches=20, mask_min_block=4, probe_epochs=10, probe_batch=256, probe_lr=1e-3, knn_k=(10, 20),
+            mask_patches=20, mask_min_block=4, probe_epochs=30, probe_batch=1024, probe_lr=2e-3, knn_k=(10, 20),
+            feature_batch=1000, num_workers=1)
+# Every stage on a subset with tiny models: a test of the pipeline (about a minute), not of the method.
+FAST = Plan(train_subset=1000, test_subset=400, eval_train_subset=1000, teacher_labels=300, teacher_val_subset=400,
+            teacher_vit=(32, 2, 2), teacher_epochs=3, teacher_batch=50, teacher_lr=3e-3,
+            tok_vit=(32, 1, 2), tok_codes=64, tok_code_dim=16, tok_epochs=1, tok_batch=50, tok_lr=2e-3,
+            mim_vit=(32, 2, 2), mim_early_layers=1, mim_epochs=1, mim_batch=50, mim_lr=1.5e-3,
+            mask_patches=20, mask_min_block=4, probe_epochs=20, probe_batch=100, probe_lr=1e-2, knn_k=(10, 20),
             feature_batch=500, num_workers=0)
 
 
@@ -179,7 +183,7 @@ def teacher_config(plan: Plan, root: str, init: Path, out: Path, seed: int, prog
     """`beitv2 finetune` from random init on a labelled subset: light augmentation, no Mixup (short schedule)."""
     return {
         "model": {"checkpoint": str(init), "drop_path": 0.0, "rel_pos_bias": False},
-        "data": _data(root, plan.teacher_labels, plan.test_subset, plan, seed),
+        "data": _data(root, plan.teacher_labels, plan.teacher_val_subset, plan, seed),
         "aug": {"min_crop_scale": 0.6, "rand_aug": "", "color_jitter": 0.0, "reprob": 0.0, "mixup": 0.0,
                 "cutmix": 0.0, "smoothing": 0.1, "crop_pct": 1.0, "normalize": NORM},
         "optim": {"lr": plan.teacher_lr, "min_lr": 1e-5, "weight_decay": 0.05, "warmup_epochs": 0.5,
@@ -235,7 +239,7 @@ def linprobe_config(plan: Plan, root: str, checkpoint: Path, out: Path, cache: P
                     ) -> dict[str, Any]:
     return {
         "model": {"checkpoint": str(checkpoint)},
-        "data": _data(root, plan.train_subset, plan.test_subset, plan, seed),
+        "data": _data(root, plan.eval_train_subset, plan.test_subset, plan, seed),
         "features": _features(plan, cache),
         "probe": {"crop_pct": 1.0, "normalize": NORM},
         "optim": {"lr": plan.probe_lr, "min_lr": 0.0, "lr_reference_batch": 256, "weight_decay": 1e-4,
@@ -249,7 +253,7 @@ def knn_config(plan: Plan, root: str, checkpoint: Path, out: Path, cache: Path, 
                ) -> dict[str, Any]:
     return {
         "model": {"checkpoint": str(checkpoint)},
-        "data": _data(root, plan.train_subset, plan.test_subset, plan, seed),
+        "data": _data(root, plan.eval_train_subset, plan.test_subset, plan, seed),
         "features": _features(plan, cache),
         "knn": {"k": list(plan.knn_k), "crop_pct": 1.0, "normalize": NORM},
         "run": {"output_dir": str(out), "device": "cpu", "precision": "bf16", "seed": seed, "progress": progress},

@@ -1,0 +1,219 @@
+"""The papers' ablations as options of `beitv2 pretrain` (pixel / feature targets, random masking, no aggregation,
+separate head, dVAE tokenizer) and the Fashion-MNIST reproduction script, on tiny real models and real files."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from beitv2.checkpoint import load_model, load_state_dict, save_model
+from beitv2.cli import main
+from beitv2.config import from_dict
+from beitv2.mim_targets import FeatureTargetTask, PixelTargetTask
+from beitv2.models.backbone import BEiTViT, ViTConfig
+from beitv2.models.dvae import DiscreteVAE, DVAEConfig
+from beitv2.models.mim import BEiTv2ForMIM, MIMConfig, pixel_targets
+from beitv2.teachers import TeacherConfig, build_teacher
+
+ROOT = Path(__file__).resolve().parents[1]
+VIT = {"img_size": [16], "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "init_values": 0.1}
+MIM = {"backbone": VIT, "vocab_size": 32, "early_layers": 1, "head_layers": 1}
+TRAIN = {"epochs": 1, "batch_size": 8, "log_every_steps": 1, "progress": False, "tensorboard": False,
+         "device": "cpu"}
+
+
+def make_folder(root: Path, n_per_class: int = 8, size: int = 20) -> Path:
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / f"class{c}/{i}.png")
+    return root
+
+
+def write_idx(root: Path, n_train: int = 60, n_test: int = 30) -> Path:
+    """Fashion-MNIST-format IDX files: 28x28 images whose brightness depends on the label (0..9)."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        imgs = (rng.integers(0, 60, (n, 28, 28)) + labels[:, None, None] * 19).astype(np.uint8)
+        with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 0x803, n, 28, 28) + imgs.tobytes())
+        with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 0x801, n) + labels.tobytes())
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("imgs"))
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory) -> Path:
+    """A tiny 'vit' checkpoint made by this project: the teacher for feature targets (width 24)."""
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=(16,), patch_size=4, embed_dim=24, depth=1, num_heads=2, use_mean_pooling=True)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
+    save_model(path, BEiTViT(cfg), "vit", cfg)
+    return path
+
+
+def pretrain(tmp: Path, folder: Path, model: dict, name: str, **extra) -> tuple[int, Path]:
+    out = tmp / name
+    cfg = {"model": {**MIM, **model}, "data": {"kind": "folder", "path": str(folder), "num_workers": 0},
+           "mask": {"num_masking_patches": 6, "min_num_patches": 2, **extra.pop("mask", {})},
+           "optim": {"warmup_epochs": 0.5}, "train": {**TRAIN, "output_dir": str(out)}, **extra}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return main(["pretrain", "--config", str(path)]), out
+
+
+def steps(out: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["type"] == "step"]
+
+
+def test_pixel_target_pretrain(tmp_path, folder):
+    rc, out = pretrain(tmp_path, folder, {"target": "pixels", "patch_aggregation": False}, "pix")
+    assert rc == 0
+    recs = steps(out)
+    assert len(recs) == 2 and "loss_2" not in recs[0] and "mlm_acc_1" not in recs[0]
+    # per-patch normalised targets have unit variance, so an untrained head's MSE starts near 1
+    assert 0.5 < recs[0]["loss_1"] < 3.0
+    model, kind, cfg = load_model(out)
+    assert kind == "mim" and cfg["target"] == "pixels"
+    assert model.lm_head.out_features == 4 * 4 * 3 and model.cls_pt_layers is None
+
+
+def test_pixel_task_regresses_the_masked_patches_of_the_model_view():
+    torch.manual_seed(0)
+    cfg = from_dict(MIMConfig, {**MIM, "target": "pixels", "patch_aggregation": False})
+    model = BEiTv2ForMIM(cfg)
+    task = PixelTargetTask(model)
+    images = torch.randn(3, 3, 16, 16)
+    mask = torch.zeros(3, 16, dtype=torch.bool)
+    mask[:, [0, 5, 15]] = True
+    loss, _ = task({"image": images, "mask": mask})
+    out = model(images, mask)[0]
+    want = ((out - pixel_targets(images, 4, True)[mask]) ** 2).mean()
+    assert torch.allclose(loss, want, atol=1e-5)
+    # the un-normalised variant regresses the raw values
+    model.mim_cfg.norm_pix_loss = False
+    loss_raw, _ = task({"image": images, "mask": mask})
+    assert torch.allclose(loss_raw, ((out - pixel_targets(images, 4, False)[mask]) ** 2).mean(), atol=1e-5)
+
+
+def test_feature_target_pretrain_and_task(tmp_path, folder, teacher_file):
+    teacher = {"kind": "beitv2", "name_or_path": str(teacher_file), "bf16": False}
+    rc, out = pretrain(tmp_path, folder, {"target": "features", "target_dim": 24, "patch_aggregation": True},
+                       "feat", teacher=teacher)
+    assert rc == 0
+    recs = steps(out)
+    assert {"loss_1", "loss_2", "target_cos"} <= set(recs[0])
+    assert recs[0]["loss"] == pytest.approx(recs[0]["loss_1"] + recs[0]["loss_2"], rel=1e-4)
+    assert 0.0 <= recs[0]["loss_1"] <= 2.0  # 1 - cosine
+    model, kind, cfg = load_model(out)
+    assert cfg["target"] == "features" and model.lm_head.out_features == 24
+    # the task's loss is 1 - cos(prediction, teacher features of the second view) at the masked patches
+    t = build_teacher(from_dict(TeacherConfig, teacher), (4, 4))
+    task = FeatureTargetTask(model, t)
+    images, view2 = torch.randn(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    mask[:, 3:9] = True
+    loss, metrics = task({"image": images, "tokenizer_image": view2, "mask": mask})
+    target = t(view2)[mask]
+    outs = model(images, mask)
+    want = sum((1 - torch.cosine_similarity(o, target, dim=-1)).mean() for o in outs)
+    assert torch.allclose(loss, want, atol=1e-4)
+    assert not any(p.requires_grad for p in task.teacher.parameters())
+    # a target width that differs from the teacher's is refused, naming the field
+    rc, _ = pretrain(tmp_path, folder, {"target": "features", "target_dim": 16}, "feat_bad", teacher=teacher)
+    assert rc == 2
+
+
+def test_random_masking_and_block_masking_both_train(tmp_path, folder, teacher_file):
+    rc, out = pretrain(tmp_path, folder, {"target": "pixels"}, "rand", mask={"kind": "random"})
+    assert rc == 0 and len(steps(out)) == 2
+    assert yaml.safe_load((out / "config.yaml").read_text())["mask"]["kind"] == "random"
+
+
+def test_no_aggregation_and_separate_head_change_the_model(tmp_path, folder):
+    rc, out = pretrain(tmp_path, folder, {"target": "pixels", "patch_aggregation": True, "shared_lm_head": False,
+                                          "head_layers": 2}, "sep")
+    assert rc == 0
+    keys = load_state_dict(out / "model.safetensors").keys()
+    assert any(k.startswith("cls_pt_lm_head.") for k in keys) and any(k.startswith("cls_pt_norm.") for k in keys)
+    assert {k.split(".")[1] for k in keys if k.startswith("cls_pt_layers.")} == {"0", "1"}
+    assert "loss_2" in steps(out)[0]
+
+
+def test_pretrain_from_a_dvae_tokenizer(tmp_path, folder):
+    torch.manual_seed(0)
+    dcfg = DVAEConfig(img_size=16, in_chans=3, downsample=4, vocab_size=32, code_dim=8, hidden_dim=8,
+                      blocks_per_group=1, temp_anneal_steps=4)
+    save_model(tmp_path / "dvae.safetensors", DiscreteVAE(dcfg), "dvae", dcfg)
+    rc, out = pretrain(tmp_path, folder, {"target": "tokens", "patch_aggregation": False}, "dv",
+                       tokenizer={"checkpoint": str(tmp_path / "dvae.safetensors")})
+    assert rc == 0
+    recs = steps(out)
+    assert "mlm_acc_1" in recs[0] and recs[0]["loss_1"] > 0
+    # a dVAE vocabulary that differs from the model's is refused before compute
+    rc, _ = pretrain(tmp_path, folder, {"target": "tokens", "vocab_size": 64}, "dv_bad",
+                     tokenizer={"checkpoint": str(tmp_path / "dvae.safetensors")})
+    assert rc == 2
+
+
+def test_tokenizer_checkpoint_rules(tmp_path, folder, capsys):
+    rc, _ = pretrain(tmp_path, folder, {"target": "tokens"}, "no_tok")
+    assert rc == 2 and "tokenizer.checkpoint" in capsys.readouterr().err
+    rc, _ = pretrain(tmp_path, folder, {"target": "pixels"}, "extra_tok", tokenizer={"checkpoint": "x.safetensors"})
+    assert rc == 2 and "unused with model.target pixels" in capsys.readouterr().err
+
+
+def _reproduce_module():
+    spec = importlib.util.spec_from_file_location("reproduce_fmnist", ROOT / "benchmarks" / "reproduce_fmnist.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce_fmnist"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_reproduce_script_smoke(tmp_path, capsys):
+    mod = _reproduce_module()
+    idx = write_idx(tmp_path / "fmnist")
+    out = tmp_path / "res"
+    argv = ["--budget", "tiny", "--subset", "40", "--rows", "random,pixels", "--out", str(out),
+            "--data-path", str(idx), "--device", "cpu", "--workers", "0"]
+    assert mod.main(argv) == 0
+    assert {"results.md", "results.json", "results.png"} <= {p.name for p in out.iterdir()}
+    md = (out / "results.md").read_text()
+    assert ("| row | linear probe top-1 | k-NN top-1 | fine-tune top-1 | codebook usage | wall time (min) |"
+            in md)
+    assert "--budget tiny --subset 40" in md and "not run" in md  # the other rows are listed as not run
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["rows"]) == {"random", "pixels"}
+    for r in res["rows"].values():
+        assert {"linprobe_top1", "knn_top1", "finetune_top1", "wall_s"} <= set(r)
+        assert all(0 <= r[k] <= 100 for k in ("linprobe_top1", "knn_top1", "finetune_top1"))
+    assert res["rows"]["pixels"]["pretrain_s"] > 0 and res["rows"]["random"]["pretrain_s"] == 0
+    with Image.open(out / "results.png") as im:
+        assert im.size[0] > 100
+    # resumable: a second run skips the finished rows
+    capsys.readouterr()
+    assert mod.main(argv) == 0
+    assert capsys.readouterr().out.count("done, skipped") == 2
+    # another budget in the same folder is refused
+    with pytest.raises(SystemExit):
+        mod.main([*argv[:3], "41", *argv[4:]])
