@@ -2,7 +2,7 @@
 
 Every row uses the same backbone (28 px, patch 4, a small ViT), the same seed, data subsets and epochs; rows differ only
 in the pre-training target / head / masking. Shared stages run once: the stand-in teacher (the same ViT supervised on
-10% of the training subset's labels, as `beitv2 quickstart` does, since no CLIP can be downloaded here), the VQ-KD
+a quarter of the training subset's labels, as `beitv2 quickstart` does, since no CLIP can be downloaded here), the VQ-KD
 tokenizer distilled from it, and the BEiT v1 dVAE. Every stage calls the `beitv2` commands in-process
 (`beitv2.cli.main`), so this is also an end-to-end test of the CLI.
 
@@ -65,8 +65,8 @@ BUDGETS = {
                    probe_epochs=10, batch=64, mask_patches=18, dvae_hidden=8),
     # about an hour on 2 busy CPU cores
     "small": Budget(train=4000, val=1500, width=64, depth=4, heads=2, early_layers=3, vocab=256, tokenizer_epochs=3,
-                    pretrain_epochs=3, teacher_fraction=0.1, teacher_epochs=15, finetune_train=1000,
-                    finetune_epochs=3, probe_epochs=50, batch=64, mask_patches=18, dvae_hidden=16),
+                    pretrain_epochs=2, teacher_fraction=0.25, teacher_epochs=10, finetune_train=1000,
+                    finetune_epochs=4, probe_epochs=50, batch=64, mask_patches=18, dvae_hidden=16),
     # a GPU or a long CPU night: all of Fashion-MNIST
     "full": Budget(train=60000, val=10000, width=128, depth=6, heads=4, early_layers=4, vocab=1024,
                    tokenizer_epochs=20, pretrain_epochs=100, teacher_fraction=0.1, teacher_epochs=50,
@@ -98,10 +98,10 @@ ROWS = [
         {"model": {"target": "tokens", "patch_aggregation": True}, "mask": {"kind": "random"}}, tokenizer="vqkd"),
     Row("features", "teacher-feature regression (cosine), no aggregation",
         {"model": {"target": "features", "patch_aggregation": False}}),
-    Row("teacher", "the teacher itself (supervised, 10% labels)", None, backbone="teacher"),
+    Row("teacher", "the teacher itself (supervised on labels)", None, backbone="teacher"),
 ]
 # the order in which rows are computed: the paper's method first, so a cut-short run still has the key comparison
-RUN_ORDER = ["random", "vqkd", "pixels", "dvae", "vqkd_noagg", "teacher", "vqkd_random", "features"]
+RUN_ORDER = ["random", "vqkd", "vqkd_noagg", "pixels", "dvae", "teacher", "vqkd_random", "features"]
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -173,7 +173,9 @@ class Plan:
     def teacher(self) -> list[str]:
         b = self.b
         n = max(CLASSES, round(b.train * b.teacher_fraction))
-        return self.finetune_argv(str(self.random_init()), self.stage_dir("teacher"), n, b.teacher_epochs)
+        # from scratch: no layer-wise lr decay, a higher lr (a weak teacher would make every VQ-KD row meaningless)
+        return self.finetune_argv(str(self.random_init()), self.stage_dir("teacher"), n, b.teacher_epochs,
+                                  lr=2e-3, layer_decay=1.0)
 
     def vqkd(self, teacher: Path) -> list[str]:
         b = self.b
@@ -224,7 +226,8 @@ class Plan:
                         **over.get("mask", {})},
                "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "warmup_epochs": 0.5, "betas": [0.9, 0.98],
                          "weight_decay": 0.05, "clip_grad": 3.0},
-               "train": {**self.train, "epochs": b.pretrain_epochs, "output_dir": str(self.stage_dir(f"pretrain_{row.name}"))}}
+               "train": {**self.train, "epochs": b.pretrain_epochs,
+                         "output_dir": str(self.stage_dir(f"pretrain_{row.name}"))}}
         if tokenizer is not None:
             cfg["tokenizer"] = {"checkpoint": str(tokenizer)}
         if teacher is not None:
@@ -246,14 +249,15 @@ class Plan:
                "run": {"output_dir": str(out), "device": self.device, "precision": "bf16", "progress": False}}
         return ["knn", "--config", str(dump(out.parent / "knn.yaml", cfg))]
 
-    def finetune_argv(self, ckpt: str, out: Path, n_train: int, epochs: int) -> list[str]:
+    def finetune_argv(self, ckpt: str, out: Path, n_train: int, epochs: int, lr: float = 2e-3,
+                      layer_decay: float = 0.75) -> list[str]:
         """A small-data recipe (no Mixup/CutMix/RandAugment, which hurt at a few epochs), identical for all rows."""
         cfg = {"model": {"checkpoint": ckpt, "drop_path": 0.1},
                "data": {**self.data, "subset": n_train},
                "aug": {"min_crop_scale": 0.5, "rand_aug": "", "color_jitter": 0.0, "reprob": 0.0, "mixup": 0.0,
                        "cutmix": 0.0, "smoothing": 0.1, "crop_pct": 1.0, "normalize": "imagenet"},
-               "optim": {"lr": 1e-3, "min_lr": 1e-6, "weight_decay": 0.05, "warmup_epochs": 1.0,
-                         "layer_decay": 0.75},
+               "optim": {"lr": lr, "min_lr": 1e-6, "weight_decay": 0.05, "warmup_epochs": 0.5,
+                         "layer_decay": layer_decay},
                "train": {**self.train, "epochs": epochs, "output_dir": str(out), "eval_every_epochs": epochs}}
         return ["finetune", "--config", str(dump(out.parent / f"{out.name}.yaml", cfg))]
 
@@ -422,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{out} holds results of another budget ({read_json(plan_file)['budget']}); "
                          "use another --out")
     write_json(plan_file, {"budget": asdict(budget)})
-    (out / ".gitignore").write_text("# checkpoints and cached features; the table, JSON and chart are kept\nruns/\nrows/\n")
+    (out / ".gitignore").write_text("# checkpoints and cached features (the table, JSON and chart are kept)\n"
+                                    "runs/\nrows/\n")
     plan = Plan(budget, out, args.data_path, args.device, args.workers)
     command = " ".join(["python", "benchmarks/reproduce_fmnist.py", *map(shlex.quote, sys.argv[1:] if argv is None
                                                                               else argv)])
@@ -433,6 +438,15 @@ def main(argv: list[str] | None = None) -> int:
                  command=command, machine=machine_info(args.device))
 
     def save() -> None:
+        # merge what another process (e.g. `--rows teacher` run beside this one) wrote in the meantime
+        if state_file.is_file():
+            disk = read_json(state_file)
+            for key in ("rows", "shared_wall_s"):
+                for k, v in disk.get(key, {}).items():
+                    state[key].setdefault(k, v)
+            for k, v in disk.items():
+                if k.startswith("codebook_") or k == "teacher_top1":
+                    state.setdefault(k, v)
         state["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         render(out, state)
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from beitv2.config import ConfigError, build_config
 from beitv2.models.dvae import (
+    DVAE_PRESET_FIELDS,
     DVAE_PRESETS,
     DiscreteVAE,
     DVAEConfig,
@@ -186,7 +187,8 @@ def test_metrics_and_eval_mode_is_deterministic():
         # eval loss is the MSE of the hard-code decoder output against the [-1, 1] target
         manual = F.mse_loss(m.decoder(m.codebook(codes.view(4, 4, 4)).permute(0, 3, 1, 2)), x * 2 - 1)
     assert float(l1) == float(l2)
-    assert float(l1) == pytest.approx(float(manual), rel=1e-5)
+    assert met["rec_loss"] == pytest.approx(float(manual), rel=1e-5)
+    assert float(l1) == pytest.approx(met["rec_loss"] + 0.01 * met["kl"], rel=1e-5)  # default kl_weight, no step
     assert met["codebook_usage"] == pytest.approx(codes.unique().numel() / 64)
     counts = torch.bincount(codes.flatten(), minlength=64).float()
     p = counts[counts > 0] / counts.sum()
@@ -200,7 +202,7 @@ def test_metrics_and_eval_mode_is_deterministic():
 
 
 def test_config_validation_names_the_field():
-    with pytest.raises(ConfigError, match=r"^tokenizer\.img_size: 30 is not a positive multiple of downsample 4"):
+    with pytest.raises(ConfigError, match=r"^tokenizer\.dvae\.img_size: 30 is not a positive multiple of downsample 4"):
         DiscreteVAE(tiny_cfg(img_size=30))
     cases = {
         "downsample": dict(downsample=6),
@@ -221,12 +223,18 @@ def test_config_validation_names_the_field():
     # through the CLI/YAML machinery the message carries the dotted path as given
     with pytest.raises(ConfigError, match=r"^img_size: "):
         build_config(DVAEConfig, overrides={"img_size": 30, "downsample": 4})
-    cfg = build_config(DVAEConfig, preset=DVAE_PRESETS["dvae_tiny"], overrides={"in_chans": 1, "img_size": 28})
+    cfg = build_config(DVAEConfig, preset=DVAE_PRESET_FIELDS["dvae_tiny"], overrides={"in_chans": 1, "img_size": 28})
     assert cfg.grid_size == (7, 7) and cfg.vocab_size == 512
 
 
 def test_presets():
-    assert set(DVAE_PRESETS) == {"dvae_tiny", "dvae_small", "dvae_dalle"}
+    assert set(DVAE_PRESETS) == set(DVAE_PRESET_FIELDS) == {"dvae_tiny", "dvae_small", "dvae_dalle"}
+    assert all(isinstance(f(), DVAEConfig) for f in DVAE_PRESETS.values())
+    # registered with the library-wide presets
+    from beitv2.models.presets import get_preset
+
+    kind, cfg = get_preset("dvae_tiny")
+    assert kind == "dvae" and cfg == dvae_tiny()
     d = dvae_dalle()
     assert (d.img_size, d.downsample, d.vocab_size, d.grid_size) == (112, 8, 8192, (14, 14))
     assert d == DVAEConfig()  # the defaults are the BEiT v1 / DALL-E shape
@@ -265,7 +273,7 @@ def test_bf16_autocast_forward_backward():
         codes = m.tokenize(x)
         img = m.decode(codes)
         assert m.encode_logits(x).dtype == torch.bfloat16  # the convs really ran in bf16
-    assert loss.dtype == torch.float32 and math.isfinite(float(loss))
+    assert loss.dtype == torch.float32 and math.isfinite(loss.item())
     assert all(math.isfinite(v) for v in metrics.values())
     loss.backward()
     grads = [p.grad for p in m.parameters()]
@@ -277,4 +285,4 @@ def test_bf16_autocast_forward_backward():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = st(torch.rand(2, 1, 16, 16), step=0)
     loss.backward()
-    assert math.isfinite(float(loss)) and st.codebook.weight.grad is not None
+    assert math.isfinite(loss.item()) and st.codebook.weight.grad is not None

@@ -10,6 +10,7 @@ Attention runs through `F.scaled_dot_product_attention` with the relative positi
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from typing import Sequence
@@ -188,7 +189,9 @@ class BEiTViT(nn.Module):
         owners = [m for m in self.modules() if getattr(m, "relative_position_bias_table", None) is not None]
         for m in owners:
             table = resize_rel_pos_table(m.relative_position_bias_table.data, old_grid, self.grid_size)
-            m.set_window_size(self.grid_size)  # timm rebuilds the index buffer (its own table resize is replaced)
+            with warnings.catch_warnings():  # timm rebuilds the index buffer; its own (linear) table resize is replaced
+                warnings.simplefilter("ignore")
+                m.set_window_size(self.grid_size)
             m.relative_position_bias_table = nn.Parameter(table)
 
     # ------------------------------------------------------------------------------------------------ forward

@@ -7,7 +7,7 @@ shape: a ResNet-style conv encoder maps an image to logits over ``vocab_size`` c
 
 API (used by ``beitv2 train-tokenizer --tokenizer.type dvae`` and by MIM pre-training; keep it stable)::
 
-    cfg = DVAEConfig(img_size=32, in_chans=1, downsample=4, vocab_size=512)   # or dvae_preset("dvae_tiny", ...)
+    cfg = DVAEConfig(img_size=32, in_chans=1, downsample=4, vocab_size=512)   # or dvae_tiny(in_chans=1, ...)
     model = DiscreteVAE(cfg)
     loss, metrics = model(images01, step=step)   # training; metrics: loss rec_loss kl kl_weight temperature
                                                   #   codebook_usage perplexity (python floats)
@@ -33,6 +33,7 @@ Conventions:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,6 +47,7 @@ __all__ = [
     "DVAEConfig",
     "DiscreteVAE",
     "DVAE_PRESETS",
+    "DVAE_PRESET_FIELDS",
     "dvae_preset",
     "dvae_tiny",
     "dvae_small",
@@ -78,7 +80,8 @@ class DVAEConfig:
     temp_schedule: Literal["cosine", "exp", "constant"] = opt(
         "cosine", "temperature schedule: 'cosine' (DALL-E), 'exp' (geometric), 'constant' (temp_start)")
     straight_through: bool = opt(False, "hard one-hot codes in the forward pass, soft gradients (ST Gumbel)")
-    kl_weight: float = opt(0.0, "weight of the KL to the uniform prior (KL in nats per token, loss per element)")
+    kl_weight: float = opt(
+        0.01, "weight of the KL to the uniform prior (nats per token vs a per-element rec loss); see docs/dvae.md")
     kl_warmup_steps: int = opt(5_000, "cosine warm-up of the KL weight from 0 (DALL-E: 5000 updates); 0 = none")
 
     def validate(self, prefix: str = "") -> None:
@@ -115,7 +118,7 @@ class DVAEConfig:
 
 
 # --------------------------------------------------------------------------------------------------- presets
-DVAE_PRESETS: dict[str, dict] = {
+DVAE_PRESET_FIELDS: dict[str, dict] = {
     # CPU-sized: 28-32 px grayscale or RGB (set in_chans / img_size), 8x8 grid at 32 px.
     "dvae_tiny": dict(img_size=32, in_chans=3, downsample=4, vocab_size=512, code_dim=64, hidden_dim=32,
                       blocks_per_group=1, temp_anneal_steps=2_000, kl_warmup_steps=500),
@@ -130,10 +133,10 @@ DVAE_PRESETS: dict[str, dict] = {
 
 def dvae_preset(name: str, **overrides) -> DVAEConfig:
     """A validated `DVAEConfig` from a preset name plus field overrides."""
-    if name not in DVAE_PRESETS:
-        raise KeyError(f"unknown dVAE preset {name!r} (known: {', '.join(DVAE_PRESETS)})")
-    cfg = DVAEConfig(**{**DVAE_PRESETS[name], **overrides})
-    cfg.validate("tokenizer.")
+    if name not in DVAE_PRESET_FIELDS:
+        raise KeyError(f"unknown dVAE preset {name!r} (known: {', '.join(DVAE_PRESET_FIELDS)})")
+    cfg = DVAEConfig(**{**DVAE_PRESET_FIELDS[name], **overrides})
+    cfg.validate("tokenizer.dvae.")
     return cfg
 
 
@@ -147,6 +150,14 @@ def dvae_small(**overrides) -> DVAEConfig:
 
 def dvae_dalle(**overrides) -> DVAEConfig:
     return dvae_preset("dvae_dalle", **overrides)
+
+
+# name -> factory returning a fresh config (the form `beitv2.models.presets.get_preset` expects).
+DVAE_PRESETS: dict[str, Callable[..., DVAEConfig]] = {
+    "dvae_tiny": dvae_tiny,
+    "dvae_small": dvae_small,
+    "dvae_dalle": dvae_dalle,
+}
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -262,7 +273,7 @@ class DiscreteVAE(nn.Module):
 
     def __init__(self, cfg: DVAEConfig):
         super().__init__()
-        cfg.validate("tokenizer.")
+        cfg.validate("tokenizer.dvae.")
         self.cfg = cfg
         self.vocab_size = cfg.vocab_size
         self.img_size = cfg.img_size

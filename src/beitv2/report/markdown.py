@@ -39,20 +39,28 @@ def _settings_lines(settings: Mapping[str, Any], indent: int = 0) -> list[str]:
 
 def write_report(out_md: str | Path, *, results: Mapping[str, Mapping[str, Any]], timings: Mapping[str, float],
                  settings: Mapping[str, Any], notes: Sequence[str] = (), figures: Mapping[str, str] = (),
-                 title: str = "beitv2 report", intro: str = "", sections: Mapping[str, str] = ()) -> Path:
-    """Write the report: intro, notes, the accuracy table (``results``: row -> column -> value), timings per stage
-    (seconds), extra ``sections`` (heading -> Markdown), figures (caption -> path relative to the report) and the
-    settings (nested mapping). Written atomically."""
+                 title: str = "beitv2 report", intro: str = "", sections: Mapping[str, str] = (),
+                 cpu_timings: Mapping[str, float] = ()) -> Path:
+    """Write the report: intro, notes, the accuracy table (``results``: row -> column -> value), wall time per stage
+    (seconds; with ``cpu_timings`` also the CPU seconds, which do not depend on other load on the machine), extra
+    ``sections`` (heading -> Markdown), figures (caption -> path relative to the report) and the settings (nested
+    mapping). Written atomically."""
     total = sum(float(v) for v in timings.values())
+    cpu = dict(cpu_timings)
     parts = [f"# {title}", ""]
     if intro:
         parts += [intro, ""]
     if notes:
         parts += [f"> **Note:** {n}" + "\n" for n in notes]
     parts += ["## Results", "", markdown_table(results, "backbone"), ""]
-    parts += ["## Timings", "", "| stage | wall time (s) |", "|---|---|"]
-    parts += [f"| {k} | {float(v):.1f} |" for k, v in timings.items()]
-    parts += [f"| **total** | **{total:.1f}** |", ""]
+    if cpu:
+        parts += ["## Timings", "", "| stage | wall time (s) | CPU time (s) |", "|---|---|---|"]
+        parts += [f"| {k} | {float(v):.1f} | {_fmt(cpu.get(k))} |" for k, v in timings.items()]
+        parts += [f"| **total** | **{total:.1f}** | **{sum(cpu.values()):.1f}** |", ""]
+    else:
+        parts += ["## Timings", "", "| stage | wall time (s) |", "|---|---|"]
+        parts += [f"| {k} | {float(v):.1f} |" for k, v in timings.items()]
+        parts += [f"| **total** | **{total:.1f}** |", ""]
     for heading, body in dict(sections).items():
         parts += [f"## {heading}", "", body, ""]
     if figures:

@@ -1,0 +1,183 @@
+"""`beitv2 quickstart --fast` end to end on real Fashion-MNIST, plus the report figures on their own."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from beitv2.cli import main
+from beitv2.data import FASHION_MNIST_ROOT
+from beitv2.masking import BlockwiseMaskGenerator
+from beitv2.models.backbone import BEiTViT, ViTConfig
+from beitv2.report import attention_figure, mask_examples, plot_training_curves, write_report
+
+FIGURES = ("training_curves", "codebook_atlas", "attention", "attention_cls", "masks")
+
+
+def _write_idx(folder: Path, prefix: str, n: int, rng: np.random.Generator) -> None:
+    """Small synthetic Fashion-MNIST-format files: class c is a bright bar at row 2c (learnable, not chance)."""
+    labels = np.arange(n, dtype=np.uint8) % 10
+    images = (rng.random((n, 28, 28)) * 40).astype(np.uint8)
+    for i, c in enumerate(labels):
+        images[i, 2 * c + 4: 2 * c + 8, 4:24] = 230
+    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
+    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(struct.pack(">II", 0x801, n) + labels.tobytes())
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory) -> tuple[int, Path]:
+    """One `quickstart --fast` run shared by the checks below (real Fashion-MNIST when installed)."""
+    out = tmp_path_factory.mktemp("quickstart")
+    data = FASHION_MNIST_ROOT
+    if not (Path(data) / "train-images-idx3-ubyte.gz").is_file():
+        data = str(out / "idx")
+        Path(data).mkdir()
+        rng = np.random.default_rng(0)
+        _write_idx(Path(data), "train", 3000, rng)
+        _write_idx(Path(data), "t10k", 600, rng)
+    threads = torch.get_num_threads()
+    rc = main(["quickstart", "--fast", "--out", str(out / "report"), "--data-path", data, "--threads", "1"])
+    assert torch.get_num_threads() == threads  # the command restores the caller's setting
+    return rc, out / "report"
+
+
+def test_fast_run_succeeds_and_times_every_stage(fast_run):
+    rc, out = fast_run
+    assert rc == 0
+    m = json.loads((out / "metrics.json").read_text())
+    for stage in ("teacher", "tokenizer (VQ-KD)", "pre-training (BEiT v2 MIM)", "evaluation (linear probe, k-NN)",
+                  "report", "total"):
+        assert m["timings_s"][stage] > 0, stage
+    assert m["teacher"]["stand_in"] is True
+    for stage in ("finetune.teacher", "train-tokenizer", "pretrain", "linprobe.beitv2", "knn.random_init"):
+        assert (out / "configs" / f"{stage}.yaml").is_file()
+
+
+def test_accuracies_above_chance(fast_run):
+    _, out = fast_run
+    m = json.loads((out / "metrics.json").read_text())
+    rows = m["results"]
+    assert set(rows) == {"BEiT v2 (pre-trained)", "random init (same ViT)", "teacher"}
+    for name, r in rows.items():
+        for key in ("linprobe_acc1", "knn_acc1"):
+            assert r[key] is not None and 10.0 < r[key] <= 100.0, (name, key, r[key])  # 10 classes: chance 10%
+    assert m["teacher"]["classifier_acc1"] > 10.0
+    assert m["linprobe_gain_over_random_init"] == pytest.approx(
+        rows["BEiT v2 (pre-trained)"]["linprobe_acc1"] - rows["random init (same ViT)"]["linprobe_acc1"])
+    assert 1 <= m["tokenizer"]["codebook_codes_used"] <= 64
+    assert 0.0 < m["pretrain"]["mlm_acc_1"] <= 1.0
+
+
+def test_report_md_holds_the_table_and_the_stand_in_note(fast_run):
+    _, out = fast_run
+    text = (out / "report.md").read_text()
+    assert "| backbone | linear probe top-1 (%) | k-NN top-1, k=20 (%)" in text
+    m = json.loads((out / "metrics.json").read_text())
+    lp = m["results"]["BEiT v2 (pre-trained)"]["linprobe_acc1"]
+    assert f"| BEiT v2 (pre-trained) | {lp:.2f} |" in text
+    assert "| random init (same ViT) |" in text and "| teacher |" in text
+    assert "stand-in" in text and "10% of the training labels" not in text  # fast: a count, said as such
+    assert "500 images of the training labels" in text
+    assert "blockwise, 20 of 49 patches" in text and "min block 4" in text
+    for stage in ("teacher", "tokenizer (VQ-KD)", "pre-training (BEiT v2 MIM)"):
+        assert f"| {stage} |" in text
+    for name in FIGURES:
+        assert f"figures/{name}.png" in text
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_figures_are_real_images(fast_run, name):
+    _, out = fast_run
+    path = out / "figures" / f"{name}.png"
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.width >= 400 and im.height >= 150, im.size
+        a = np.asarray(im.convert("L"), dtype=np.float32)
+    assert a.std() > 10  # not a blank canvas
+
+
+def test_missing_data_says_how_to_get_it(tmp_path, capsys):
+    rc = main(["quickstart", "--fast", "--out", str(tmp_path / "r"), "--data-path", str(tmp_path)])
+    assert rc == 2
+    msg = capsys.readouterr().out
+    assert "no Fashion-MNIST IDX files" in msg and str(tmp_path) in msg
+    assert not (tmp_path / "r").exists()  # failed before any work
+
+
+# ------------------------------------------------------------------------------- report functions on their own
+
+def _tiny_vit() -> BEiTViT:
+    torch.manual_seed(0)
+    return BEiTViT(ViTConfig(img_size=(16,), patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)).eval()
+
+
+def test_attention_figure_rows_sum_to_one_and_queries_validated(tmp_path):
+    model = _tiny_vit()
+    x = torch.rand(3, 1, 16, 16)
+    info = attention_figure(model, x, tmp_path / "a.png", layer=0, query=(1, 2))
+    assert (tmp_path / "a.png").stat().st_size > 5000
+    assert info["layer"] == 1 and info["query"] == "patch (1, 2)"
+    assert 0 < info["entropy"] <= info["uniform_entropy"] + 1e-5
+    assert torch.allclose(model.attention_maps(x, 0).sum(-1), torch.ones(3, 2, 17), atol=1e-5)
+    with pytest.raises(ValueError, match="outside the 4x4 grid"):
+        attention_figure(model, x, tmp_path / "b.png", query=(4, 0))
+
+
+def test_mask_examples_report_exact_counts(tmp_path):
+    info = mask_examples(BlockwiseMaskGenerator((7, 7), 20, min_num_patches=4), tmp_path / "m.png", n=6)
+    assert info["masked_per_image"] == [20] * 6
+    assert all(b >= 1 for b in info["blocks"])
+    assert (tmp_path / "m.png").stat().st_size > 3000
+
+
+def test_training_curves_pick_panels_from_the_logged_keys(tmp_path):
+    rows = [{"type": "step", "step": s, "loss": 5.0 / s, "mlm_acc_1": 0.01 * s} for s in range(1, 30)]
+    rows.append({"type": "val", "step": 29, "acc1": 55.0})
+    p = tmp_path / "run" / "metrics.jsonl"
+    p.parent.mkdir()
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    panels = plot_training_curves([p], tmp_path / "c.png")
+    assert panels == ["training loss", "MIM accuracy (masked patches)", "validation top-1 (%)"]
+    q = tmp_path / "empty.jsonl"
+    q.write_text(json.dumps({"type": "step", "step": 1, "other": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="no plottable metrics"):
+        plot_training_curves({"x": q}, tmp_path / "d.png")
+
+
+def test_write_report_table_and_totals(tmp_path):
+    path = write_report(tmp_path / "r.md", results={"a": {"lp": 81.234, "knn": None}}, timings={"s1": 1.5, "s2": 2.0},
+                        settings={"x": {"y": 1}}, notes=["careful"], figures={"fig": "f.png"})
+    text = path.read_text()
+    assert "| a | 81.23 | n/a |" in text
+    assert "| **total** | **3.5** |" in text
+    assert "> **Note:** careful" in text and "![fig](f.png)" in text and "  - y: `1`" in text
+
+
+def test_a_user_given_teacher_is_used_as_is_and_not_trained(tmp_path):
+    import argparse
+
+    from beitv2.checkpoint import save_model
+    from beitv2.commands.quickstart import FAST, build_teacher_spec
+    from beitv2.config import ConfigError
+
+    cfg = ViTConfig(img_size=(28,), patch_size=4, in_chans=1, embed_dim=48, depth=1, num_heads=2)
+    path = tmp_path / "my_vit.safetensors"
+    save_model(path, BEiTViT(cfg), "vit", cfg)
+    args = argparse.Namespace(teacher=str(path), teacher_kind="beitv2", teacher_checkpoint="", seed=0)
+    spec, dim, ckpt, desc = build_teacher_spec(args, FAST, "", tmp_path / "out", tmp_path / "cfg", False)
+    assert spec == {"kind": "beitv2", "name_or_path": str(path)}
+    assert dim == 48 and ckpt == path and desc.startswith("user-given beitv2 teacher")
+    assert not (tmp_path / "out" / "teacher").exists()  # nothing trained
+    args.teacher = str(tmp_path / "missing.safetensors")
+    with pytest.raises(ConfigError, match="teacher.name_or_path"):
+        build_teacher_spec(args, FAST, "", tmp_path / "out", tmp_path / "cfg", False)
