@@ -206,5 +206,5 @@ def test_model_file_round_trip(tmp_path):
     x = torch.rand(2, 3, 16, 16)
     assert kind == "vqkd" and torch.equal(vq.eval().tokenize(x), vq2.tokenize(x))
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="(?i)header|safetensor|invalid|deserial"):
         load_model(tmp_path / "bad.safetensors")

@@ -337,7 +337,8 @@ class WebDatasetShards(_BadFileLog, IterableDataset):
 def collate_skip_bad(batch: list[Any]) -> dict[str, Any]:
     """Drop ``None`` samples, collate the rest with torch's default collate and add ``num_skipped``.
 
-    Tuple samples become ``{'image', 'label'}`` (plus ``'index'``, a stream's sample id, for 3-tuples). A batch made only of bad samples is ``{'num_skipped': n}``.
+    Tuple samples become ``{'image', 'label'}`` (plus ``'index'``, a stream's sample id, for 3-tuples).
+    A batch made only of bad samples is ``{'num_skipped': n}``.
     """
     good = [s for s in batch if s is not None]
     skipped = len(batch) - len(good)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -34,7 +34,7 @@ def to_2tuple(v: int | Sequence[int]) -> tuple[int, int]:
 
 @dataclass
 class ViTConfig:
-    """Architecture of a BEiT ViT. Defaults are BEiT v2 base pre-training (official `beit_base_patch16_224_8k_vocab`)."""
+    """Architecture of a BEiT ViT. Defaults: BEiT v2 base pre-training (official `beit_base_patch16_224_8k_vocab`)."""
 
     img_size: tuple[int, ...] = opt((224,), "input image size: one value (square) or H W")
     patch_size: int = opt(16, "patch size in pixels")
