@@ -21,14 +21,7 @@ from beitv2.models.dvae import (
     kl_to_uniform,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: intra-op threads only add sync overhead, which explodes on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def tiny_cfg(**kw) -> DVAEConfig:

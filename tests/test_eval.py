@@ -38,13 +38,7 @@ COMMON = ["--train.device", "cpu", "--train.progress", "false", "--train.tensorb
           "--data.num_workers", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and OpenMP spinning on a loaded 2-core runner costs ~4x."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def tiny_vit(**kw) -> ViTConfig:

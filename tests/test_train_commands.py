@@ -32,13 +32,7 @@ FAST = {"num_workers": 0}
 TRAIN = {"epochs": 2, "batch_size": 8, "log_every_steps": 1, "progress": False, "tensorboard": False}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def write_yaml(path: Path, data: dict) -> Path:
