@@ -34,7 +34,7 @@ from ..eval.finetune import (
     read_finetune_source,
 )
 from ..eval.metrics import write_metrics
-from ._training import configure_parser, quiet_other_ranks, resolve_config
+from ._training import configure_parser, quiet_other_ranks, require_sized_data, resolve_config
 
 HELP = "fine-tune a pre-trained backbone for classification (official BEiT v2 recipe)"
 DESCRIPTION = __doc__
@@ -116,8 +116,7 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=finetune_train_defaults, metadata={"help": "loop"})
 
     def validate(self, prefix: str = "") -> None:
-        check(self.data.kind != "wds", "data.kind", "fine-tuning needs a sized data set (folder or fmnist); the "
-                                                    "engine cannot run over WebDataset streams")
+        require_sized_data(self.data)
         if self.aug.mixup_active and self.aug.mixup_mode != "elem":
             check(self.train.batch_size % 2 == 0, "train.batch_size", "must be even with Mixup/CutMix (timm)")
 
