@@ -2,11 +2,11 @@
 
 Every row uses the same backbone (28 px, patch 4, a small ViT), the same seed, data subsets and epochs; rows differ only
 in the pre-training target / head / masking. Shared stages run once: the stand-in teacher (the same ViT supervised on
-a quarter of the training subset's labels, as `beitv2 quickstart` does, since no CLIP can be downloaded here), the VQ-KD
+a share of the training labels with the recipe of `beitv2 quickstart`, since no CLIP can be downloaded here), the VQ-KD
 tokenizer distilled from it, and the BEiT v1 dVAE. Every stage calls the `beitv2` commands in-process
 (`beitv2.cli.main`), so this is also an end-to-end test of the CLI.
 
-    python benchmarks/reproduce_fmnist.py --budget small --out results/fmnist
+    python benchmarks/reproduce_fmnist.py --budget full --out results/fmnist
 
 Rows: random init, pixel target, dVAE target (v1), VQ-KD target without / with patch aggregation (v2), VQ-KD with
 random masking, teacher-feature regression, and the teacher itself. Columns: linear-probe top-1, k-NN top-1,
@@ -39,39 +39,47 @@ CLASSES = 10
 class Budget:
     """Everything that fixes a row's cost; identical for all rows of one run."""
 
-    train: int  # training images (class-stratified subset) for tokenizers, pre-training, probes and k-NN
+    train: int  # training images (class-stratified subset) for the VQ-KD tokenizer and pre-training
     val: int  # validation images (Fashion-MNIST test split subset) for every evaluation
-    width: int
+    width: int  # the backbone (every row) and the stand-in teacher
     depth: int
     heads: int
     early_layers: int  # l of patch aggregation
     vocab: int  # codes of the VQ-KD codebook and of the dVAE
+    tok_width: int  # VQ-KD encoder (its decoder: one block)
+    tok_depth: int
+    tok_heads: int
     tokenizer_epochs: int
     pretrain_epochs: int
     teacher_fraction: float  # share of `train` whose labels the stand-in teacher sees
     teacher_epochs: int
+    teacher_batch: int
     finetune_train: int  # labelled images for fine-tuning
     finetune_epochs: int
+    probe_train: int  # training images the linear probe and k-NN fit on
     probe_epochs: int
     batch: int
     mask_patches: int  # of the 7 x 7 = 49 patches (official: 75 of 196, ~38%)
     dvae_hidden: int  # dVAE width (its convolutions at 28 px dominate a CPU's time)
+    dvae_train: int  # images the dVAE trains on (BEiT v1 took DALL-E's dVAE, trained on other data, as given)
 
 
 BUDGETS = {
     # seconds on 2 CPU cores; also the smoke test (with --subset)
-    "tiny": Budget(train=512, val=256, width=32, depth=2, heads=2, early_layers=1, vocab=64, tokenizer_epochs=1,
-                   pretrain_epochs=1, teacher_fraction=0.25, teacher_epochs=2, finetune_train=256, finetune_epochs=1,
-                   probe_epochs=10, batch=64, mask_patches=18, dvae_hidden=8),
-    # about an hour on 2 busy CPU cores
-    "small": Budget(train=4000, val=1500, width=64, depth=4, heads=2, early_layers=3, vocab=256, tokenizer_epochs=3,
-                    pretrain_epochs=2, teacher_fraction=0.25, teacher_epochs=10, finetune_train=1000,
-                    finetune_epochs=4, probe_epochs=50, batch=64, mask_patches=18, dvae_hidden=16),
-    # a GPU or a long CPU night: all of Fashion-MNIST
-    "full": Budget(train=60000, val=10000, width=128, depth=6, heads=4, early_layers=4, vocab=1024,
-                   tokenizer_epochs=20, pretrain_epochs=100, teacher_fraction=0.1, teacher_epochs=50,
-                   finetune_train=60000, finetune_epochs=30, probe_epochs=100, batch=128, mask_patches=18,
-                   dvae_hidden=64),
+    "tiny": Budget(train=512, val=256, width=32, depth=2, heads=2, early_layers=1, vocab=64, tok_width=32,
+                   tok_depth=1, tok_heads=2, tokenizer_epochs=1, pretrain_epochs=1, teacher_fraction=0.25,
+                   teacher_epochs=2, teacher_batch=64, finetune_train=256, finetune_epochs=1, probe_train=512,
+                   probe_epochs=10, batch=64, mask_patches=18, dvae_hidden=8, dvae_train=512),
+    # about 20 minutes on 2 CPU cores: a quick look, too small to order the rows
+    "small": Budget(train=4000, val=1500, width=64, depth=4, heads=2, early_layers=3, vocab=256, tok_width=64,
+                    tok_depth=2, tok_heads=4, tokenizer_epochs=3, pretrain_epochs=2, teacher_fraction=0.25,
+                    teacher_epochs=10, teacher_batch=64, finetune_train=1000, finetune_epochs=4, probe_train=4000,
+                    probe_epochs=50, batch=64, mask_patches=20, dvae_hidden=16, dvae_train=4000),
+    # the quickstart's scale (all 60k training images, all 10k test images): about an hour on 2 CPU cores
+    "full": Budget(train=60000, val=10000, width=96, depth=4, heads=3, early_layers=2, vocab=256, tok_width=64,
+                   tok_depth=2, tok_heads=4, tokenizer_epochs=1, pretrain_epochs=1, teacher_fraction=0.1,
+                   teacher_epochs=5, teacher_batch=64, finetune_train=10000, finetune_epochs=2, probe_train=10000,
+                   probe_epochs=15, batch=128, mask_patches=20, dvae_hidden=16, dvae_train=20000),
 }
 
 
@@ -171,36 +179,40 @@ class Plan:
         return path
 
     def teacher(self) -> list[str]:
+        """The quickstart's stand-in teacher recipe: supervised from scratch (no layer decay, no drop path, a full-
+        scale head init, the pre-training layout), since a weak teacher makes every VQ-KD row meaningless."""
         b = self.b
         n = max(CLASSES, round(b.train * b.teacher_fraction))
-        # from scratch: no layer-wise lr decay, a higher lr (a weak teacher would make every VQ-KD row meaningless)
-        return self.finetune_argv(str(self.random_init()), self.stage_dir("teacher"), n, b.teacher_epochs,
-                                  lr=2e-3, layer_decay=1.0)
+        argv = self.finetune_argv(str(self.random_init()), self.stage_dir("teacher"), n, b.teacher_epochs, lr=1e-3,
+                                  layer_decay=1.0, min_crop_scale=0.6, batch=b.teacher_batch,
+                                  model={"drop_path": 0.0, "rel_pos_bias": False, "head_init_scale": 1.0})
+        return argv
 
     def vqkd(self, teacher: Path) -> list[str]:
         b = self.b
         cfg = {"tokenizer": {"type": "vqkd", "vqkd": {
                    "encoder": self.vit(init_values=0.0, use_abs_pos_emb=True, use_rel_pos_bias=False,
-                                       use_shared_rel_pos_bias=False, use_mean_pooling=True, num_classes=0),
+                                       use_shared_rel_pos_bias=False, use_mean_pooling=True, num_classes=0,
+                                       embed_dim=b.tok_width, depth=b.tok_depth, num_heads=b.tok_heads),
                    "decoder_depth": 1, "quantizer": {"num_codes": b.vocab, "code_dim": 32, "kmeans_init": True},
                    "teacher_dim": b.width}},
                "teacher": {"kind": "beitv2", "name_or_path": str(teacher), "bf16": True},
                "data": self.data, "aug": {"min_crop_scale": 0.5},
-               "optim": {"lr": 1e-3, "lr_reference_batch": 0, "min_lr": 1e-5, "warmup_epochs": 0.5,
+               "optim": {"lr": 2e-3, "lr_reference_batch": 0, "min_lr": 1e-5, "warmup_epochs": 0.1 * b.tokenizer_epochs,
                          "betas": [0.9, 0.99], "weight_decay": 1e-4},
-               "train": {**self.train, "epochs": b.tokenizer_epochs, "output_dir": str(self.stage_dir("vqkd")),
-                         "eval_every_epochs": b.tokenizer_epochs}}
+               "train": {**self.train, "batch_size": 2 * b.batch, "epochs": b.tokenizer_epochs,
+                         "output_dir": str(self.stage_dir("vqkd")), "eval_every_epochs": b.tokenizer_epochs}}
         return ["train-tokenizer", "--config", str(dump(self.out / "configs" / "vqkd.yaml", cfg))]
 
     def dvae(self) -> list[str]:
         b = self.b
-        steps = b.tokenizer_epochs * (b.train // b.batch)
+        steps = b.tokenizer_epochs * (b.dvae_train // b.batch)
         cfg = {"tokenizer": {"type": "dvae", "dvae": {
                    "img_size": 28, "in_chans": 1, "downsample": 4, "vocab_size": b.vocab, "code_dim": 64,
                    "hidden_dim": b.dvae_hidden, "blocks_per_group": 1, "temp_anneal_steps": max(1, int(0.8 * steps)),
                    "temp_end": 1.0 / 16, "kl_warmup_steps": max(1, steps // 4)}},
-               "data": self.data, "aug": {"min_crop_scale": 0.5},
-               "optim": {"lr": 1e-3, "lr_reference_batch": 0, "min_lr": 1e-5, "warmup_epochs": 0.5,
+               "data": {**self.data, "subset": b.dvae_train}, "aug": {"min_crop_scale": 0.5},
+               "optim": {"lr": 1e-3, "lr_reference_batch": 0, "min_lr": 1e-5, "warmup_epochs": 0.1 * b.tokenizer_epochs,
                          "weight_decay": 0.0},
                "train": {**self.train, "epochs": b.tokenizer_epochs, "output_dir": str(self.stage_dir("dvae")),
                          "eval_every_epochs": b.tokenizer_epochs}}
@@ -224,7 +236,7 @@ class Plan:
                "aug": {"min_crop_scale": 0.5, "color_jitter": 0.0, "hflip": 0.5, "normalize": "imagenet"},
                "mask": {"kind": "block", "num_masking_patches": b.mask_patches, "min_num_patches": 4,
                         **over.get("mask", {})},
-               "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "warmup_epochs": 0.5, "betas": [0.9, 0.98],
+               "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "warmup_epochs": 0.1 * b.pretrain_epochs, "betas": [0.9, 0.98],
                          "weight_decay": 0.05, "clip_grad": 3.0},
                "train": {**self.train, "epochs": b.pretrain_epochs,
                          "output_dir": str(self.stage_dir(f"pretrain_{row.name}"))}}
@@ -238,27 +250,30 @@ class Plan:
         return {"feature": "cls+mean", "layers": list(range(1, self.b.depth + 1)), "cache_dir": str(cache)}
 
     def linprobe_argv(self, ckpt: str, out: Path) -> list[str]:
-        cfg = {"model": {"checkpoint": ckpt}, "data": self.data, "features": self.features(out.parent / "features"),
-               "probe": {"crop_pct": 1.0, "normalize": "imagenet"},
+        cfg = {"model": {"checkpoint": ckpt}, "data": {**self.data, "subset": self.b.probe_train},
+               "features": self.features(out.parent / "features"), "probe": {"crop_pct": 1.0, "normalize": "imagenet"},
                "train": {**self.train, "batch_size": 256, "epochs": self.b.probe_epochs, "output_dir": str(out)}}
         return ["linprobe", "--config", str(dump(out.parent / "linprobe.yaml", cfg))]
 
     def knn_argv(self, ckpt: str, out: Path) -> list[str]:
-        cfg = {"model": {"checkpoint": ckpt}, "data": self.data, "features": self.features(out.parent / "features"),
+        cfg = {"model": {"checkpoint": ckpt}, "data": {**self.data, "subset": self.b.probe_train},
+               "features": self.features(out.parent / "features"),
                "knn": {"k": [20], "crop_pct": 1.0, "normalize": "imagenet"},
                "run": {"output_dir": str(out), "device": self.device, "precision": "bf16", "progress": False}}
         return ["knn", "--config", str(dump(out.parent / "knn.yaml", cfg))]
 
     def finetune_argv(self, ckpt: str, out: Path, n_train: int, epochs: int, lr: float = 2e-3,
-                      layer_decay: float = 0.75) -> list[str]:
+                      layer_decay: float = 0.75, min_crop_scale: float = 0.5, batch: int = 0,
+                      model: dict | None = None) -> list[str]:
         """A small-data recipe (no Mixup/CutMix/RandAugment, which hurt at a few epochs), identical for all rows."""
-        cfg = {"model": {"checkpoint": ckpt, "drop_path": 0.1},
+        cfg = {"model": {"checkpoint": ckpt, "drop_path": 0.1, **(model or {})},
                "data": {**self.data, "subset": n_train},
-               "aug": {"min_crop_scale": 0.5, "rand_aug": "", "color_jitter": 0.0, "reprob": 0.0, "mixup": 0.0,
-                       "cutmix": 0.0, "smoothing": 0.1, "crop_pct": 1.0, "normalize": "imagenet"},
-               "optim": {"lr": lr, "min_lr": 1e-6, "weight_decay": 0.05, "warmup_epochs": 0.5,
+               "aug": {"min_crop_scale": min_crop_scale, "rand_aug": "", "color_jitter": 0.0, "reprob": 0.0,
+                       "mixup": 0.0, "cutmix": 0.0, "smoothing": 0.1, "crop_pct": 1.0, "normalize": "imagenet"},
+               "optim": {"lr": lr, "min_lr": 1e-6, "weight_decay": 0.05, "warmup_epochs": 0.1 * epochs,
                          "layer_decay": layer_decay},
-               "train": {**self.train, "epochs": epochs, "output_dir": str(out), "eval_every_epochs": epochs}}
+               "train": {**self.train, "batch_size": batch or self.b.batch, "epochs": epochs, "output_dir": str(out),
+                         "eval_every_epochs": epochs}}
         return ["finetune", "--config", str(dump(out.parent / f"{out.name}.yaml", cfg))]
 
 

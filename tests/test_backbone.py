@@ -125,3 +125,28 @@ def test_set_input_size_uses_the_official_cubic_remap():
     m.set_input_size(24)
     assert torch.allclose(m.rel_pos_bias.relative_position_bias_table, expected)
     assert m.rel_pos_bias.relative_position_index.max() == expected.shape[0] - 1
+
+
+def test_cpu_training_on_short_sequences_uses_the_math_kernel_with_the_same_gradients(monkeypatch):
+    """The kernel choice is a speed decision only: gradients match the flash kernel's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from beitv2.models.backbone import CPU_MATH_ATTENTION_MAX_TOKENS, attention_kernel
+
+    short, long = torch.zeros(1, 50, 8), torch.zeros(1, CPU_MATH_ATTENTION_MAX_TOKENS, 8)
+    assert type(attention_kernel(short)).__name__ != "nullcontext"
+    assert type(attention_kernel(long)).__name__ == "nullcontext"
+    with torch.no_grad():
+        assert type(attention_kernel(short)).__name__ == "nullcontext"
+    torch.manual_seed(0)
+    model = BEiTViT(ViTConfig(img_size=(16,), patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3,
+                              use_shared_rel_pos_bias=False, use_abs_pos_emb=True))  # no bias: flash is eligible
+    x = torch.randn(4, 3, 16, 16)
+    model(x).square().sum().backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monkeypatch.setattr("beitv2.models.backbone.CPU_MATH_ATTENTION_MAX_TOKENS", 0)  # never choose math
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        model(x).square().sum().backward()
+    for a, b in zip(ours, (p.grad for p in model.parameters())):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

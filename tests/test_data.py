@@ -22,12 +22,14 @@ from beitv2.data import (
     IDXFormatError,
     ImageFolderDataset,
     MIMDataset,
+    StreamPlan,
     TokenizerTrainDataset,
     TokenizerTrainTransform,
     TwoViewTransform,
     WebDatasetShards,
     build_dataset,
     collate_skip_bad,
+    count_samples,
     for_loader,
     read_idx,
     scan_images,
@@ -252,6 +254,56 @@ def test_webdataset_split_by_worker_covers_every_sample_once(shards):
 
 # ------------------------------------------------------------------------------------- config and building
 
+def _ids(batches) -> list[list[int]]:
+    return [b["index"].tolist() if "index" in b else [] for b in batches]
+
+
+def test_webdataset_plan_fills_the_epoch_and_resumes_mid_epoch(shards):
+    """A training plan: 5 batches of 2 from 6 samples (one corrupt) over 2 workers cycles the data, and a resumed
+    epoch (first 3 batches consumed) yields exactly the uninterrupted run's last 2 batches."""
+    def run(skip: int) -> list[dict]:
+        ds = WebDatasetShards(str(shards / "*.tar"), transform=pil_to_tensor, shuffle_shards=True, seed=3)
+        ds.set_epoch(1)
+        ds.set_plan(StreamPlan(rank=0, world_size=1, batch_size=2, num_batches=5, skip_batches=skip))
+        return list(DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_skip_bad, drop_last=True))
+
+    full = run(0)
+    assert len(full) == 5 and sum(len(b.get("index", [])) + b["num_skipped"] for b in full) == 10
+    ids = [i for b in _ids(full) for i in b]
+    assert len(set(ids)) == len(ids)  # a second pass over the data gets new sample ids (fresh augmentation)
+    assert _ids(run(3)) == _ids(full)[3:]
+    # resumed at batch 3: worker 0 serves lane 1 (batches 1, 3: 1 done, 1 left), worker 1 lane 0 (0, 2, 4: 2 + 1)
+    assert StreamPlan(0, 1, 2, 5, 3).worker_quota(0, 2) == (2, 2)
+    assert StreamPlan(0, 1, 2, 5, 3).worker_quota(1, 2) == (4, 2)
+
+
+def test_webdataset_ranks_share_few_shards_by_sample(shards):
+    """Fewer shards than slots: rank r keeps samples r, r + world, ... of every shard; together they see each once."""
+    seen = []
+    for rank in range(3):
+        ds = WebDatasetShards(str(shards / "shard-000.tar"))
+        ds.set_plan(StreamPlan(rank=rank, world_size=3, batch_size=1, num_batches=1))
+        items = list(ds)
+        assert len(items) == 1
+        seen.append(items[0][2])
+    assert seen == [sid for _, _, sid in WebDatasetShards(str(shards / "shard-000.tar"))]
+    empty = WebDatasetShards(str(shards / "shard-000.tar"))  # 3 samples, 4 ranks: rank 3 would get none
+    empty.set_plan(StreamPlan(rank=3, world_size=4, batch_size=1, num_batches=1))
+    with pytest.raises(RuntimeError, match="read no samples"):
+        list(empty)
+
+
+def test_webdataset_sample_count_from_headers_or_sizes_json(shards):
+    urls = [str(shards / "shard-000.tar"), str(shards / "shard-001.tar")]
+    assert count_samples(urls) == 6  # the corrupt JPEG is still a sample (reported when decoded)
+    (shards / "sizes.json").write_text('{"shard-000.tar": 100}')
+    assert count_samples(urls) == 103
+    cfg = DataConfig(kind="wds", path=str(shards / "*.tar"))
+    assert build_dataset(cfg, "train").num_samples == 103
+    cfg.num_samples = 40
+    assert build_dataset(cfg, "train").num_samples == 40
+
+
 def test_data_config_validation_names_fields(tmp_path):
     with pytest.raises(ConfigError, match=r"^data\.path: image folder not found"):
         DataConfig(kind="folder", path=str(tmp_path / "missing")).validate("data.")
@@ -263,6 +315,8 @@ def test_data_config_validation_names_fields(tmp_path):
         DataConfig(kind="folder", path=str(tmp_path), subset=2.5).validate("data.")
     with pytest.raises(ConfigError, match=r"^data\.path: no WebDataset shards"):
         DataConfig(kind="wds", path=str(tmp_path / "*.tar")).validate("data.")
+    with pytest.raises(ConfigError, match=r"^data\.subset: streams have no subsets"):
+        DataConfig(kind="wds", path=str(tmp_path / "*.tar"), subset=0.5).validate("data.")
     with pytest.raises(ConfigError, match=r"^data\.val_path: no Fashion-MNIST IDX files"):
         DataConfig(kind="fmnist", val_path=str(tmp_path)).validate("data.")
     DataConfig(kind="fmnist").validate("data.")  # the installed default root

@@ -49,6 +49,17 @@ def test_eval_mode_leaves_codebook_alone():
     assert torch.equal(before, q.codebook)
 
 
+def test_nearest_code_is_chosen_in_fp32_under_bf16_autocast():
+    """Two codes whose cosines to z differ by ~1e-4 tie in bf16; the choice must not depend on autocast."""
+    a = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    b = F.normalize(torch.tensor([1.0, 0.02, 0.0, 0.0]), dim=0)
+    z = F.normalize(torch.tensor([[1.0, 0.03, 0.0, 0.0]]), dim=-1)  # closer to b
+    q = _quantizer(torch.stack([a, b])).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (z @ torch.stack([a, b]).t()).argmax().item() == 0  # what a bf16 product would pick
+        assert q.nearest(z).item() == 1
+
+
 def test_straight_through_gradient():
     q = _quantizer(F.normalize(torch.randn(16, 4), dim=-1), beta=0.0).train()
     z = torch.randn(1, 6, 4, requires_grad=True)

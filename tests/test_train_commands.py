@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import os
 import struct
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -194,6 +196,52 @@ def test_pretrain_end_to_end_and_bitwise_resume(tmp_path, tokenizer, folder):
         assert torch.equal(a[k], b[k]), k
     model, kind, _ = load_model(full)
     assert kind == "mim"
+
+
+def make_shards(folder: Path, out: Path, n: int = 3) -> str:
+    """The image folder as ``n`` WebDataset shards (``<key>.png`` + ``<key>.cls``); returns their glob."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = sorted(folder.rglob("*.png"))
+    tars = [tarfile.open(out / f"shard-{s:02d}.tar", "w") for s in range(n)]
+    for i, f in enumerate(files):
+        for name, data in ((f"{i:04d}.png", f.read_bytes()), (f"{i:04d}.cls", f.parent.name[-1].encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tars[i % n].addfile(info, io.BytesIO(data))
+    for t in tars:
+        t.close()
+    return str(out / "shard-*.tar")
+
+
+def test_pretrain_on_webdataset_shards_resumes_bitwise(tmp_path, tokenizer, folder):
+    """Streaming shards through two data-loader workers: the epoch length comes from the tar headers, and a run
+    stopped mid-epoch and resumed ends with the uninterrupted run's weights."""
+    tok = tokenizer / "model.safetensors"
+    data = {"kind": "wds", "path": make_shards(folder, tmp_path / "shards"), "num_workers": 2}
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["pretrain", "--config", str(pretrain_cfg(tmp_path, tok, data, full))]) == 0
+    assert [r["step"] for r in metrics(full) if r["type"] == "step"] == list(range(1, 9))  # 32 images / 8 x 2
+    cfg = pretrain_cfg(tmp_path, tok, data, cut)
+    assert main(["pretrain", "--config", str(cfg), "--train.stop_after_steps", "3"]) == 0
+    assert main(["pretrain", "--config", str(cfg)]) == 0
+    a, b = load_state_dict(full / "model.safetensors"), load_state_dict(cut / "model.safetensors")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_train_tokenizer_and_finetune_on_webdataset_shards(tmp_path, folder, capsys):
+    shards = make_shards(folder, tmp_path / "shards", n=2)
+    out = tmp_path / "tok"
+    cfg = tokenizer_cfg(tmp_path, {"kind": "wds", "path": shards, "num_samples": 48}, out, epochs=1)
+    assert main(["train-tokenizer", "--config", str(cfg)]) == 0
+    assert [r["step"] for r in metrics(out) if r["type"] == "step"] == [1, 2, 3, 4, 5, 6]  # 48 samples / 8
+    ft = ["finetune", "--model.random_init", "true", "--model.preset", "vit_tiny", "--data.kind", "wds",
+          "--data.path", shards, "--data.num_samples", "16", "--data.num_workers", "0", "--train.epochs", "1",
+          "--train.batch_size", "8", "--train.progress", "false", "--train.output_dir", str(tmp_path / "ft")]
+    assert main(ft) == 2
+    assert "model.num_classes: required with data.kind wds" in capsys.readouterr().err
+    assert main(ft + ["--model.num_classes", "2"]) == 0
+    assert json.loads((tmp_path / "ft" / "metrics.json").read_text())["global_step"] == 2
 
 
 def test_pretrain_fashion_mnist_idx_reports_accuracy(tmp_path):

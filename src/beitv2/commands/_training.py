@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from ..config import ConfigError, add_arguments, build_config, check
+from ..config import ConfigError, add_arguments, build_config
 
 T = TypeVar("T")
 
@@ -53,9 +53,3 @@ def resolve_config(cfg_cls: type[T], args: argparse.Namespace) -> T:
 def quiet_other_ranks(rank: int) -> None:
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
-
-
-def require_sized_data(data) -> None:
-    """The engine's resumable sampler needs a data set of known length, which WebDataset streams are not."""
-    check(data.kind != "wds", "data.kind", "WebDataset streams are not supported by the training engine yet (it "
-                                           "needs a known epoch length); use a folder or fmnist")

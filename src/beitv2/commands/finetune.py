@@ -34,7 +34,7 @@ from ..eval.finetune import (
     read_finetune_source,
 )
 from ..eval.metrics import write_metrics
-from ._training import configure_parser, quiet_other_ranks, require_sized_data, resolve_config
+from ._training import configure_parser, quiet_other_ranks, resolve_config
 
 HELP = "fine-tune a pre-trained backbone for classification (official BEiT v2 recipe)"
 DESCRIPTION = __doc__
@@ -116,7 +116,8 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=finetune_train_defaults, metadata={"help": "loop"})
 
     def validate(self, prefix: str = "") -> None:
-        require_sized_data(self.data)
+        check(self.data.kind != "wds" or self.model.num_classes > 0, "model.num_classes",
+              "required with data.kind wds (a stream's classes are not known in advance)")
         if self.aug.mixup_active and self.aug.mixup_mode != "elem":
             check(self.train.batch_size % 2 == 0, "train.batch_size", "must be even with Mixup/CutMix (timm)")
 
@@ -198,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
             val_set, _ = build_split(data, "val", ev_tf, classes)
         else:
             log.warning("no validation split (set data.val_path or data.val_fraction): no evaluation, no best/")
-        num_classes = len(classes) or int(max(train_set.labels)) + 1
+        num_classes = cfg.model.num_classes or len(classes) or int(max(train_set.labels)) + 1
         net, report = build_finetune_model(cfg.model, num_classes, source)
         model = WithEMA(net, cfg.ema.decay) if cfg.ema.enabled else net
         criterion, mixup = criterion_and_mixup(cfg.aug, num_classes)

@@ -28,7 +28,7 @@ from ..models.mim import BEiTv2ForMIM, MIMConfig
 from ..models.presets import get_preset
 from ..tasks import MIMTask
 from ..teachers import TeacherConfig
-from ._training import configure_parser, quiet_other_ranks, require_sized_data, resolve_config
+from ._training import configure_parser, quiet_other_ranks, resolve_config
 
 HELP = "pre-train a ViT by masked image modeling of tokenizer codes (BEiT v2 / v1)"
 DESCRIPTION = __doc__
@@ -120,7 +120,6 @@ class PretrainConfig:
         b = self.model.backbone
         grid = b.grid_size
         n = grid[0] * grid[1]
-        require_sized_data(self.data)
         check(self.data.channels == b.in_chans, "data.channels",
               f"{self.data.channels} differs from model.backbone.in_chans {b.in_chans}")
         if self.model.target == "tokens":

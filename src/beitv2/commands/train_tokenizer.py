@@ -29,7 +29,7 @@ from ..models.dvae import DiscreteVAE, DVAEConfig
 from ..models.vqkd import VQKD, VQKDConfig
 from ..tasks import DVAETask, TokenizerTask
 from ..teachers import TeacherConfig, build_teacher
-from ._training import configure_parser, quiet_other_ranks, require_sized_data, resolve_config
+from ._training import configure_parser, quiet_other_ranks, resolve_config
 
 HELP = "train a VQ-KD tokenizer (teacher distillation) or a BEiT v1 dVAE"
 DESCRIPTION = __doc__
@@ -85,7 +85,6 @@ class TrainTokenizerConfig:
     train: TrainConfig = field(default_factory=_train_defaults, metadata={"help": "loop"})
 
     def validate(self, prefix: str = "") -> None:
-        require_sized_data(self.data)
         check(self.data.channels == self.tokenizer.in_chans, "data.channels",
               f"{self.data.channels} differs from the tokenizer's in_chans {self.tokenizer.in_chans}")
 

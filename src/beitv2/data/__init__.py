@@ -7,16 +7,15 @@ from .datasets import (
     FashionMNIST,
     IDXFormatError,
     ImageFolderDataset,
-    WebDatasetShards,
     build_dataset,
     collate_skip_bad,
-    expand_shards,
     read_idx,
     scan_images,
     stratified_subset,
 )
 from .images import IMG_EXTENSIONS, BadImageError, convert_image, load_image
 from .mim_dataset import IterableView, MIMDataset, SeededDataset, TokenizerTrainDataset, TransformDataset, for_loader
+from .shards import StreamPlan, WebDatasetShards, count_samples, expand_shards
 from .transforms import EvalTransform, TokenizerTrainTransform, TwoViewTransform, resolve_norm
 
 __all__ = [
@@ -32,6 +31,7 @@ __all__ = [
     "IterableView",
     "MIMDataset",
     "SeededDataset",
+    "StreamPlan",
     "TokenizerTrainDataset",
     "TokenizerTrainTransform",
     "TransformDataset",
@@ -39,6 +39,7 @@ __all__ = [
     "WebDatasetShards",
     "build_dataset",
     "collate_skip_bad",
+    "count_samples",
     "convert_image",
     "expand_shards",
     "for_loader",

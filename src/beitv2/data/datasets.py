@@ -9,38 +9,24 @@ sample, facts §7.21): ``__getitem__`` returns ``None``, logs ``skipping unreada
 from __future__ import annotations
 
 import dataclasses
-import glob
 import gzip
 import os
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate
 
 from ..config import ConfigError, check, opt
-from .images import IMG_EXTENSIONS, BadImageError, load_image, report_bad
+from .images import IMG_EXTENSIONS, BadFileLog, BadImageError, load_image, report_bad
+from .shards import WebDatasetShards, count_samples, expand_shards
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle boot")
-
-
-class _BadFileLog:
-    """``bad_files``: (path, reason) pairs met in this process, each path once."""
-
-    def _init_bad(self) -> None:
-        self.bad_files: list[tuple[str, str]] = []
-        self._bad_seen: set[str] = set()
-
-    def _record_bad(self, path: str, reason: str) -> None:
-        report_bad(path, reason)
-        if path not in self._bad_seen:
-            self._bad_seen.add(path)
-            self.bad_files.append((path, reason))
 
 
 # ----------------------------------------------------------------------------------------------------- folders
@@ -81,7 +67,7 @@ def scan_images(root: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENSI
     return found
 
 
-class ImageFolderDataset(_BadFileLog, Dataset):
+class ImageFolderDataset(BadFileLog, Dataset):
     """All images under ``root``; class labels from first-level sub-folders when every image lies in one.
 
     Unlike torchvision's ``ImageFolder`` no class sub-folders are needed (unlabeled pre-training collections): if any
@@ -246,92 +232,6 @@ class FashionMNIST(Dataset):
         return (self.transform(img) if self.transform else img), int(self.labels[index])
 
 
-# ---------------------------------------------------------------------------------------------------- WebDataset
-
-def expand_shards(pattern: str | Sequence[str]) -> list[str]:
-    """Shard list from a glob (``/data/*.tar``), a brace pattern (``shard-{000..099}.tar``) or a list of either."""
-    patterns = [pattern] if isinstance(pattern, (str, os.PathLike)) else list(pattern)
-    urls: list[str] = []
-    for p in patterns:
-        p = os.fspath(p)
-        if "{" in p:
-            import braceexpand
-
-            urls.extend(braceexpand.braceexpand(p))
-        elif any(c in p for c in "*?["):
-            urls.extend(sorted(glob.glob(p)))
-        else:
-            urls.append(p)
-    return urls
-
-
-_WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")
-_WDS_LABEL_KEYS = ("cls", "label", "cls.txt", "label.txt")
-
-
-class WebDatasetShards(_BadFileLog, IterableDataset):
-    """Streaming samples from WebDataset ``.tar`` shards, split by rank then by data-loader worker.
-
-    Yields ``(PIL image, label, sample_id)``, ``sample_id`` a stable 63-bit hash of shard name and key that serves as
-    the sample index for per-sample seeding. Shard order is shuffled per epoch when ``shuffle_shards`` is set
-    (seeded by ``seed`` and `set_epoch`), so every rank agrees on the split.
-    """
-
-    def __init__(self, urls: str | Sequence[str], channels: int = 3, transform: Callable | None = None,
-                 shuffle_shards: bool = False, seed: int = 0):
-        self.urls = expand_shards(urls)
-        if not self.urls:
-            raise FileNotFoundError(f"no WebDataset shards match {urls}")
-        self.channels = channels
-        self.transform = transform
-        self.shuffle_shards = shuffle_shards
-        self.seed = seed
-        self.epoch = 0
-        self._init_bad()
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _tar_error(self, exn: Exception) -> bool:
-        self._record_bad(getattr(exn, "filename", None) or "<webdataset shard>", f"{type(exn).__name__}: {exn}")
-        return True  # keep going with the next sample or shard
-
-    def _pipeline(self):
-        import webdataset as wds
-
-        urls = list(self.urls)
-        if self.shuffle_shards:
-            urls = [urls[i] for i in np.random.default_rng([self.seed, self.epoch]).permutation(len(urls))]
-        return wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node,
-                              workersplitter=wds.split_by_worker, handler=self._tar_error, empty_check=False)
-
-    @staticmethod
-    def _label(sample: dict) -> int:
-        for k in _WDS_LABEL_KEYS:
-            if k in sample:
-                v = sample[k]
-                return int(v.decode().strip() if isinstance(v, bytes) else v)
-        return -1
-
-    def __iter__(self) -> Iterator[tuple[Any, int, int] | None]:
-        for sample in self._pipeline():
-            name = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-            key = next((k for k in _WDS_IMAGE_KEYS if k in sample), None)
-            sample_id = zlib.crc32(name.encode()) << 31 ^ zlib.adler32(name.encode())
-            if key is None:
-                self._record_bad(name, f"no image entry (keys: {sorted(k for k in sample if not k.startswith('__'))})")
-                yield None
-                continue
-            try:
-                img = load_image(sample[key], self.channels)
-                label = self._label(sample)
-            except (BadImageError, ValueError) as e:
-                self._record_bad(f"{name}.{key}", str(e))
-                yield None
-                continue
-            yield (self.transform(img) if self.transform else img), label, sample_id
-
-
 # ------------------------------------------------------------------------------------------------------ collate
 
 def collate_skip_bad(batch: list[Any]) -> dict[str, Any]:
@@ -371,15 +271,20 @@ class DataConfig:
     seed: int = opt(0, "seed of splits, subsets and per-sample augmentation")
     download: bool = opt(False, "fmnist only: download with torchvision when the IDX files are missing")
     shuffle_shards: bool = opt(True, "wds only: reshuffle shard order every epoch (seeded)")
+    num_samples: int = opt(0, "wds only: training samples per epoch over all processes; 0 = count them (a "
+                              "sizes.json beside the shards, else a read of the tar headers)")
 
     def validate(self, prefix: str = "data.") -> None:
         check(self.kind in ("folder", "fmnist", "wds"), f"{prefix}kind",
               f"must be 'folder', 'fmnist' or 'wds', got {self.kind!r}")
         check(self.channels in (1, 3), f"{prefix}channels", f"must be 1 or 3, got {self.channels}")
         check(self.num_workers >= 0, f"{prefix}num_workers", f"must be >= 0, got {self.num_workers}")
+        check(self.num_samples >= 0, f"{prefix}num_samples", f"must be >= 0, got {self.num_samples}")
         check(0.0 <= self.val_fraction < 1.0, f"{prefix}val_fraction", f"must be in [0, 1), got {self.val_fraction}")
         for name in ("subset", "val_subset"):
             v = getattr(self, name)
+            check(self.kind != "wds" or v == 0, f"{prefix}{name}", "streams have no subsets; for shorter epochs set "
+                                                                   "data.num_samples")
             check(v >= 0 and (v < 1 or float(v).is_integer()), f"{prefix}{name}",
                   f"must be 0, a fraction in (0, 1) or a whole count >= 1, got {v}")
         for name in ("path", "val_path"):
@@ -420,8 +325,10 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "val"], transform: Ca
     elif cfg.kind == "wds":
         if split == "val" and not cfg.val_path:
             return None
-        base = WebDatasetShards(cfg.val_path if split == "val" else cfg.path, channels=cfg.channels,
-                                shuffle_shards=cfg.shuffle_shards and split == "train", seed=cfg.seed)
+        urls = expand_shards(cfg.val_path if split == "val" else cfg.path)
+        num = (cfg.num_samples or count_samples(urls)) if split == "train" else 0
+        base = WebDatasetShards(urls, channels=cfg.channels, shuffle_shards=cfg.shuffle_shards and split == "train",
+                                seed=cfg.seed, num_samples=num)
     else:
         if split == "val" and cfg.val_path:
             base = ImageFolderDataset(cfg.val_path, channels=cfg.channels)
@@ -450,10 +357,8 @@ __all__ = [
     "FashionMNIST",
     "IDXFormatError",
     "ImageFolderDataset",
-    "WebDatasetShards",
     "build_dataset",
     "collate_skip_bad",
-    "expand_shards",
     "read_idx",
     "scan_images",
     "stratified_subset",

@@ -80,3 +80,17 @@ def load_image(source: str | os.PathLike | bytes | BinaryIO, channels: int = 3) 
 
 def report_bad(path: str, reason: str) -> None:
     logger.warning("skipping unreadable image %s: %s", path, reason)
+
+
+class BadFileLog:
+    """Mixin: ``bad_files``, the (path, reason) pairs met in this process, each path once."""
+
+    def _init_bad(self) -> None:
+        self.bad_files: list[tuple[str, str]] = []
+        self._bad_seen: set[str] = set()
+
+    def _record_bad(self, path: str, reason: str) -> None:
+        report_bad(path, reason)
+        if path not in self._bad_seen:
+            self._bad_seen.add(path)
+            self.bad_files.append((path, reason))

@@ -59,7 +59,9 @@ class SeededDataset(Dataset):
             index = int(item[2])
         rng = np.random.default_rng([self.seed, self.epoch, index])
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, self.epoch, index))
+            # the CPU generator only: `torch.manual_seed` also seeds every accelerator backend lazily, which records a
+            # Python stack per call and used to take half of a 28 px sample's time
+            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
             out = self.make(img, int(label), index, rng)
         out.setdefault("label", torch.tensor(int(label), dtype=torch.long))
         out.setdefault("index", torch.tensor(index, dtype=torch.long))
@@ -113,13 +115,22 @@ class TransformDataset(SeededDataset):
 
 
 class IterableView(IterableDataset):
-    """Streams a `SeededDataset` whose base is an ``IterableDataset`` (WebDataset shards)."""
+    """Streams a `SeededDataset` whose base is an ``IterableDataset`` (WebDataset shards); the stream's
+    ``num_samples`` / `set_plan` (what the training engine needs, see `beitv2.data.shards`) pass through."""
 
     def __init__(self, wrapped: SeededDataset):
         self.wrapped = wrapped
 
     def set_epoch(self, epoch: int) -> None:
         self.wrapped.set_epoch(epoch)
+
+    def set_plan(self, plan: Any) -> None:
+        self.wrapped.base.set_plan(plan)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "wrapped":
+            raise AttributeError(name)
+        return getattr(self.wrapped, name)
 
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         for position, item in enumerate(self.wrapped.base):

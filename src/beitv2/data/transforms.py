@@ -111,9 +111,15 @@ class TwoViewTransform:
             img = self.flip(img)
         p = self.crop.make_params([img])
         box = (p["top"], p["left"], p["height"], p["width"])
-        view1 = TF.resized_crop(img, *box, size=self.input_size, interpolation=self.interp1, antialias=True)
-        view2 = TF.resized_crop(img, *box, size=self.second_input_size, interpolation=self.interp2, antialias=True)
-        return to_tensor(view1, self.norm), to_tensor(view2)
+        x1 = to_tensor(TF.resized_crop(img, *box, size=self.input_size, interpolation=self.interp1, antialias=True))
+        if self.second_input_size == self.input_size and self.interp2 == self.interp1:
+            x2 = x1.clone()  # the same resize (e.g. a 28 px model and tokenizer): done once
+        else:
+            x2 = to_tensor(TF.resized_crop(img, *box, size=self.second_input_size, interpolation=self.interp2,
+                                           antialias=True))
+        if self.norm is not None:
+            x1 = TF.normalize(x1, list(self.norm[0]), list(self.norm[1]))
+        return x1, x2
 
 
 class TokenizerTrainTransform:

@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from ..config import ConfigError, save_yaml, to_dict
+from ..data.shards import StreamPlan
 from . import distributed as D
 from . import state as S
 from .config import OptimConfig, TrainConfig
@@ -101,12 +102,24 @@ class Trainer:
         self.precision = resolve_precision(cfg.precision, self.device)
         self.task.to(self.device)
 
-        self.sampler = ResumableSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                        seed=cfg.seed, drop_last=True)
-        self.micro_per_epoch = len(self.sampler) // cfg.batch_size
+        # a stream (WebDataset shards) has no sampler: it is told each epoch how many batches to make (`StreamPlan`)
+        self.stream = isinstance(train_set, IterableDataset)
+        self.sampler: ResumableSampler | None = None
+        if self.stream:
+            num_images = int(getattr(train_set, "num_samples", 0))
+            if num_images <= 0:
+                raise ConfigError("data.num_samples: a streamed training set needs its epoch length (samples over "
+                                  "all processes)")
+            per_rank = num_images // dist.world_size
+        else:
+            num_images = len(train_set)
+            self.sampler = ResumableSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                            seed=cfg.seed, drop_last=True)
+            per_rank = len(self.sampler)
+        self.micro_per_epoch = per_rank // cfg.batch_size
         self.steps_per_epoch = self.micro_per_epoch // cfg.accum_steps
         if self.steps_per_epoch < 1:
-            raise ConfigError(f"train.batch_size: {len(train_set)} training images over {dist.world_size} process(es)"
+            raise ConfigError(f"train.batch_size: {num_images} training images over {dist.world_size} process(es)"
                               f" give no full step of batch_size={cfg.batch_size} x accum_steps={cfg.accum_steps}")
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.total_batch = cfg.batch_size * cfg.accum_steps * dist.world_size
@@ -250,8 +263,12 @@ class Trainer:
             first = start_step * accum if epoch == start_epoch else 0
             if hasattr(self.train_set, "set_epoch"):
                 self.train_set.set_epoch(epoch)
-            self.sampler.set_epoch(epoch)
-            self.sampler.set_skip(first * cfg.batch_size)
+            used = self.micro_per_epoch - self.micro_per_epoch % accum
+            if self.sampler is None:
+                self.train_set.set_plan(StreamPlan(self.dist.rank, self.dist.world_size, cfg.batch_size, used, first))
+            else:
+                self.sampler.set_epoch(epoch)
+                self.sampler.set_skip(first * cfg.batch_size)
             self.task.train()
             self.task.on_epoch_start(epoch)
             sums: dict[str, float] = {}
@@ -260,7 +277,7 @@ class Trainer:
             micro_loss, micro_metrics, finite = [], [], torch.ones((), device=self.device)
             try:
                 for i, batch in enumerate(loader, start=first):
-                    if i >= self.micro_per_epoch - self.micro_per_epoch % accum:
+                    if i >= used:
                         break
                     m = i % accum
                     if m == 0:
@@ -317,6 +334,9 @@ class Trainer:
                 # the loader's workers died of the same Ctrl-C: the state is that of the last finished step
                 self.optimizer.zero_grad(set_to_none=True)
                 status = "interrupted"
+            if status == "finished" and self.global_step < (epoch + 1) * self.steps_per_epoch:
+                raise RuntimeError(f"the training data ran out in epoch {epoch} at step {self.global_step} of "
+                                   f"{(epoch + 1) * self.steps_per_epoch}")
             if self.global_step == (epoch + 1) * self.steps_per_epoch:  # the epoch is complete
                 self._end_epoch(epoch, sums, n_steps, skipped)
             ckpt = self.save()
@@ -368,7 +388,7 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """The task's validation pass over ``val_set`` (sharded over ranks; the task all-reduces)."""
         sampler = (DistributedSampler(self.val_set, self.dist.world_size, self.dist.rank, shuffle=False)
-                   if self.dist.enabled else None)
+                   if self.dist.enabled and not isinstance(self.val_set, IterableDataset) else None)
         bs = max(1, int(1.5 * self.cfg.batch_size))  # the official eval batch
         loader = self._loader(self.val_set, sampler, bs, drop_last=False)
         self.task.eval()

@@ -47,9 +47,12 @@ class FinetuneModelConfig(ModelSource):
     attn_drop_rate: float = opt(0.0, "attention dropout")
     head_init_scale: float = opt(0.001, "classifier weight and bias multiplied by this after init (official)")
     grad_checkpointing: bool = opt(False, "recompute blocks in backward to save memory")
+    num_classes: int = opt(0, "classifier outputs; 0 = the classes of the data (class sub-folders, Fashion-MNIST); "
+                              "required for WebDataset shards (labels 0..n-1 in their .cls entries)")
 
     def validate(self, prefix: str = "model.") -> None:
         super().validate(prefix)
+        check(self.num_classes >= 0, prefix + "num_classes", f"must be >= 0, got {self.num_classes}")
         check(len(self.img_size) in (0, 1, 2) and all(int(s) > 0 for s in self.img_size), prefix + "img_size",
               f"empty, one or two positive values, got {self.img_size}")
         check(0 <= self.drop_path < 1, prefix + "drop_path", "must be in [0, 1)")

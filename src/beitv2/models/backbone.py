@@ -4,11 +4,12 @@ Parameter names are the official ones (`cls_token`, `patch_embed.proj`, `pos_emb
 `blocks.i.{norm1, attn.qkv, attn.q_bias, attn.v_bias, attn.proj, norm2, mlp.fc1, mlp.fc2, gamma_1, gamma_2}`, `norm`,
 `fc_norm`, `head`), so a state dict moves between this model, timm's `Beit` and microsoft/unilm without renaming.
 Attention runs through `F.scaled_dot_product_attention` with the relative position bias as the additive mask
-(timm's fused path).
+(timm's fused path). On CPU, training on short sequences picks SDPA's math kernel (see `attention_kernel`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.beit import Block, RelativePositionBias
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ..config import check, opt
@@ -30,6 +32,20 @@ def to_2tuple(v: int | Sequence[int]) -> tuple[int, int]:
         return (v, v)
     v = tuple(int(x) for x in v)
     return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
+
+
+# Below this many tokens, CPU training uses SDPA's math kernel: the CPU flash kernel's backward is 3-4x slower there
+# (50-65 tokens), about even at 197 and faster beyond; forward-only passes keep flash, which wins at every length.
+# Figures: benchmarks/bench_attention.py.
+CPU_MATH_ATTENTION_MAX_TOKENS = 128
+
+
+def attention_kernel(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The SDPA kernel choice for a block input ``x`` [B, N, D]."""
+    if (x.device.type == "cpu" and x.shape[1] < CPU_MATH_ATTENTION_MAX_TOKENS and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -210,9 +226,10 @@ class BEiTViT(nn.Module):
         return self.pos_drop(x)
 
     def run_block(self, blk: nn.Module, x: torch.Tensor, rel_pos_bias: torch.Tensor | None) -> torch.Tensor:
-        if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(blk, x, rel_pos_bias, use_reentrant=False)
-        return blk(x, shared_rel_pos_bias=rel_pos_bias)
+        with attention_kernel(x):
+            if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+                return checkpoint(blk, x, rel_pos_bias, use_reentrant=False)
+            return blk(x, shared_rel_pos_bias=rel_pos_bias)
 
     def forward_features(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None,
                          mask_token: torch.Tensor | None = None, return_layers: Sequence[int] = ()

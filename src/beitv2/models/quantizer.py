@@ -151,8 +151,10 @@ class NormEMAQuantizer(nn.Module):
         self.embedding.initted.fill_(True)
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest code by cosine similarity for unit vectors z [M, D] (fp32)."""
-        return (z.float() @ self.embedding.weight.float().t()).argmax(dim=-1)
+        """Index of the nearest code by cosine similarity for unit vectors z [M, D], in fp32 even under autocast
+        (bf16 similarities tie and flip between close codes; the product is small)."""
+        with torch.autocast(z.device.type, enabled=False):
+            return (z.float() @ self.embedding.weight.float().t()).argmax(dim=-1)
 
     @torch.no_grad()
     def _ema_update(self, z: torch.Tensor, idx: torch.Tensor) -> None:
