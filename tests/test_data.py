@@ -402,3 +402,5 @@ def test_mim_over_webdataset_stream(shards):
     good = [(x, y) for x, y in zip(items, again) if x is not None]
     assert len(good) == 5 and all(torch.equal(x["image"], y["image"]) for x, y in good)
     assert ds.bad_files  # forwarded from the stream
+    view = for_loader(_mim(WebDatasetShards(str(shards / "*.tar"), num_samples=6)))
+    assert view.num_samples == 6 and not hasattr(view, "__len__")  # a stream has no length

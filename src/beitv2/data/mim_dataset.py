@@ -128,7 +128,8 @@ class IterableView(IterableDataset):
         self.wrapped.base.set_plan(plan)
 
     def __getattr__(self, name: str) -> Any:
-        if name == "wrapped":
+        # `num_samples`, `bad_files`, ... of the stream; never `__len__` & co (a stream has no length)
+        if name == "wrapped" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.wrapped, name)
 

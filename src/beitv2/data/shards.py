@@ -177,6 +177,9 @@ class WebDatasetShards(BadFileLog, IterableDataset):
                 yield sample
 
     def _planned(self, slot: int, slots: int, skip: int, count: int) -> Iterator[tuple[int, dict]]:
+        """Samples ``skip .. skip + count`` of this slot's share repeated end to end, with their pass number."""
+        if count <= 0:
+            return
         cycle, n = 0, 0
         while n < skip + count:
             before = n
