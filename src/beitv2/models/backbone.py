@@ -34,7 +34,7 @@ def to_2tuple(v: int | Sequence[int]) -> tuple[int, int]:
     return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
 
 
-# Below this many tokens, CPU training uses SDPA's math kernel: the CPU flash kernel's backward is 3-4x slower there
+# Below this many tokens, CPU training uses SDPA's math kernel: the CPU flash kernel's backward is 3-7x slower there
 # (50-65 tokens), about even at 197 and faster beyond; forward-only passes keep flash, which wins at every length.
 # Figures: benchmarks/bench_attention.py.
 CPU_MATH_ATTENTION_MAX_TOKENS = 128
