@@ -183,10 +183,9 @@ class Plan:
         scale head init, the pre-training layout), since a weak teacher makes every VQ-KD row meaningless."""
         b = self.b
         n = max(CLASSES, round(b.train * b.teacher_fraction))
-        argv = self.finetune_argv(str(self.random_init()), self.stage_dir("teacher"), n, b.teacher_epochs, lr=1e-3,
+        return self.finetune_argv(str(self.random_init()), self.stage_dir("teacher"), n, b.teacher_epochs, lr=1e-3,
                                   layer_decay=1.0, min_crop_scale=0.6, batch=b.teacher_batch,
                                   model={"drop_path": 0.0, "rel_pos_bias": False, "head_init_scale": 1.0})
-        return argv
 
     def vqkd(self, teacher: Path) -> list[str]:
         b = self.b

@@ -21,6 +21,7 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,7 +67,7 @@ def count_samples(urls: Sequence[str]) -> int:
         folder, name = os.path.split(url)
         if folder not in sizes:
             f = os.path.join(folder, "sizes.json")
-            sizes[folder] = json.loads(open(f).read()) if os.path.isfile(f) else {}
+            sizes[folder] = json.loads(Path(f).read_text()) if os.path.isfile(f) else {}
         if name in sizes[folder]:
             total += int(sizes[folder][name])
             continue
@@ -153,10 +154,8 @@ class WebDatasetShards(BadFileLog, IterableDataset):
         self._record_bad(getattr(exn, "filename", None) or "<webdataset shard>", f"{type(exn).__name__}: {exn}")
         return True  # keep going with the next sample or shard
 
-    def _slot(self) -> tuple[int, int]:
+    def _slot(self, worker: int, workers: int) -> tuple[int, int]:
         """(slot, slots): this process's share of the data among ranks x data-loader workers (lanes)."""
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         if self.plan is None:
             rank, world = _distributed()
             return rank * workers + worker, world * workers
@@ -195,13 +194,13 @@ class WebDatasetShards(BadFileLog, IterableDataset):
             cycle += 1
 
     def __iter__(self) -> Iterator[tuple[Any, int, int] | None]:
-        slot, slots = self._slot()
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slot, slots = self._slot(worker, workers)
         if self.plan is None:
             stream: Iterator[tuple[int, dict]] = ((0, s) for s in self._raw(slot, slots, 0))
         else:
-            info = get_worker_info()
-            skip, count = self.plan.worker_quota(info.id if info else 0, info.num_workers if info else 1)
-            stream = self._planned(slot, slots, skip, count)
+            stream = self._planned(slot, slots, *self.plan.worker_quota(worker, workers))
         for cycle, sample in stream:
             yield self._decode(sample, cycle)
 

@@ -103,9 +103,8 @@ class Trainer:
         self.task.to(self.device)
 
         # a stream (WebDataset shards) has no sampler: it is told each epoch how many batches to make (`StreamPlan`)
-        self.stream = isinstance(train_set, IterableDataset)
         self.sampler: ResumableSampler | None = None
-        if self.stream:
+        if isinstance(train_set, IterableDataset):
             num_images = int(getattr(train_set, "num_samples", 0))
             if num_images <= 0:
                 raise ConfigError("data.num_samples: a streamed training set needs its epoch length (samples over "
