@@ -1,16 +1,18 @@
 """Reproduce the BEiT v1 / v2 ablation ordering on Fashion-MNIST with one fixed budget per row.
 
-Every row uses the same backbone (28 px, patch 4, a small ViT), the same seed, data subsets and epochs; rows differ only
-in the pre-training target / head / masking. Shared stages run once: the stand-in teacher (the same ViT supervised on
-a share of the training labels with the recipe of `beitv2 quickstart`, since no CLIP can be downloaded here), the VQ-KD
-tokenizer distilled from it, and the BEiT v1 dVAE. Every stage calls the `beitv2` commands in-process
-(`beitv2.cli.main`), so this is also an end-to-end test of the CLI.
+Every row uses the same backbone (28 px, patch 4, a small ViT), the same seed, data subsets and epochs; rows differ
+only in the pre-training target / head / masking. Shared stages run once per seed: the stand-in teacher (the same
+ViT supervised on a share of the training labels with the recipe of `beitv2 quickstart`, since no CLIP can be
+downloaded here), the VQ-KD tokenizer distilled from it, and the BEiT v1 dVAE. Every stage calls the `beitv2`
+commands in-process (`beitv2.cli.main`), so this is also an end-to-end test of the CLI.
 
     python benchmarks/reproduce_fmnist.py --budget full --out results/fmnist
+    python benchmarks/reproduce_fmnist.py --budget small --seeds 3 --out results/fmnist_small   # mean ± std
 
-Rows: random init, pixel target, dVAE target (v1), VQ-KD target without / with patch aggregation (v2), VQ-KD with
-random masking, teacher-feature regression, and the teacher itself. Columns: linear-probe top-1, k-NN top-1,
-fine-tune top-1, tokenizer codebook usage (share of codes used on the validation images), wall time.
+Rows: raw pixels (the rows' linear probe and k-NN on the normalised pixels), random init, pixel target, dVAE target
+(v1), VQ-KD target without / with patch aggregation (v2), VQ-KD with random masking, teacher-feature regression,
+and the teacher itself. Columns: linear-probe top-1, k-NN top-1, fine-tune top-1, tokenizer codebook usage (share of
+codes used on the validation images), wall time.
 
 Outputs under ``--out``: ``results.md`` (table, command, machine), ``results.json``, ``results.png``, rewritten after
 every row. Resumable: finished stages and rows are skipped, an interrupted training resumes from its checkpoint.
@@ -93,6 +95,7 @@ class Row:
 
 
 ROWS = [
+    Row("raw_pixels", "raw pixels (normalised, no network)", None, backbone="pixels"),
     Row("random", "random init (no pre-training)", None, backbone="random"),
     Row("pixels", "pixel target (norm-pix MSE), no aggregation",
         {"model": {"target": "pixels", "patch_aggregation": False}}),
@@ -109,7 +112,7 @@ ROWS = [
     Row("teacher", "the teacher itself (supervised on labels)", None, backbone="teacher"),
 ]
 # the order in which rows are computed: the paper's method first, so a cut-short run still has the key comparison
-RUN_ORDER = ["random", "vqkd", "vqkd_noagg", "pixels", "dvae", "teacher", "vqkd_random", "features"]
+RUN_ORDER = ["raw_pixels", "random", "vqkd", "vqkd_noagg", "pixels", "dvae", "teacher", "vqkd_random", "features"]
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -145,11 +148,12 @@ def read_json(path: Path) -> dict:
 class Plan:
     """The configs of every stage, derived from one budget."""
 
-    def __init__(self, budget: Budget, out: Path, data_path: str, device: str, workers: int):
-        self.b, self.out, self.device = budget, out, device
+    def __init__(self, budget: Budget, out: Path, data_path: str, device: str, workers: int, seed: int = 0):
+        # the data subsets stay those of seed 0 for every seed: seeds vary initialisation, augmentation and order
+        self.b, self.out, self.device, self.seed = budget, out, device, seed
         self.data = {"kind": "fmnist", "path": data_path, "channels": 1, "num_workers": workers, "seed": 0,
                      "subset": budget.train, "val_subset": budget.val}
-        self.train = {"device": device, "precision": "bf16", "seed": 0, "progress": False, "tensorboard": False,
+        self.train = {"device": device, "precision": "bf16", "seed": seed, "progress": False, "tensorboard": False,
                       "batch_size": budget.batch, "log_every_steps": 20, "keep_last": 1}
 
     def vit(self, **kw) -> dict:
@@ -162,7 +166,7 @@ class Plan:
 
     # --- shared stages
     def random_init(self) -> Path:
-        """The untrained backbone every pre-training row starts from (the MIM init, seed 0), saved as a file."""
+        """The untrained backbone every pre-training row starts from (the MIM init, the run's seed), saved as a file."""
         path = self.stage_dir("random_init") / "model.safetensors"
         if not path.is_file():
             import torch
@@ -171,7 +175,7 @@ class Plan:
             from beitv2.config import from_dict
             from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
 
-            torch.manual_seed(0)
+            torch.manual_seed(self.seed)
             cfg = from_dict(MIMConfig, self.mim_model({"target": "pixels", "patch_aggregation": False}))
             path.parent.mkdir(parents=True, exist_ok=True)
             save_model(path, BEiTv2ForMIM(cfg), "mim", cfg)
@@ -248,11 +252,14 @@ class Plan:
     def features(self, cache: Path) -> dict:
         return {"feature": "cls+mean", "layers": list(range(1, self.b.depth + 1)), "cache_dir": str(cache)}
 
+    def linprobe_config(self, ckpt: str, out: Path) -> dict:
+        return {"model": {"checkpoint": ckpt}, "data": {**self.data, "subset": self.b.probe_train},
+                "features": self.features(out.parent / "features"),
+                "probe": {"crop_pct": 1.0, "normalize": "imagenet"},
+                "train": {**self.train, "batch_size": 256, "epochs": self.b.probe_epochs, "output_dir": str(out)}}
+
     def linprobe_argv(self, ckpt: str, out: Path) -> list[str]:
-        cfg = {"model": {"checkpoint": ckpt}, "data": {**self.data, "subset": self.b.probe_train},
-               "features": self.features(out.parent / "features"), "probe": {"crop_pct": 1.0, "normalize": "imagenet"},
-               "train": {**self.train, "batch_size": 256, "epochs": self.b.probe_epochs, "output_dir": str(out)}}
-        return ["linprobe", "--config", str(dump(out.parent / "linprobe.yaml", cfg))]
+        return ["linprobe", "--config", str(dump(out.parent / "linprobe.yaml", self.linprobe_config(ckpt, out)))]
 
     def knn_argv(self, ckpt: str, out: Path) -> list[str]:
         cfg = {"model": {"checkpoint": ckpt}, "data": {**self.data, "subset": self.b.probe_train},
@@ -312,6 +319,19 @@ def codebook_usage(tokenizer: Path, plan: Plan) -> dict[str, float]:
             "perplexity": float(torch.exp(-(nz * nz.log()).sum())), "vocab": int(model.vocab_size)}
 
 
+def evaluate_pixels(plan: Plan, row_dir: Path) -> tuple[dict[str, Any], float]:
+    """The raw-pixels row: the rows' linear probe and k-NN on the 784 normalised pixels (nothing to fine-tune)."""
+    from beitv2.commands.quickstart import raw_pixel_scores, resolve_data_path
+
+    t = time.perf_counter()
+    cfg = plan.linprobe_config("-", row_dir / "linprobe")
+    lp, kn = raw_pixel_scores(resolve_data_path(plan.data["path"]), plan.b.probe_train, plan.b.val,
+                              plan.data["seed"], cfg["probe"], cfg.get("optim", {}), cfg["train"], (20,),
+                              row_dir / "knn")
+    return {"linprobe_top1": lp["acc1"], "linprobe_block": 0, "knn_top1": kn["acc1"], "knn_block": 0,
+            "finetune_top1": None}, time.perf_counter() - t
+
+
 def evaluate(plan: Plan, ckpt: str, row_dir: Path) -> tuple[dict[str, float], float]:
     t = cli(plan.linprobe_argv(ckpt, row_dir / "linprobe"))
     t += cli(plan.knn_argv(ckpt, row_dir / "knn"))
@@ -343,10 +363,10 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
-def _fmt(v: Any, pct: bool = True) -> str:
+def _fmt(v: Any, std: float | None = None) -> str:
     if v is None:
         return "–"
-    return f"{v:.1f}" if pct else str(v)
+    return f"{v:.1f}" if std is None else f"{v:.1f} ± {std:.1f}"
 
 
 def render(out: Path, state: dict) -> None:
@@ -364,8 +384,12 @@ def render(out: Path, state: dict) -> None:
             continue
         usage = res.get("codebook")
         u = f"{100 * usage['usage']:.0f}% ({usage['codes_used']}/{usage['vocab']})" if usage else "–"
-        lines.append(f"| {r.label} | {_fmt(res['linprobe_top1'])} | {_fmt(res['knn_top1'])} | "
-                     f"{_fmt(res['finetune_top1'])} | {u} | {res['wall_s'] / 60:.1f} |")
+        cells = [_fmt(res[k], res.get(k + "_std")) for k in ("linprobe_top1", "knn_top1", "finetune_top1")]
+        lines.append(f"| {r.label} | {' | '.join(cells)} | {u} | {res['wall_s'] / 60:.1f} |")
+    if state.get("seeds"):
+        lines += ["", f"Mean ± standard deviation over seeds {state['seeds']} (each seed: its own teacher, tokenizers, "
+                      "pre-training and evaluations on the same data subsets; per-seed tables in seed*/results.md); "
+                      "wall time is the mean per seed."]
     b = state["budget"]
     shared = ", ".join(f"{k} {v / 60:.1f} min" for k, v in state["shared_wall_s"].items())
     lines += ["", f"Wall time = the row's own pre-training + linear probe + k-NN + fine-tuning. Shared stages (not in "
@@ -390,8 +414,9 @@ def plot(path: Path, state: dict) -> None:
     x = np.arange(len(names))
     w = 0.27
     for i, (key, label) in enumerate(metrics):
-        vals = [state["rows"][r.name][key] for r in names]
-        bars = ax.bar(x + (i - 1) * w, vals, w, label=label)
+        vals = [state["rows"][r.name][key] or 0.0 for r in names]
+        err = [state["rows"][r.name].get(key + "_std") or 0.0 for r in names]
+        bars = ax.bar(x + (i - 1) * w, vals, w, yerr=err, capsize=2, label=label)
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks(x, [r.name for r in names], rotation=20)
     ax.set_ylabel("top-1 accuracy (%)")
@@ -418,7 +443,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     ", ".join(r.name for r in ROWS))
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--workers", type=int, default=1, help="data-loader workers per stage")
-    return ap.parse_args(argv)
+    ap.add_argument("--seeds", type=int, default=1,
+                    help="run every row with seeds 0..N-1 (each seed in OUT/seed<i>/, its own teacher and tokenizers) "
+                         "and report mean ± std in OUT/results.md; 1 = one seed (0) directly in OUT")
+    args = ap.parse_args(argv)
+    if args.seeds < 1:
+        ap.error("--seeds: must be >= 1")
+    return args
+
+
+METRICS = ("linprobe_top1", "knn_top1", "finetune_top1", "pretrain_s", "eval_s", "wall_s")
+
+
+def aggregate(states: list[dict], seeds: list[int]) -> dict:
+    """One state whose rows hold the mean and sample std over ``states`` (rows missing in a seed are left out)."""
+    import statistics
+
+    first = states[0]
+    agg: dict[str, Any] = {k: first[k] for k in ("budget_name", "budget", "command", "machine", "started")}
+    agg.update(seeds=seeds, updated=max(s["updated"] for s in states), rows={}, per_seed=[s["rows"] for s in states])
+    names = [r.name for r in ROWS if any(r.name in s["rows"] for s in states)]
+    for name in names:
+        done = [s["rows"][name] for s in states if name in s["rows"]]
+        row: dict[str, Any] = {"n_seeds": len(done)}
+        for k in METRICS:
+            vals = [r[k] for r in done if r.get(k) is not None]
+            row[k] = statistics.fmean(vals) if vals else None
+            if k.endswith("top1") and len(vals) > 1:
+                row[k + "_std"] = statistics.stdev(vals)
+        usage = [r["codebook"] for r in done if r.get("codebook")]
+        if usage:
+            row["codebook"] = {"usage": statistics.fmean(u["usage"] for u in usage),
+                               "codes_used": round(statistics.fmean(u["codes_used"] for u in usage)),
+                               "perplexity": statistics.fmean(u["perplexity"] for u in usage),
+                               "vocab": usage[0]["vocab"]}
+        agg["rows"][name] = row
+    agg["shared_wall_s"] = {k: statistics.fmean(s["shared_wall_s"][k] for s in states if k in s["shared_wall_s"])
+                            for k in {k for s in states for k in s["shared_wall_s"]}}
+    tops = [s["teacher_top1"] for s in states if s.get("teacher_top1") is not None]
+    agg["teacher_top1"] = statistics.fmean(tops) if tops else None
+    return agg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -433,7 +497,22 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(names) - {r.name for r in ROWS}
     if unknown:
         raise SystemExit(f"--rows: unknown row(s) {sorted(unknown)}")
-    out = Path(args.out)
+    command = " ".join(["python", "benchmarks/reproduce_fmnist.py", *map(shlex.quote, sys.argv[1:] if argv is None
+                                                                              else argv)])
+    root = Path(args.out)
+    if args.seeds == 1:
+        run_seed(args, budget, names, root, 0, command)
+        return 0
+    states = [run_seed(args, budget, names, root / f"seed{s}", s, command) for s in range(args.seeds)]
+    root.mkdir(parents=True, exist_ok=True)
+    render(root, aggregate(states, list(range(args.seeds))))
+    print(f"[reproduce] mean ± std over {args.seeds} seeds in {root / 'results.md'}", flush=True)
+    return 0
+
+
+def run_seed(args: argparse.Namespace, budget: Budget, names: list[str], out: Path, seed: int, command: str
+             ) -> dict:
+    """Every asked row with one seed, results in ``out`` (resumable); returns the state (results.json)."""
     out.mkdir(parents=True, exist_ok=True)
     plan_file = out / "plan.json"
     if plan_file.is_file() and read_json(plan_file)["budget"] != asdict(budget):
@@ -442,14 +521,12 @@ def main(argv: list[str] | None = None) -> int:
     write_json(plan_file, {"budget": asdict(budget)})
     (out / ".gitignore").write_text("# checkpoints and cached features (the table, JSON and chart are kept)\n"
                                     "runs/\nrows/\n")
-    plan = Plan(budget, out, args.data_path, args.device, args.workers)
-    command = " ".join(["python", "benchmarks/reproduce_fmnist.py", *map(shlex.quote, sys.argv[1:] if argv is None
-                                                                              else argv)])
+    plan = Plan(budget, out, args.data_path, args.device, args.workers, seed=seed)
     state_file = out / "results.json"
     state = read_json(state_file) if state_file.is_file() else {
         "rows": {}, "shared_wall_s": {}, "started": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     state.update(budget_name=args.budget + (f" (subset {args.subset})" if args.subset else ""), budget=asdict(budget),
-                 command=command, machine=machine_info(args.device))
+                 command=command, machine=machine_info(args.device), seed=seed)
 
     def save() -> None:
         # merge what another process (e.g. `--rows teacher` run beside this one) wrote in the meantime
@@ -485,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
             tok = shared("vqkd", lambda: plan.vqkd(teacher))
         elif row.tokenizer == "dvae":
             tok = shared("dvae", plan.dvae)
+        if row.backbone == "pixels":
+            res, t_eval = evaluate_pixels(plan, out / "rows" / row.name)
+            return res | {"pretrain_s": 0.0, "eval_s": t_eval, "wall_s": t_eval}
         if row.backbone == "random":
             ckpt = str(plan.random_init())
         elif row.backbone == "teacher":
@@ -519,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[reproduce] {name}: {json.dumps(res)}", flush=True)
     save()
     print(f"[reproduce] table in {out / 'results.md'}", flush=True)
-    return 0
+    return state
 
 
 if __name__ == "__main__":

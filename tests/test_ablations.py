@@ -217,3 +217,38 @@ def test_reproduce_script_smoke(tmp_path, capsys):
     # another budget in the same folder is refused
     with pytest.raises(SystemExit):
         mod.main([*argv[:3], "41", *argv[4:]])
+
+
+def test_reproduce_script_raw_pixels_row_and_seeds(tmp_path):
+    mod = _reproduce_module()
+    idx = tmp_path / "fmnist"
+    idx.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 600), ("t10k", 200)):  # class c: a bright bar at rows 2c+4..2c+7 on faint noise
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        imgs = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            imgs[i, 2 * c + 4: 2 * c + 8, 4:24] = 230
+        with gzip.open(idx / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">IIII", 0x803, n, 28, 28) + imgs.tobytes())
+        with gzip.open(idx / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">II", 0x801, n) + labels.tobytes())
+    out = tmp_path / "res"
+    argv = ["--budget", "tiny", "--subset", "600", "--rows", "raw_pixels,random", "--seeds", "2", "--out", str(out),
+            "--data-path", str(idx), "--device", "cpu", "--workers", "0"]
+    assert mod.main(argv) == 0
+    seeds = [json.loads((out / f"seed{s}" / "results.json").read_text()) for s in (0, 1)]
+    assert [s["seed"] for s in seeds] == [0, 1]
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds"] == [0, 1] and set(res["rows"]) == {"raw_pixels", "random"}
+    raw = res["rows"]["raw_pixels"]
+    # the label sets the brightness: pixels separate the classes far above chance (10%)
+    assert raw["linprobe_top1"] > 50 and raw["knn_top1"] > 50 and raw["finetune_top1"] is None
+    for name, row in res["rows"].items():
+        per = [s["rows"][name]["linprobe_top1"] for s in seeds]
+        assert row["linprobe_top1"] == pytest.approx(sum(per) / 2)
+        assert row["linprobe_top1_std"] == pytest.approx(abs(per[0] - per[1]) / 2 ** 0.5)
+    md = (out / "results.md").read_text()
+    cell = f"{raw['linprobe_top1']:.1f} ± {raw['linprobe_top1_std']:.1f}"
+    assert f"| raw pixels (normalised, no network) | {cell} |" in md
+    assert "Mean ± standard deviation over seeds [0, 1]" in md

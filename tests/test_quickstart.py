@@ -66,13 +66,17 @@ def test_accuracies_above_chance(fast_run):
     _, out = fast_run
     m = json.loads((out / "metrics.json").read_text())
     rows = m["results"]
-    assert set(rows) == {"BEiT v2 (pre-trained)", "random init (same ViT)", "teacher"}
+    assert set(rows) == {"BEiT v2 (pre-trained)", "random init (same ViT)", "raw pixels", "teacher"}
     for name, r in rows.items():
         for key in ("linprobe_acc1", "knn_acc1"):
             assert r[key] is not None and 10.0 < r[key] <= 100.0, (name, key, r[key])  # 10 classes: chance 10%
     assert m["teacher"]["classifier_acc1"] > 10.0
     assert m["linprobe_gain_over_random_init"] == pytest.approx(
         rows["BEiT v2 (pre-trained)"]["linprobe_acc1"] - rows["random init (same ViT)"]["linprobe_acc1"])
+    # the raw-pixel floor: the same probe and k-NN on the 784 normalised pixels, far above chance on these images
+    raw = rows["raw pixels"]
+    assert raw["linprobe_acc1"] > 50.0 and raw["knn_acc1"] > 50.0, raw
+    assert json.loads((out / "eval" / "raw_pixels" / "knn" / "metrics.json").read_text())["num_train"] == 1000
     assert 1 <= m["tokenizer"]["codebook_codes_used"] <= 64
     assert 0.0 < m["pretrain"]["mlm_acc_1"] <= 1.0
 
@@ -85,6 +89,8 @@ def test_report_md_holds_the_table_and_the_stand_in_note(fast_run):
     lp = m["results"]["BEiT v2 (pre-trained)"]["linprobe_acc1"]
     assert f"| BEiT v2 (pre-trained) | {lp:.2f} |" in text
     assert "| random init (same ViT) |" in text and "| teacher |" in text
+    raw = m["results"]["raw pixels"]
+    assert f"| raw pixels | {raw['linprobe_acc1']:.2f} | {raw['knn_acc1']:.2f} |" in text
     assert "stand-in" in text and "10% of the training labels" not in text  # fast: a count, said as such
     assert "500 images of the training labels" in text
     assert "blockwise, 20 of 49 patches" in text and "min block 4" in text

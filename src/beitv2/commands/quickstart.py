@@ -369,6 +369,58 @@ def evaluate(name: str, checkpoint: Path, plan: Plan, root: str, out: Path, cfg_
             "knn_best": {"acc1": knn.get("acc1"), "k": knn.get("best_k")}, "checkpoint": str(checkpoint)}
 
 
+def raw_pixel_scores(root: str, train_subset: float, test_subset: float, data_seed: int, probe: dict[str, Any],
+                     optim: dict[str, Any], train: dict[str, Any], ks: tuple[int, ...], knn_dir: Path
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(linear-probe metrics, k-NN metrics) on the normalised pixels (784 numbers) of a Fashion-MNIST subset.
+
+    ``probe`` / ``optim`` / ``train`` are the ``beitv2 linprobe`` config sections the backbones were probed with, so
+    the pixels get the same probe (head, optimizer, schedule, epochs) on the same training / test subsets, and the
+    same k-NN vote: the floor any learned feature has to clear. ``train.output_dir`` receives the probe's
+    metrics.json, ``knn_dir`` the k-NN's.
+    """
+    from ..commands.knn import evaluate_knn
+    from ..config import from_dict
+    from ..data.transforms import resolve_norm
+    from ..engine import OptimConfig, TrainConfig
+    from ..engine.distributed import init_distributed
+    from ..eval.features import SplitFeatures
+    from ..eval.knn import KNNConfig
+    from ..eval.linprobe import ProbeConfig, fit_probe, probe_optim_defaults, probe_train_defaults
+    from ..eval.metrics import write_metrics
+
+    pcfg = from_dict(ProbeConfig, probe)
+    norm = resolve_norm(pcfg.normalize if pcfg.normalize != "auto" else NORM, 1)
+
+    def pixels(is_train: bool, subset: float) -> tuple[Any, Any, list[str]]:
+        x, y, classes = load_split(root, train=is_train, subset=subset, seed=data_seed)
+        if norm is not None:
+            x = (x - norm[0][0]) / norm[1][0]
+        return x.flatten(1), y, classes
+
+    x_tr, y_tr, classes = pixels(True, train_subset)
+    x_te, y_te, _ = pixels(False, test_subset)
+    lp = fit_probe({0: x_tr}, y_tr, {0: x_te}, y_te, len(classes), pcfg,
+                   from_dict(OptimConfig, optim, base=probe_optim_defaults()),
+                   from_dict(TrainConfig, train, base=probe_train_defaults()), init_distributed("cpu"),
+                   class_names=classes, extra_metrics={"source": "raw pixels"})
+    feats = SplitFeatures(train={0: x_tr}, train_labels=y_tr, val={0: x_te}, val_labels=y_te, class_names=classes)
+    knn = evaluate_knn(feats, KNNConfig(k=tuple(ks))) | {"source": "raw pixels"}
+    knn_dir.mkdir(parents=True, exist_ok=True)
+    write_metrics(knn_dir / "metrics.json", knn)
+    return lp, knn
+
+
+def raw_pixel_baseline(plan: Plan, root: str, out: Path, seed: int, progress: bool) -> dict[str, Any]:
+    """The raw-pixels row: the backbones' linear probe and k-NN on the normalised pixels."""
+    lp_dir, knn_dir = out / "eval" / "raw_pixels" / "linprobe", out / "eval" / "raw_pixels" / "knn"
+    cfg = linprobe_config(plan, root, Path("-"), lp_dir, out / "eval" / "features", seed, progress)
+    lp, knn = raw_pixel_scores(root, plan.eval_train_subset, plan.test_subset, seed, cfg["probe"], cfg["optim"],
+                               cfg["train"], plan.knn_k, knn_dir)
+    return {"linprobe_acc1": lp.get("acc1"), "knn_acc1": _knn_at(knn, 20) if 20 in plan.knn_k else knn.get("acc1"),
+            "knn_best": {"acc1": knn.get("acc1"), "k": knn.get("best_k")}, "checkpoint": None}
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -456,6 +508,7 @@ def evaluate_all(args: argparse.Namespace, plan: Plan, root: str, out: Path, cfg
                                                  args.seed, progress),
                "random init (same ViT)": evaluate("random_init", random_ckpt, plan, root, out, cfg_dir, args.seed,
                                                   progress)}
+    results["raw pixels"] = raw_pixel_baseline(plan, root, out, args.seed, progress)
     if teacher_ckpt is not None:
         results["teacher"] = evaluate("teacher", teacher_ckpt, plan, root, out, cfg_dir, args.seed, progress)
     else:

@@ -101,7 +101,8 @@ def build_report(out: Path, plan, root: str, args, results: dict[str, dict[str, 
              f"tokenizer and the pre-training see {n_train} training images; the linear probe and k-NN fit on "
              f"{_n(plan.eval_train_subset, 60000)} training images and are scored on {len(y_test)} test images. "
              "Both read the concatenation of the CLS token and the mean patch token after the final LayerNorm of "
-             "the last block.")
+             "the last block. The *raw pixels* row fits the same probe and k-NN on the 784 normalised pixels: "
+             "the floor a learned feature has to clear.")
     verdict = ""
     if gap is not None:
         verdict = f"BEiT v2 linear probe minus random init: **{gap:+.2f} points**: " + (
