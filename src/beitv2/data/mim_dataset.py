@@ -1,10 +1,12 @@
 """Per-sample wrappers that turn ``(PIL image, label)`` sources into training samples (dicts).
 
 Exact resume needs every random choice of a sample to be a pure function of (seed, epoch, index): the official code
-draws masks from ``np.random`` inside workers, whose streams repeat across workers (facts §7.15). Here the mask comes
-from ``np.random.default_rng([seed, epoch, index])`` and the torchvision draws run inside ``torch.random.fork_rng``
-after seeding torch from the same triple, so a sample is identical whichever worker or process makes it and the
-caller's RNG state is left untouched.
+draws masks from ``np.random`` inside workers, whose streams repeat across workers. Here the mask comes from
+``np.random.default_rng([seed, epoch, index])``, and the transform runs with torch's CPU generator, Python's `random`
+and numpy's legacy global generator all seeded from the same triple (timm's RandomResizedCrop, RandAugment and
+RandomErasing draw from `random` and ``np.random``, torchvision's from torch). A sample is therefore identical
+whichever worker, process or rank makes it; samples of different indices (so of different ranks at the same batch
+slot) draw different operations; and the caller's three RNG states are restored afterwards.
 
 `set_epoch` must be called before each epoch's loader iterator is created. Data-loader workers hold a copy of the
 data set, so with ``persistent_workers=True`` a later `set_epoch` does not reach them: use non-persistent workers
@@ -13,6 +15,8 @@ data set, so with ``persistent_workers=True`` a later `set_epoch` does not reach
 
 from __future__ import annotations
 
+import contextlib
+import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,6 +29,24 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit torch seed derived from (seed, epoch, index)."""
     hi, lo = np.random.SeedSequence([seed, epoch, index, 0x7EED]).generate_state(2, dtype=np.uint32)
     return (int(hi) & 0x7FFFFFFF) << 32 | int(lo)
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int):
+    """Seed torch's CPU generator, Python's `random` and numpy's global generator from ``seed`` for the block, then
+    restore all three (a fork: the surrounding streams are untouched)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        # the CPU generator only: `torch.manual_seed` also seeds every accelerator backend lazily, which records a
+        # Python stack per call and used to take half of a 28 px sample's time
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFFFFFF)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 class SeededDataset(Dataset):
@@ -58,10 +80,7 @@ class SeededDataset(Dataset):
         if len(item) > 2:
             index = int(item[2])
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        with torch.random.fork_rng(devices=[]):
-            # the CPU generator only: `torch.manual_seed` also seeds every accelerator backend lazily, which records a
-            # Python stack per call and used to take half of a 28 px sample's time
-            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
+        with seeded_rngs(sample_seed(self.seed, self.epoch, index)):
             out = self.make(img, int(label), index, rng)
         out.setdefault("label", torch.tensor(int(label), dtype=torch.long))
         out.setdefault("index", torch.tensor(index, dtype=torch.long))

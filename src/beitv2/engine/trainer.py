@@ -139,8 +139,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ set-up
     def _loader(self, dataset: Dataset, sampler, batch_size: int, drop_last: bool) -> DataLoader:
         # A private generator keeps the loader from drawing on the global torch RNG, so a resumed run's RNG stream
-        # matches an uninterrupted one; the data's own randomness is a function of (seed, epoch, index).
-        gen = torch.Generator().manual_seed(self.cfg.seed)
+        # matches an uninterrupted one; the data's own randomness is a function of (seed, epoch, index). It is
+        # seeded seed + rank (as the official code seeds each rank), so no two ranks' workers share a stream.
+        gen = torch.Generator().manual_seed(self.cfg.seed + self.dist.rank)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=self.collate_fn, drop_last=drop_last, pin_memory=self.device.type == "cuda",
                           generator=gen)
