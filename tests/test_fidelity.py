@@ -123,3 +123,171 @@ def test_finetune_resumes_bitwise_with_randaugment_and_mixup(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# --------------------------------------------------------------------------------------- BEiT v1: DALL-E's dVAE
+
+def _cells(n: int) -> torch.Tensor:
+    """32 px images of random colours constant over each 8x8 cell of the 4x4 code grid."""
+    return torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4), scale_factor=8, mode="nearest")
+
+
+def _dalle_files(tmp_path: Path) -> tuple[Path, Path, object, object]:
+    """Random-init modules of the `dall_e` package saved as its released files are (``torch.save(module)``). The
+    encoder's output convolution is re-drawn on standardised features so that the argmax codes of `_cells` images
+    spread over many entries (a fresh init gives a handful); the decoder's weights are perturbed."""
+    from dall_e import Decoder, Encoder, map_pixels
+
+    torch.manual_seed(0)
+    enc = Encoder(n_hid=64, n_blk_per_group=1, vocab_size=512)
+    dec = Decoder(n_init=32, n_hid=64, n_blk_per_group=1, vocab_size=512)
+    with torch.no_grad():
+        feats = torch.relu(enc.blocks[:-1](map_pixels(_cells(8))))
+        mu, sd = feats.mean((0, 2, 3)), feats.std((0, 2, 3))
+        w = torch.randn(512, feats.shape[1]) / (sd + 1e-3)
+        enc.blocks.output.conv.w.copy_(w[:, :, None, None])
+        enc.blocks.output.conv.b.copy_(-(w @ mu))
+        for p in dec.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    torch.save(enc, tmp_path / "encoder.pkl")
+    torch.save(dec, tmp_path / "decoder.pkl")
+    return tmp_path / "encoder.pkl", tmp_path / "decoder.pkl", enc, dec
+
+
+def test_dalle_files_load_without_dall_e_and_give_identical_codes(tmp_path):
+    """The DALL-E encoder/decoder files, read by the restricted unpickler into the library's dVAE, tokenize (and
+    decode) exactly as the `dall_e` package's own modules; DALL-E's pixel mapping (eps 0.1) is used."""
+    from dall_e import map_pixels, unmap_pixels
+
+    from beitv2.interop.dalle import load_dalle
+
+    enc_path, dec_path, enc, dec = _dalle_files(tmp_path)
+    model = load_dalle(enc_path, dec_path, img_size=32)
+    assert model.cfg.pixel_map == "dall-e" and model.cfg.logit_laplace_eps == 0.1
+    assert (model.cfg.hidden_dim, model.cfg.code_dim, model.cfg.vocab_size, model.grid_size) == (64, 32, 512, (4, 4))
+    x = _cells(6)
+    with torch.no_grad():
+        ref = enc(map_pixels(x)).argmax(1).flatten(1)
+    ours = model.tokenize(x)
+    assert ref.unique().numel() > 20
+    assert torch.equal(ours, ref)
+    with torch.no_grad():
+        z = torch.nn.functional.one_hot(ref.view(6, 4, 4), 512).permute(0, 3, 1, 2).float()
+        ref_img = unmap_pixels(torch.sigmoid(dec(z).float()[:, :3]))
+    torch.testing.assert_close(model.decode(ref), ref_img, rtol=0, atol=1e-5)
+
+
+def test_dalle_unpickler_refuses_other_globals(tmp_path):
+    """A pickle naming anything outside the allow-list (here ``os.system``) is refused, and nothing runs."""
+    import os
+    import pickle
+
+    from beitv2.interop.dalle import read_torch_pickle
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"w": torch.ones(2), "x": Evil()}, tmp_path / "evil.pkl")
+    with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
+        read_torch_pickle(tmp_path / "evil.pkl")
+    assert not marker.exists()
+    torch.save({"f": print}, tmp_path / "builtin.pkl")
+    with pytest.raises(pickle.UnpicklingError, match="builtins.print"):
+        read_torch_pickle(tmp_path / "builtin.pkl")
+    # plain tensors in a dict load fine
+    torch.save({"w": torch.arange(6.0).view(2, 3)[:, 1:]}, tmp_path / "ok.pkl")
+    assert torch.equal(read_torch_pickle(tmp_path / "ok.pkl")["w"], torch.tensor([[1.0, 2.0], [4.0, 5.0]]))
+
+
+def test_convert_and_pretrain_accept_dalle_files(tmp_path):
+    """`beitv2 convert --from dalle` writes a dvae model file with the same codes; `beitv2 pretrain` trains BEiT v1
+    (no patch aggregation, v1 masking, lanczos second view) on DALL-E's encoder.pkl directly."""
+    from beitv2.checkpoint import load_model
+
+    enc_path, dec_path, enc, _ = _dalle_files(tmp_path)
+    out = tmp_path / "dalle.safetensors"
+    assert main(["convert", "--from", "dalle", "--to", "beitv2", "--img-size", "32", "--decoder", str(dec_path),
+                 str(enc_path), str(out)]) == 0
+    model, kind, cfg = load_model(out)
+    x = _cells(2)
+    assert kind == "dvae" and cfg["pixel_map"] == "dall-e"
+    with torch.no_grad():
+        assert torch.equal(model.tokenize(x), enc((1 - 0.2) * x + 0.1).argmax(1).flatten(1))
+    assert main(["convert", "--from", "dalle", "--to", "hf", str(enc_path), str(tmp_path / "hf")]) == 2
+
+    data = _folder(tmp_path / "imgs", n_per_class=4)
+    run = tmp_path / "pt"
+    args = ["pretrain", "--tokenizer.checkpoint", str(enc_path), "--tokenizer.dalle_img_size", "32",
+            "--model.backbone.img_size", "16", "--model.backbone.patch_size", "4", "--model.backbone.embed_dim", "32",
+            "--model.backbone.depth", "2", "--model.backbone.num_heads", "2", "--model.vocab_size", "512",
+            "--model.patch_aggregation", "false", "--mask.num_masking_patches", "6", "--mask.min_num_patches", "2",
+            "--mask.top_up", "false", "--aug.second_interpolation", "lanczos", "--data.path", str(data),
+            "--data.num_workers", "0", "--train.epochs", "1", "--train.batch_size", "4", "--train.log_every_steps",
+            "1", "--train.output_dir", str(run), *COMMON]
+    assert main(args) == 0
+    model, kind, cfg = load_model(run / "model.safetensors")
+    assert kind == "mim" and not cfg["patch_aggregation"]
+    assert main([*args[:2], str(dec_path), *args[3:]]) == 2  # the decoder is not a tokenizer
+
+
+def test_v1_masking_keeps_the_count_the_blocks_reached():
+    from beitv2.masking import BlockwiseMaskGenerator
+
+    v2 = BlockwiseMaskGenerator(14, 75, 16)
+    v1 = BlockwiseMaskGenerator(14, 75, 16, top_up=False)
+    c2 = [int(v2(np.random.default_rng(i)).sum()) for i in range(200)]
+    c1 = [int(v1(np.random.default_rng(i)).sum()) for i in range(200)]
+    assert set(c2) == {75}
+    assert max(c1) == 75 and min(c1) < 75 and 20 < sum(c < 75 for c in c1) < 120  # about a third stop short
+
+
+# ------------------------------------------------------------------------------------------- weight-decay groups
+
+def _official_decays(name: str, p: torch.Tensor, skip: set[str]) -> bool:
+    """The official `get_parameter_groups` rule: no decay for 1-d params, biases and the model's skip list."""
+    return not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
+
+
+def _decayed(groups: list[dict]) -> dict[str, bool]:
+    return {n: g["apply_wd"] for g in groups for n in g["param_names"]}
+
+
+@pytest.mark.parametrize("preset", ["beitv2_base_pt1k_1600e", "beitv2_base_pt1k_300e", "beitv2_large_pt1k",
+                                    "beit_v1_base_dalle", "vqkd_base_clip_in1k", "(pretrain defaults)",
+                                    "(finetune defaults)"])
+def test_official_presets_reproduce_the_official_weight_decay_groups(preset):
+    """Pre-training decays mask_token and the shared relative position table; fine-tuning decays the per-block
+    tables; VQ-KD exempts only 1-d params, biases and the encoder's/decoder's cls_token and pos_embed."""
+    from beitv2.commands._training import load_preset
+    from beitv2.commands.finetune import FinetuneConfig
+    from beitv2.commands.pretrain import PretrainConfig
+    from beitv2.commands.train_tokenizer import TrainTokenizerConfig
+    from beitv2.config import from_dict
+    from beitv2.engine.optim import param_groups
+    from beitv2.eval.finetune import finetune_config, layer_id_fn
+    from beitv2.models.vqkd import VQKD
+
+    with torch.device("meta"):
+        if preset.startswith("vqkd"):
+            cfg = from_dict(TrainTokenizerConfig, load_preset(preset))
+            model = VQKD(cfg.tokenizer.vqkd)
+            skip = {f"{p}.{n}" for p in ("encoder", "decoder") for n in ("cls_token", "pos_embed")}
+            groups = param_groups(model, cfg.optim)
+        elif preset == "(finetune defaults)":
+            cfg = FinetuneConfig()
+            src = PretrainConfig().model.backbone
+            model = BEiTViT(finetune_config(src, cfg.model, 1000))
+            skip = {"pos_embed", "cls_token"}
+            groups = param_groups(model, cfg.optim, layer_id_fn(model.depth), model.depth + 2)
+            assert _decayed(groups)["blocks.0.attn.relative_position_bias_table"]
+        else:
+            cfg = PretrainConfig() if preset.startswith("(") else from_dict(PretrainConfig, load_preset(preset))
+            model = BEiTv2ForMIM(cfg.model)
+            skip = {"pos_embed", "cls_token"}
+            groups = param_groups(model, cfg.optim)
+            assert _decayed(groups)["mask_token"] and _decayed(groups)["rel_pos_bias.relative_position_bias_table"]
+    expected = {n: _official_decays(n, p, skip) for n, p in model.named_parameters() if p.requires_grad}
+    assert _decayed(groups) == expected

@@ -62,12 +62,14 @@ class RandomMaskGenerator(_MaskGeneratorBase):
 
 
 class BlockwiseMaskGenerator(_MaskGeneratorBase):
-    """BEiT blockwise masking with the v2 exact-count top-up."""
+    """BEiT blockwise masking with the v2 exact-count top-up (``top_up=False``: BEiT v1's generator, which stops at
+    whatever count the blocks reached, so a mask may hold fewer than ``num_masking_patches`` patches)."""
 
     def __init__(self, grid: int | tuple[int, int], num_masking_patches: int, min_num_patches: int = 16,
                  max_num_patches: int | None = None, min_aspect: float = 0.3, max_aspect: float | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, top_up: bool = True):
         super().__init__(grid, num_masking_patches, seed)
+        self.top_up = top_up
         check(min_num_patches >= 1, "mask.min_num_patches", f"must be >= 1, got {min_num_patches}")
         check(min_aspect > 0, "mask.min_aspect", f"must be > 0, got {min_aspect}")
         self.min_num_patches = min_num_patches
@@ -109,7 +111,7 @@ class BlockwiseMaskGenerator(_MaskGeneratorBase):
             count += delta
             blocks += 1
         self.last_num_blocks = blocks  # rectangles placed in the latest draw (statistics and tests)
-        if count < self.num_masking_patches:  # top-up with random single patches to the exact count
+        if self.top_up and count < self.num_masking_patches:  # random single patches up to the exact count
             free = np.flatnonzero(~mask.ravel())
             pick = rng.choice(free, self.num_masking_patches - count, replace=False)
             mask.ravel()[pick] = True
@@ -118,11 +120,11 @@ class BlockwiseMaskGenerator(_MaskGeneratorBase):
 
 def build_mask_generator(kind: str, grid: int | tuple[int, int], num_masking_patches: int, min_num_patches: int = 16,
                          max_num_patches: int | None = None, min_aspect: float = 0.3, max_aspect: float | None = None,
-                         seed: int | None = None) -> _MaskGeneratorBase:
-    """``kind`` is 'block' (BEiT blockwise) or 'random'."""
+                         seed: int | None = None, top_up: bool = True) -> _MaskGeneratorBase:
+    """``kind`` is 'block' (BEiT blockwise; ``top_up=False`` for BEiT v1's count) or 'random'."""
     if kind == "block":
         return BlockwiseMaskGenerator(grid, num_masking_patches, min_num_patches, max_num_patches, min_aspect,
-                                      max_aspect, seed)
+                                      max_aspect, seed, top_up)
     if kind == "random":
         return RandomMaskGenerator(grid, num_masking_patches, seed)
     check(False, "mask.kind", f"must be 'block' or 'random', got {kind!r}")

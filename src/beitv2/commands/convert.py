@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
 
@@ -13,6 +14,8 @@ Convert checkpoints between formats.
   --from official-vqkd      official VQ-KD tokenizer .pth (vqkd_encoder_base_decoder_*); to timm/hf: its encoder
   --from official-pretrain  official BEiT v2 pre-training .pth (beit_*_8k_vocab[_cls_pt])
   --from official-finetune  official fine-tuned classifier .pth
+  --from dalle              OpenAI DALL-E dVAE encoder.pkl (BEiT v1's tokenizer; --decoder decoder.pkl adds its
+                            decoder), read without running pickled code; to beitv2 only
   --from beitv2             a model file written by this library (save_model)
 
   --to beitv2               our safetensors model file (OUTPUT is a file)
@@ -24,9 +27,10 @@ Examples:
   beitv2 convert --from official-pretrain --to beitv2 --target finetune --img-size 384 --num-classes 1000 \\
       beitv2_base_patch16_224_pt1k.pth ft384.safetensors
   beitv2 convert --from beitv2 --to hf runs/ft/model.safetensors hf_model/
+  beitv2 convert --from dalle --to beitv2 --decoder decoder.pkl encoder.pkl dall_e_dvae.safetensors
 """
 
-SOURCES = ("official-vqkd", "official-pretrain", "official-finetune", "beitv2")
+SOURCES = ("official-vqkd", "official-pretrain", "official-finetune", "dalle", "beitv2")
 TARGETS = ("beitv2", "timm", "hf")
 
 
@@ -47,6 +51,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--early-layers", type=int, default=None,
                         help="official-pretrain: block feeding the patch aggregation head (default depth - 3)")
     parser.add_argument("--preset", default=None, help="official-vqkd: load into this preset instead of inferring")
+    parser.add_argument("--decoder", type=Path, default=None, help="dalle: DALL-E's decoder.pkl")
     parser.add_argument("--rel-pos", choices=("per_layer", "shared"), default=None,
                         help="timm/hf: relative position layout (default: timm per_layer, hf as in the model)")
     parser.add_argument("input", type=Path, help="input checkpoint")
@@ -79,6 +84,16 @@ def load_input(args: argparse.Namespace):
                                   decoder_num_heads=args.decoder_num_heads)
     if args.preset is not None:
         raise ValueError("--preset applies to --from official-vqkd only")
+    if args.decoder is not None and args.source != "dalle":
+        raise ValueError("--decoder applies to --from dalle only")
+    if args.source == "dalle":
+        from ..interop.dalle import load_dalle
+
+        if args.dest != "beitv2":
+            raise ValueError("--from dalle converts to --to beitv2 only (a dVAE has no timm / HF form)")
+        if isinstance(img_size, tuple):
+            raise ValueError("--img-size for a DALL-E dVAE is one value (square)")
+        return load_dalle(args.input, args.decoder, img_size=img_size or 112)
     if args.source == "official-pretrain":
         return load_official_pretrain(args.input, target=args.target, img_size=img_size,
                                       num_classes=args.num_classes or 0, early_layers=args.early_layers,
@@ -107,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
             out = export_timm(model, args.output, rel_pos=args.rel_pos or "per_layer")
         else:
             out = export_hf(model, args.output, rel_pos="per_layer" if args.rel_pos == "per_layer" else "keep")
-    except (CheckpointMismatchError, ValueError, FileNotFoundError, KeyError, TypeError) as e:
+    except (CheckpointMismatchError, ValueError, FileNotFoundError, KeyError, TypeError, pickle.UnpicklingError) as e:
         print(f"beitv2 convert: error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({type(model).__name__}, {args.source} -> {args.dest})")

@@ -99,7 +99,8 @@ class EMAConfig:
 
 
 def finetune_optim_defaults() -> OptimConfig:
-    return OptimConfig(lr=5e-4, min_lr=1e-6, weight_decay=0.05, warmup_epochs=5.0, layer_decay=0.65)
+    return OptimConfig(lr=5e-4, min_lr=1e-6, weight_decay=0.05, warmup_epochs=5.0, layer_decay=0.65,
+                       official_no_decay=True)
 
 
 def finetune_train_defaults() -> TrainConfig:

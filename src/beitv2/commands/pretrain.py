@@ -2,10 +2,11 @@
 
 Defaults reproduce the official ViT-B/16 1600-epoch recipe (PRETRAINING.md, facts §2.7): patch aggregation on
 layer 9 with 2 head layers and a shared lm_head, 75 blockwise-masked patches, lr 1.5e-3 with 10 warmup epochs,
-clip 3.0, weight decay 0.05, 128 images per GPU. The tokenizer (``--tokenizer.checkpoint``) must be a file made by
-this project (``beitv2 train-tokenizer`` or ``beitv2 convert``); its labels are computed on the fly, frozen, in
-eval mode and outside DDP. Ablations (`beitv2.mim_targets`, docs/ablations.md): ``--model.target pixels`` regresses
-normalised pixels (no tokenizer), ``--model.target features`` regresses the ``teacher:`` section's features.
+clip 3.0, weight decay 0.05, 128 images per GPU. The tokenizer (``--tokenizer.checkpoint``) is a file made by
+this project (``beitv2 train-tokenizer`` or ``beitv2 convert``) or, for BEiT v1, OpenAI DALL-E's ``encoder.pkl``;
+its labels are computed on the fly, frozen, in eval mode and outside DDP. Ablations (`beitv2.mim_targets`,
+docs/ablations.md): ``--model.target pixels`` regresses normalised pixels (no tokenizer), ``--model.target features``
+regresses the ``teacher:`` section's features.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..checkpoint import load_model, read_metadata
 from ..config import ConfigError, check, opt
@@ -38,11 +39,44 @@ log = logging.getLogger("beitv2.pretrain")
 
 @dataclass
 class TokenizerRef:
-    checkpoint: str = opt("", "tokenizer weights made by this project: a .safetensors file, a checkpoint directory "
-                              "or a run directory (its latest checkpoint)")
+    checkpoint: str = opt("", "tokenizer weights made by this project (a .safetensors file, a checkpoint directory "
+                              "or a run directory: its latest checkpoint), or OpenAI DALL-E's encoder.pkl (BEiT v1; "
+                              "read without running pickled code)")
+    dalle_img_size: int = opt(112, "DALL-E encoder.pkl only: tokenizer view size (BEiT v1: 112 = 14 x 8)")
+
+    def _is_dalle(self) -> bool:
+        from ..interop.dalle import is_dalle_file
+
+        return is_dalle_file(self.checkpoint)
+
+    def load(self) -> tuple[Any, str]:
+        """(tokenizer in eval mode, kind)."""
+        if self._is_dalle():
+            from ..interop.dalle import load_dalle
+
+            return load_dalle(self.checkpoint, img_size=self.dalle_img_size), "dvae (DALL-E)"
+        model, kind, _ = load_model(self.checkpoint)
+        return model, kind
 
     def describe(self) -> tuple[str, tuple[int, int], int, tuple[int, int], int]:
         """(kind, grid, vocab, image size, channels) read from the file's metadata, without building the model."""
+        if self._is_dalle():
+            import pickle
+
+            from ..interop.dalle import dalle_config, read_dalle
+
+            check(self.dalle_img_size > 0, "tokenizer.dalle_img_size", "must be > 0")
+            try:
+                part, enc = read_dalle(self.checkpoint)
+                check(part == "encoder", "tokenizer.checkpoint", f"{self.checkpoint} is DALL-E's decoder; pass "
+                                                                 "encoder.pkl")
+                c = dalle_config(enc, img_size=self.dalle_img_size)
+                c.validate("tokenizer.dalle_img_size: ")
+            except (ValueError, pickle.UnpicklingError) as e:
+                if isinstance(e, ConfigError):
+                    raise
+                raise ConfigError(f"tokenizer.checkpoint: {e}") from e
+            return "dvae", c.grid_size, c.vocab_size, (c.img_size, c.img_size), c.in_chans
         try:
             meta = read_metadata(self.checkpoint)
         except (OSError, ValueError) as e:
@@ -84,6 +118,8 @@ class MaskConfig:
     min_num_patches: int = opt(16, "smallest block (block masking)")
     max_num_patches: int | None = opt(None, "largest block (None = no limit)")
     min_aspect: float = opt(0.3, "smallest block aspect ratio (the largest is its inverse)")
+    top_up: bool = opt(True, "block masking: add random single patches up to exactly num_masking_patches (BEiT v2); "
+                             "false = BEiT v1, which keeps the count the blocks reached")
 
     def validate(self, prefix: str = "mask.") -> None:
         check(self.num_masking_patches >= 1, f"{prefix}num_masking_patches", "must be >= 1")
@@ -97,7 +133,7 @@ def _model_defaults() -> MIMConfig:
 
 def _optim_defaults() -> OptimConfig:
     return OptimConfig(lr=1.5e-3, min_lr=1e-5, warmup_epochs=10.0, betas=(0.9, 0.999), weight_decay=0.05,
-                       clip_grad=3.0)
+                       clip_grad=3.0, official_no_decay=True)
 
 
 def _train_defaults() -> TrainConfig:
@@ -154,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         seed_everything(cfg.train.seed)  # identical initial model on every rank
         b = cfg.model.backbone
         if cfg.model.target == "tokens":
-            tokenizer, kind, _ = load_model(cfg.tokenizer.checkpoint)
+            tokenizer, kind = cfg.tokenizer.load()
             make_task, second_size = (lambda m: MIMTask(m, tokenizer)), tokenizer.img_size
             desc = f"{kind} tokenizer {cfg.tokenizer.checkpoint}"
         else:
@@ -166,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
                                      second_interpolation=a.second_interpolation, normalize=a.normalize,
                                      channels=cfg.data.channels)
         masks = build_mask_generator(m.kind, b.grid_size, m.num_masking_patches, m.min_num_patches,
-                                     m.max_num_patches, m.min_aspect)
+                                     m.max_num_patches, m.min_aspect, top_up=m.top_up)
         train_set = MIMDataset(build_dataset(cfg.data, "train"), transform, masks, seed=cfg.data.seed)
         model = BEiTv2ForMIM(cfg.model)
         if dist.is_main:

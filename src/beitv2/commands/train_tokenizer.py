@@ -68,7 +68,7 @@ class TokenizerAugConfig:
 
 def _optim_defaults() -> OptimConfig:
     return OptimConfig(lr=5e-5, lr_reference_batch=128, min_lr=1e-5, weight_decay=1e-4, warmup_epochs=10.0,
-                       betas=(0.9, 0.99))
+                       betas=(0.9, 0.99), official_no_decay=True)
 
 
 def _train_defaults() -> TrainConfig:

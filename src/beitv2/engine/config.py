@@ -32,7 +32,8 @@ class OptimConfig:
     no_decay_names: tuple[str, ...] = opt(NO_DECAY_NAMES, "parameter-name components exempt from weight decay "
                                                           "(1-d params and biases always are)")
     official_no_decay: bool = opt(False, "exempt only 1-d params, biases, pos_embed and cls_token, as the official "
-                                         "pretraining code does (it decays mask_token and the rel-pos table)")
+                                         "code does (it decays mask_token and the relative position tables); the "
+                                         "pretrain, finetune and train-tokenizer commands default to true")
     layer_decay: float = opt(1.0, "layer-wise lr decay factor (1.0 = off; needs a layer-id function)")
 
     def validate(self, prefix: str = "") -> None:

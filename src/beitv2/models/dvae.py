@@ -1,9 +1,10 @@
-"""BEiT v1's tokenizer: a discrete VAE over pixels (DALL-E style), trained here rather than loaded.
+"""BEiT v1's tokenizer: a discrete VAE over pixels with DALL-E's architecture, loaded or trained here.
 
 BEiT v1 took its visual tokens from OpenAI's frozen DALL-E dVAE encoder (112 px input, downsample 8, 8192 codes,
-``argmax`` of the encoder logits). Those weights cannot be fetched here, so this module trains its own dVAE of the same
-shape: a ResNet-style conv encoder maps an image to logits over ``vocab_size`` codes at every cell of a
-(H/d) x (W/d) grid, a Gumbel-softmax relaxation mixes codebook vectors, and a conv decoder maps them back to pixels.
+``argmax`` of the encoder logits). `beitv2.interop.dalle` loads those released files into this model; it can also
+train its own dVAE of the same shape: a ResNet-style conv encoder maps an image to logits over ``vocab_size`` codes at
+every cell of a (H/d) x (W/d) grid, a Gumbel-softmax relaxation mixes codebook vectors, and a conv decoder maps them
+back to pixels.
 
 API (used by ``beitv2 train-tokenizer --tokenizer.type dvae`` and by MIM pre-training; keep it stable)::
 
@@ -83,6 +84,8 @@ class DVAEConfig:
     kl_weight: float = opt(
         0.01, "weight of the KL to the uniform prior (nats per token vs a per-element rec loss); see docs/dvae.md")
     kl_warmup_steps: int = opt(5_000, "cosine warm-up of the KL weight from 0 (DALL-E: 5000 updates); 0 = none")
+    decoder_stem: bool = opt(False, "a 1x1 conv from the code vectors to the decoder's first width before its blocks "
+                                    "(dVAEs trained by earlier versions); False = DALL-E's decoder layout")
 
     def validate(self, prefix: str = "") -> None:
         p = prefix
@@ -246,14 +249,18 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """conv1 from code vectors -> groups of residual blocks with 2x nearest upsampling -> relu -> conv1 to pixels."""
+    """Groups of residual blocks over the code vectors with 2x nearest upsampling -> relu -> conv1 to pixels.
+
+    DALL-E's layout: its decoder starts with a 1x1 convolution over the one-hot codes (here the codebook lookup)
+    and the first block widens the code vectors itself (a 1x1 ``id_path``). ``decoder_stem`` adds a 1x1 convolution
+    to the first group's width before the blocks instead (the layout of dVAEs trained by earlier versions)."""
 
     def __init__(self, cfg: DVAEConfig, out_chans: int):
         super().__init__()
         widths = _group_widths(cfg)[::-1]
         n = len(widths) * cfg.blocks_per_group
-        layers: list[nn.Module] = [_conv(cfg.code_dim, widths[0], 1)]
-        cin = widths[0]
+        layers: list[nn.Module] = [_conv(cfg.code_dim, widths[0], 1)] if cfg.decoder_stem else []
+        cin = widths[0] if cfg.decoder_stem else cfg.code_dim
         for g, w in enumerate(widths):
             if g > 0:
                 layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
