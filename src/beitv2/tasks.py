@@ -7,6 +7,7 @@ and outside the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,15 @@ class TrainTask(nn.Module):
     def wrap(self, net: nn.Module) -> None:
         self._net = [net]
 
+    @contextlib.contextmanager
+    def unwrapped(self):
+        """Forward through the bare model (validation: no DDP buffer broadcast, a per-batch collective)."""
+        saved, self._net = self._net, []
+        try:
+            yield self
+        finally:
+            self._net = saved
+
     def freeze(self) -> None:
         for name in self.frozen:
             m = getattr(self, name)
@@ -57,7 +67,8 @@ class TrainTask(nn.Module):
         return {}
 
     def evaluate(self, loader, device: torch.device, autocast: Callable) -> dict[str, float]:
-        """Mean of the task's metrics over ``loader`` (all ranks; sums are all-reduced)."""
+        """Mean of the task's metrics over ``loader``. No collective inside the loop (ranks may see different
+        numbers of batches, or skip an unreadable one): the sums are all-reduced once at the end."""
         sums: dict[str, float] = {}
         n = 0
         for batch in loader:
@@ -75,9 +86,11 @@ class TrainTask(nn.Module):
 
 
 def _mean_over_ranks(sums: dict[str, float], n: int, device: torch.device) -> dict[str, float]:
-    keys = sorted(sums)
-    t = D.all_reduce_sum(torch.tensor([sums[k] for k in keys] + [n], dtype=torch.float64, device=device)).tolist()
-    return {k: v / max(t[-1], 1) for k, v in zip(keys, t)}
+    """Sums / image count over all ranks, plus ``images``; a rank that saw no batch still takes part."""
+    keys = sorted(set().union(*D.all_gather_object(sorted(sums))))
+    t = torch.tensor([sums.get(k, 0.0) for k in keys] + [n], dtype=torch.float64, device=device)
+    t = D.all_reduce_sum(t).tolist()
+    return {**{k: v / max(t[-1], 1) for k, v in zip(keys, t)}, "images": int(t[-1])}
 
 
 class TokenizerTask(TrainTask):
@@ -105,7 +118,8 @@ class TokenizerTask(TrainTask):
     @torch.no_grad()
     def evaluate(self, loader, device: torch.device, autocast: Callable) -> dict[str, float]:
         """Teacher cosine similarity, losses and codebook health on the validation split (no autocast, as the
-        official `evaluate`). Training-time usage counts are saved and restored around the pass."""
+        official `evaluate`). Training-time usage counts are saved and restored around the pass; the pass's counts
+        are kept per rank and all-reduced once after the loop (ranks may see different numbers of batches)."""
         q = self.model.quantize
         saved = q.usage_counts.clone()
         q.reset_usage()
@@ -118,13 +132,14 @@ class TokenizerTask(TrainTask):
             images = batch["tokenizer_image"].to(device, non_blocking=True)
             target = self.teacher(images)
             loss, metrics = self.model(images, target)
-            q.record_usage(self.model.tokenize(images))
+            q.record_usage(self.model.tokenize(images), reduce=False)
             b = images.shape[0]
             for k in ("rec_loss", "quant_loss", "teacher_cos"):
                 sums[k] = sums.get(k, 0.0) + float(metrics[k]) * b
             sums["loss"] = sums.get("loss", 0.0) + float(loss) * b
             n += b
         out = _mean_over_ranks(sums, n, device)
+        D.all_reduce_sum(q.usage_counts)
         out.update({f"codebook_{k}": v for k, v in q.usage_stats().items()})
         q.usage_counts.copy_(saved)
         return out

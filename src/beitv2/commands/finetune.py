@@ -181,7 +181,7 @@ def _history(out: Path) -> list[dict]:
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(FinetuneConfig, args)
-    dist = init_distributed(cfg.train.device)
+    dist = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
     quiet_other_ranks(dist.rank)
     try:
         seed_everything(cfg.train.seed)  # the same head init on every rank

@@ -63,14 +63,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     configure_parser(parser, KNNCommandConfig)
 
 
-def evaluate_knn(feats, cfg: KNNConfig) -> dict:
+def evaluate_knn(feats, cfg: KNNConfig, device=None) -> dict:
     """{'layers': {block: {k: {acc1, acc5}}}, best block / k} from `SplitFeatures`."""
     ks = tuple(sorted({int(k) for k in cfg.k}))
     results: dict[str, dict[str, dict[str, float]]] = {}
     best = (-1.0, 0, 0)
     for x in sorted(feats.val):
         scores = knn_scores(feats.train[x], feats.train_labels, feats.val[x], feats.num_classes, ks,
-                            cfg.temperature, cfg.chunk_size)
+                            cfg.temperature, cfg.chunk_size, device=device)
         results[str(x)] = {str(k): accuracy(scores[k], feats.val_labels) for k in ks}
         for k in ks:
             best = max(best, (results[str(x)][str(k)]["acc1"], x, k))
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         feats = features_for_splits(cfg.model, cfg.features, data, backbone, layers, cfg.knn.crop_pct,
                                     norm, dist.device, cfg.run.precision, cfg.run.progress)
         if dist.is_main:
-            metrics = evaluate_knn(feats, cfg.knn)
+            metrics = evaluate_knn(feats, cfg.knn, dist.device)
             metrics.update(source=desc, feature=cfg.features.feature, normalize=norm)
             out = Path(cfg.run.output_dir)
             out.mkdir(parents=True, exist_ok=True)

@@ -70,7 +70,7 @@ def augment_transform(img_size: tuple[int, int], min_scale: float, normalize: st
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(LinProbeConfig, args)
-    dist = init_distributed(cfg.train.device)
+    dist = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
     quiet_other_ranks(dist.rank)
     try:
         seed_everything(cfg.train.seed)  # the same random-init baseline on every rank

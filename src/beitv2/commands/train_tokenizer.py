@@ -106,7 +106,7 @@ def build_task(cfg: TrainTokenizerConfig) -> tuple[torch.nn.Module, str, object]
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(TrainTokenizerConfig, args)
-    dist = init_distributed(cfg.train.device)
+    dist = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
     quiet_other_ranks(dist.rank)
     try:
         seed_everything(cfg.train.seed)  # identical models and teacher on every rank

@@ -64,6 +64,8 @@ class TrainConfig:
     device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N (under torchrun: LOCAL_RANK)")
     seed: int = opt(0, "seed of the models' init (same on all ranks), of the data (seed, epoch, index) and of "
                        "training randomness (seed + rank)")
+    dist_timeout_min: float = opt(30.0, "how long any rank waits in a collective (incl. the barriers behind which rank "
+                                        "0 writes a checkpoint) before the job fails, in minutes")
     find_unused_parameters: bool = opt(False, "DDP find_unused_parameters (the official code uses True)")
     save_every_steps: int = opt(0, "also save a checkpoint every N optimizer steps (0 = only at epoch ends)")
     keep_last: int = opt(3, "checkpoints kept in output_dir (older ones are deleted)")
@@ -78,6 +80,7 @@ class TrainConfig:
     def validate(self, prefix: str = "") -> None:
         for name in ("epochs", "batch_size", "accum_steps", "keep_last", "log_every_steps"):
             check(getattr(self, name) >= 1, f"{prefix}{name}", f"must be >= 1, got {getattr(self, name)}")
+        check(self.dist_timeout_min > 0, f"{prefix}dist_timeout_min", f"must be > 0, got {self.dist_timeout_min}")
         for name in ("save_every_steps", "stop_after_steps", "eval_every_epochs"):
             check(getattr(self, name) >= 0, f"{prefix}{name}", f"must be >= 0, got {getattr(self, name)}")
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"{prefix}device",

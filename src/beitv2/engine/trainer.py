@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from ..config import ConfigError, save_yaml, to_dict
 from ..data.shards import StreamPlan
@@ -144,7 +144,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(self.cfg.seed + self.dist.rank)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=self.collate_fn, drop_last=drop_last, pin_memory=self.device.type == "cuda",
-                          generator=gen)
+                          generator=gen, worker_init_fn=D.worker_ignores_stop_signals if self.num_workers else None)
 
     def _resume(self) -> Path | None:
         ckpt = None
@@ -166,6 +166,9 @@ class Trainer:
         rngs = st.get("rng", [])
         if len(rngs) == self.dist.world_size:
             S.set_rng_state(rngs[self.dist.rank])
+            if self.device.type == "cuda" and "cuda" not in rngs[self.dist.rank]:
+                # written on CPU: without this every rank would keep the command's common CUDA seed
+                torch.cuda.manual_seed(self.cfg.seed + self.dist.rank + self.global_step)
         else:
             log.warning("world size changed (%d -> %d): re-seeding instead of restoring RNG states", len(rngs),
                         self.dist.world_size)
@@ -329,9 +332,10 @@ class Trainer:
                     if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0:
                         ckpt = self.save()
             except RuntimeError as e:  # a second Ctrl-C (KeyboardInterrupt) aborts without saving
-                if isinstance(e, NonFiniteLossError) or not stop.signum:
-                    raise
-                # the loader's workers died of the same Ctrl-C: the state is that of the last finished step
+                if isinstance(e, NonFiniteLossError) or not stop.signum or self.dist.enabled:
+                    raise  # several ranks: the others may be inside a step's collective; no save can be agreed
+                # the loader's workers died of the same Ctrl-C (they ignore it; a custom loader may not): the state
+                # is that of the last finished step
                 self.optimizer.zero_grad(set_to_none=True)
                 status = "interrupted"
             if status == "finished" and self.global_step < (epoch + 1) * self.steps_per_epoch:
@@ -386,12 +390,20 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """The task's validation pass over ``val_set`` (sharded over ranks; the task all-reduces)."""
-        sampler = (DistributedSampler(self.val_set, self.dist.world_size, self.dist.rank, shuffle=False)
-                   if self.dist.enabled and not isinstance(self.val_set, IterableDataset) else None)
+        """The task's validation pass over ``val_set``.
+
+        Ranks see disjoint parts (every image once; a DistributedSampler would pad with repeats) and may see
+        different numbers of batches, so the task reduces its sums once after its loop and runs the bare model:
+        the DDP forward broadcasts buffers, a collective every rank would have to reach per batch.
+        """
+        val = self.val_set
+        if self.dist.enabled and not isinstance(val, IterableDataset):
+            val = Subset(val, range(self.dist.rank, len(val), self.dist.world_size))
         bs = max(1, int(1.5 * self.cfg.batch_size))  # the official eval batch
-        loader = self._loader(self.val_set, sampler, bs, drop_last=False)
+        loader = self._loader(val, None, bs, drop_last=False)
         self.task.eval()
-        out = self.task.evaluate(loader, self.device, lambda: autocast(self.device, self.precision))
-        self.task.train()
-        return out
+        try:
+            with self.task.unwrapped():
+                return self.task.evaluate(loader, self.device, lambda: autocast(self.device, self.precision))
+        finally:
+            self.task.train()

@@ -29,7 +29,7 @@ from ..config import ConfigError, check, opt, to_dict
 from ..data import DataConfig, EvalTransform, build_dataset, collate_skip_bad
 from ..data.mim_dataset import TransformDataset, for_loader
 from ..engine import distributed as D
-from ..engine.precision import autocast
+from ..engine.precision import autocast, resolve_precision
 from ..models.backbone import BEiTViT, ViTConfig
 
 log = logging.getLogger("beitv2.eval")
@@ -287,7 +287,8 @@ def extract(model: BEiTViT, dataset: Dataset, layers: Sequence[int], feature: st
             ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Features {layer: [N, F]} and labels [N] of a whole data set (CPU float32), sharded over ranks.
 
-    Unreadable images are dropped (reported by the data set); under torchrun every rank gets the full result.
+    Unreadable images are dropped (reported by the data set); under torchrun every rank gets the full result,
+    gathered as tensors in chunks (`beitv2.engine.distributed.gather_rows`), ordered by rank.
     """
     device = device or torch.device("cpu")
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
@@ -295,8 +296,10 @@ def extract(model: BEiTViT, dataset: Dataset, layers: Sequence[int], feature: st
     if world > 1 and not isinstance(dataset, IterableDataset):
         dataset = Subset(dataset, range(rank, len(dataset), world))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_skip_bad, pin_memory=device.type == "cuda")
+                        collate_fn=collate_skip_bad, pin_memory=device.type == "cuda",
+                        worker_init_fn=D.worker_ignores_stop_signals if num_workers else None)
     model = model.to(device).eval()
+    precision = resolve_precision(precision, device)
     feats: dict[int, list[torch.Tensor]] = {x: [] for x in layers}
     labels: list[torch.Tensor] = []
     bar = None
@@ -323,8 +326,8 @@ def extract(model: BEiTViT, dataset: Dataset, layers: Sequence[int], feature: st
              torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long))
     if world == 1:
         return local
-    parts = D.all_gather_object(local)
-    return ({x: torch.cat([p[0][x] for p in parts]) for x in layers}, torch.cat([p[1] for p in parts]))
+    # tensors in chunks, not all_gather_object: pickling every rank's part costs several copies of the whole set
+    return {x: D.gather_rows(local[0][x]) for x in layers}, D.gather_rows(local[1])
 
 
 def cached_extract(cache_dir: str, key: dict, compute) -> tuple[dict[int, torch.Tensor], torch.Tensor]:

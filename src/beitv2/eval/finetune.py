@@ -214,6 +214,19 @@ def ema_of(model: nn.Module) -> nn.Module | None:
 
 # ----------------------------------------------------------------------------------------------------- task
 
+def even_batch(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's Mixup/CutMix needs an even batch (it mixes sample i with sample B-1-i): a batch made odd by a skipped
+    unreadable image loses its last sample (a batch of one is paired with itself), and the log says so."""
+    b = x.shape[0]
+    if b % 2 == 0:
+        return x, y
+    if b == 1:
+        log.warning("Mixup/CutMix: a batch of 1 image (others unreadable) is mixed with itself")
+        return torch.cat([x, x]), torch.cat([y, y])
+    log.warning("Mixup/CutMix: odd batch of %d (an unreadable image was skipped): its last image is left out", b)
+    return x[:-1], y[:-1]
+
+
 class ClassificationTask(TrainTask):
     """Mixup/CutMix + the official loss choice in training; top-1/top-5 (and EMA's) on validation, keeping the best
     model in ``<out>/best/``."""
@@ -238,6 +251,7 @@ class ClassificationTask(TrainTask):
         x, y = batch["image"], batch["label"]
         target = y
         if self.mixup is not None:
+            x, y = even_batch(x, y)
             x, target = self.mixup(x, y)
         logits = self.net(x)
         loss = self.criterion(logits.float(), target)

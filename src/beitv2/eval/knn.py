@@ -36,19 +36,33 @@ class KNNConfig:
 
 @torch.no_grad()
 def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: torch.Tensor, num_classes: int,
-               ks: tuple[int, ...] = (20,), temperature: float = 0.07, chunk_size: int = 1024
-               ) -> dict[int, torch.Tensor]:
-    """Class scores [num_val, num_classes] for every k in ``ks`` (k is capped at the number of training samples)."""
-    train = F.normalize(train_feats.float(), dim=1)
-    val = F.normalize(val_feats.float(), dim=1)
+               ks: tuple[int, ...] = (20,), temperature: float = 0.07, chunk_size: int = 1024,
+               device: torch.device | str | None = None, train_chunk: int = 65536) -> dict[int, torch.Tensor]:
+    """Class scores [num_val, num_classes] (on the CPU) for every k in ``ks`` (k is capped at the number of training
+    samples).
+
+    Runs on ``device`` (the accelerator; default: where the features are). The normalised training features are
+    moved there once; similarities are computed in blocks of ``chunk_size`` validation x ``train_chunk`` training
+    samples, keeping a running top-k, so the largest temporary is that block, not num_val x num_train.
+    """
+    device = torch.device(device) if device is not None else train_feats.device
+    train = F.normalize(train_feats.to(device, torch.float32), dim=1)
+    labels = train_labels.to(device).long()
     kmax = min(max(ks), train.shape[0])
     out: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
-    for s in range(0, val.shape[0], chunk_size):
-        sim = val[s:s + chunk_size] @ train.t()
-        top_sim, top_idx = sim.topk(kmax, dim=1)  # sorted, most similar first
+    for s in range(0, val_feats.shape[0], chunk_size):
+        val = F.normalize(val_feats[s:s + chunk_size].to(device, torch.float32), dim=1)
+        top_sim = torch.empty(val.shape[0], 0, device=device)
+        top_idx = torch.empty(val.shape[0], 0, dtype=torch.long, device=device)
+        for t in range(0, train.shape[0], train_chunk):
+            sim = val @ train[t:t + train_chunk].t()
+            blk_sim, blk_idx = sim.topk(min(kmax, sim.shape[1]), dim=1)
+            top_sim, pick = torch.cat([top_sim, blk_sim], 1).topk(min(kmax, top_sim.shape[1] + blk_sim.shape[1]),
+                                                                  dim=1)  # sorted, most similar first
+            top_idx = torch.cat([top_idx, blk_idx + t], 1).gather(1, pick)
         weights = (top_sim / temperature).exp()
-        one_hot = F.one_hot(train_labels[top_idx].long(), num_classes).float()  # [b, kmax, C]
+        one_hot = F.one_hot(labels[top_idx], num_classes).float()  # [b, kmax, C]
         for k in ks:
             kk = min(k, kmax)
-            out[k].append((one_hot[:, :kk] * weights[:, :kk, None]).sum(dim=1))
+            out[k].append((one_hot[:, :kk] * weights[:, :kk, None]).sum(dim=1).cpu())
     return {k: torch.cat(v) if v else torch.zeros(0, num_classes) for k, v in out.items()}

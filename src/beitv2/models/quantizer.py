@@ -78,12 +78,14 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def kmeans_cosine(samples: torch.Tensor, k: int, iters: int, generator: torch.Generator | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans_cosine(samples: torch.Tensor, k: int, iters: int, generator: torch.Generator | None = None,
+                  chunk_bytes: int = 256 << 20) -> tuple[torch.Tensor, torch.Tensor]:
     """Spherical k-means on unit vectors. Returns (unit-norm means [k, D], cluster sizes [k]).
 
     Initial means are drawn without replacement when there are enough samples, else with replacement (official).
-    Empty clusters keep their previous mean.
+    Empty clusters keep their previous mean. Assignments are computed in row blocks of at most ``chunk_bytes`` of
+    similarities, so the init on all ranks' vectors never holds an N_total x K matrix (8 ranks x 64 images x 196
+    patches x 8192 codes would be 3.3 GB in fp32).
     """
     n = samples.shape[0]
     if n >= k:
@@ -92,8 +94,9 @@ def kmeans_cosine(samples: torch.Tensor, k: int, iters: int, generator: torch.Ge
         idx = torch.randint(0, n, (k,), generator=generator, device="cpu")
     means = samples[idx.to(samples.device)].clone()
     bins = torch.zeros(k, device=samples.device)
+    rows = max(1, chunk_bytes // (4 * k))
     for _ in range(iters):
-        assign = (samples @ means.t()).argmax(dim=-1)
+        assign = torch.cat([(samples[s:s + rows] @ means.t()).argmax(dim=-1) for s in range(0, n, rows)])
         bins = torch.bincount(assign, minlength=k).to(samples.dtype)
         sums = torch.zeros_like(means).index_add_(0, assign, samples)
         new = F.normalize(sums, dim=-1)
