@@ -143,6 +143,15 @@ def test_mixup_gets_an_even_batch():
         assert x.shape[0] == y.shape[0] == (2 if b == 1 else b - b % 2)
         mx, target = mix(x, y)  # timm asserts an even batch
         assert target.shape == (x.shape[0], 3)
+    # the fine-tuning task itself, on a batch of 3 (one of 4 images was unreadable)
+    from timm.loss import SoftTargetCrossEntropy
+
+    from beitv2.eval.finetune import ClassificationTask
+
+    task = ClassificationTask(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 3)),
+                              SoftTargetCrossEntropy(), mix)
+    loss, _ = task({"image": torch.rand(3, 3, 8, 8), "label": torch.tensor([0, 1, 2])})
+    assert torch.isfinite(loss)
 
 
 # ------------------------------------------------------------------------------------------ several processes
