@@ -40,6 +40,7 @@ class RunSection:
     precision: str = opt("bf16", "autocast dtype of the feature pass: bf16, fp16 or fp32")
     seed: int = opt(0, "seed (random-init baselines)")
     progress: bool = opt(True, "progress bar")
+    dist_timeout_min: float = opt(30.0, "under torchrun/srun: how long a rank waits in a collective, in minutes")
 
     def validate(self, prefix: str = "run.") -> None:
         from ..config import check
@@ -48,6 +49,7 @@ class RunSection:
                                                                                  f"{self.precision!r}")
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), prefix + "device",
               f"auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check(self.dist_timeout_min > 0, prefix + "dist_timeout_min", "must be > 0")
 
 
 @dataclass
@@ -82,7 +84,7 @@ def evaluate_knn(feats, cfg: KNNConfig, device=None) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(KNNCommandConfig, args)
-    dist = init_distributed(cfg.run.device)
+    dist = init_distributed(cfg.run.device, cfg.run.dist_timeout_min)
     quiet_other_ranks(dist.rank)
     try:
         seed_everything(cfg.run.seed)
