@@ -519,10 +519,10 @@ def test_cli_convert_errors(tmp_path, capsys):
     vq = save_official(tmp_path / "vqkd.pth", official_vqkd())
     assert cli_main(["convert", "--from", "official-finetune", "--to", "beitv2", vq, str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert "beitv2 convert: error:" in err and "cls_token" in err
+    assert "beitv2 convert: configuration error: input:" in err and "cls_token" in err
     assert cli_main(["convert", "--from", "official-vqkd", "--to", "beitv2", "--img-size", "48", vq,
                      str(tmp_path / "o")]) == 2
-    assert "--img-size" in capsys.readouterr().err
+    assert "model.img_size" in capsys.readouterr().err
     assert cli_main(["convert", "--from", "official-pretrain", "--to", "timm", str(tmp_path / "none.pth"),
                      str(tmp_path / "o")]) == 2
     assert "not found" in capsys.readouterr().err

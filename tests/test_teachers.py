@@ -77,12 +77,16 @@ def test_resize_normalisation_override_and_grid_resampling(clip_dir):
     assert teacher(x[:, :1]).shape == (2, 16, 24)  # a grayscale view is repeated to 3 channels
 
 
-def test_processor_config_gives_normalisation(tmp_path):
+@pytest.mark.parametrize("typed", [True, False])
+def test_processor_config_gives_normalisation(tmp_path, typed):
+    """Read through AutoImageProcessor (typed file) or the family's processor class (a lone vision tower)."""
     model = tr.CLIPVisionModelWithProjection(tr.CLIPVisionConfig(projection_dim=8, **TINY))
     model.save_pretrained(tmp_path)
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.3, 0.2, 0.1], "crop_size": {"height": 48, "width": 48},
-         "do_center_crop": True}))
+    pp = {"image_mean": [0.1, 0.2, 0.3], "image_std": [0.3, 0.2, 0.1], "crop_size": {"height": 48, "width": 48},
+          "do_center_crop": True}
+    if typed:
+        pp["image_processor_type"] = "CLIPImageProcessor"
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(pp))
     teacher = _hf(tmp_path)
     assert teacher.mean == (0.1, 0.2, 0.3) and teacher.std == (0.3, 0.2, 0.1) and teacher.input_size == (48, 48)
     assert teacher(torch.rand(1, 3, 32, 32)).shape == (1, 4, 8)  # 3x3 CLIP grid resampled to 2x2

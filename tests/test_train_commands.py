@@ -23,7 +23,7 @@ from beitv2.checkpoint import load_model, load_state_dict
 from beitv2.cli import main
 from beitv2.engine import state as S
 
-TEACHER = {"kind": "timm", "name_or_path": "vit_tiny_patch16_224",
+TEACHER = {"kind": "timm", "name_or_path": "vit_tiny_patch16_224", "random_init": True,
            "model_kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}}
 VQKD = {"encoder": {"img_size": [16], "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},
         "decoder_depth": 1, "quantizer": {"num_codes": 64, "code_dim": 8}, "teacher_dim": 32}

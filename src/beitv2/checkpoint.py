@@ -107,7 +107,13 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(p))
-    return torch.load(p, map_location="cpu", weights_only=True)
+    import pickle
+
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{p}: a pickle that is not weights-only (refused: loading it could run code); "
+                         f"{str(e).splitlines()[0]}") from None
 
 
 def load_model(path: str | Path, strict: bool = True) -> tuple[nn.Module, str, dict]:

@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-from .config import ConfigError
+from .config import ConfigError, ConfigPrinted
 
 COMMANDS = {
     "train-tokenizer": "train_tokenizer",
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args._run(args) or 0)
+    except ConfigPrinted:
+        return 0
     except ConfigError as e:
         print(f"beitv2 {args.command}: configuration error: {e}", file=sys.stderr)
         return 2

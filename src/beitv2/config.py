@@ -9,9 +9,12 @@ compute with a message naming the field.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import pickle
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -22,6 +25,35 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message starts with the dotted field name."""
+
+
+class ConfigPrinted(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """``--print-config`` printed the resolved configuration; the command stops with exit status 0."""
+
+
+def one_line(e: BaseException, limit: int = 400) -> str:
+    """An exception's message on one line, cut at ``limit`` characters (library errors can run over many lines)."""
+    text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def reading(option: str, what: str = "") -> Iterator[None]:
+    """Turn any failure to read the file an option names into a one-line `ConfigError` naming that option.
+
+    Readers fail in many ways on a wrong file (missing, not safetensors, a pickle that is not weights-only, weights
+    of another model); all of them are the user's input, not a bug, so none deserves a traceback.
+    """
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ConfigError(f"{option}: {what}{one_line(e)}") from None
+    except Exception as e:  # safetensors' SafetensorError derives from Exception only
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ConfigError(f"{option}: {what}not a safetensors file ({one_line(e)})") from None
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING, **meta: Any) -> Any:
@@ -150,13 +182,20 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if get_origin(base) is Literal:
             choices = " {" + ",".join(str(c) for c in get_args(base)) + "}"
         default = _leaf_default(cls, name)
+        help_text = f"{f.metadata.get('help', '')}{choices} (default: {_fmt_default(default)})"
+        if base is bool:  # --x (true), --x false, --no-x
+            groups[section].add_argument(f"--{name}", dest=f"cfg::{name}", default=None, nargs="?", const="true",
+                                         metavar="true|false", help=help_text)
+            groups[section].add_argument(f"--no-{name}", dest=f"cfg::{name}", action="store_const", const="false",
+                                         help=f"same as --{name} false")
+            continue
         groups[section].add_argument(
             f"--{name}",
             dest=f"cfg::{name}",
             default=None,
             nargs="+" if get_origin(base) in (tuple, list) else None,
             metavar=name.rsplit(".", 1)[-1].upper(),
-            help=f"{f.metadata.get('help', '')}{choices} (default: {_fmt_default(default)})",
+            help=help_text,
         )
 
 
@@ -235,7 +274,10 @@ def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config: file not found: {p}")
-    data = yaml.safe_load(p.read_text()) or {}
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config: {p} is not valid YAML ({one_line(e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config: {p} must hold a mapping at the top level")
     return data
@@ -263,5 +305,10 @@ def build_config(cls: type[T], args: argparse.Namespace | None = None, preset: d
     return cfg
 
 
+def dump_yaml(cfg: Any) -> str:
+    """The resolved configuration as YAML (what ``--print-config`` prints and runs save as config.yaml)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_yaml(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    Path(path).write_text(dump_yaml(cfg))

@@ -18,7 +18,6 @@ What each adapter returns (last layer, prefix tokens dropped):
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, check, opt
+from .config import ConfigError, check, opt, reading
 from .data.transforms import (
     CLIP_MEAN,
     CLIP_STD,
@@ -141,31 +140,46 @@ _HF_FAMILY = {"clip": "clip", "clip_vision_model": "clip", "vit": "vit", "dinov2
               "dinov2_with_registers": "dinov2", "siglip": "siglip", "siglip_vision_model": "siglip"}
 
 
-def _hf_processor_config(name_or_path: str, local_files_only: bool) -> dict:
-    """The model's ``preprocessor_config.json`` as a dict ({} when it has none)."""
-    if os.path.isdir(name_or_path):
-        p = os.path.join(name_or_path, "preprocessor_config.json")
-        return json.loads(open(p).read()) if os.path.isfile(p) else {}
+_HF_PROCESSOR = {"clip": "CLIPImageProcessor", "vit": "ViTImageProcessor", "dinov2": "BitImageProcessor",
+                 "siglip": "SiglipImageProcessor"}
+
+
+def _hf_processor(name_or_path: str, local_files_only: bool, family: str) -> Any:
+    """The model's image processor (transformers' `AutoImageProcessor`), or None when it has none.
+
+    A vision tower saved on its own (``clip_vision_model``) has a model type `AutoImageProcessor` does not map; its
+    ``preprocessor_config.json`` is then read by the family's processor class.
+    """
+    import transformers as tr
+
+    kw = {"local_files_only": local_files_only}
     try:
-        from transformers.utils import cached_file
+        return tr.AutoImageProcessor.from_pretrained(name_or_path, **kw)
+    except OSError:  # no preprocessor_config.json: the family's defaults apply
+        return None
+    except ValueError:  # a config AutoImageProcessor cannot map to a class
+        try:
+            return getattr(tr, _HF_PROCESSOR[family]).from_pretrained(name_or_path, **kw)
+        except (OSError, ValueError):
+            return None
 
-        p = cached_file(name_or_path, "preprocessor_config.json", local_files_only=local_files_only,
-                        _raise_exceptions_for_missing_entries=False)
-        return json.loads(open(p).read()) if p else {}
-    except OSError:
-        return {}
 
+def _processor_size(proc: Any) -> tuple[int, int] | None:
+    """The processor's input resolution: its centre crop when it crops, else its resize target."""
 
-def _processor_size(pp: dict) -> tuple[int, int] | None:
-    size = pp.get("crop_size") if pp.get("do_center_crop", "crop_size" in pp) else None
-    size = size or pp.get("size")
-    if isinstance(size, int):
-        return (size, size)
-    if isinstance(size, dict):
-        if "height" in size and "width" in size:
-            return (int(size["height"]), int(size["width"]))
-        if "shortest_edge" in size:
-            return (int(size["shortest_edge"]),) * 2
+    def get(d: Any, key: str) -> Any:
+        return d.get(key) if isinstance(d, dict) else getattr(d, key, None)
+
+    crop = getattr(proc, "crop_size", None) if getattr(proc, "do_center_crop", False) else None
+    for size in (crop, getattr(proc, "size", None)):
+        if isinstance(size, int):
+            return (size, size)
+        if size is None:
+            continue
+        if get(size, "height") and get(size, "width"):
+            return (int(get(size, "height")), int(get(size, "width")))
+        if get(size, "shortest_edge"):
+            return (int(get(size, "shortest_edge")),) * 2
     return None
 
 
@@ -216,10 +230,10 @@ class HFTeacher(Teacher):
             if hasattr(vision, "use_head"):
                 vision.use_head = False  # the attention-pooled embedding is not needed
             vcfg, num_prefix = vision.config, 0  # HF's last_hidden_state is already after post_layernorm
-        pp = _hf_processor_config(name_or_path, local_files_only)
-        default = (pp["image_mean"], pp["image_std"]) if "image_mean" in pp and "image_std" in pp \
-            else _HF_DEFAULT_STATS[family]
-        size = input_size or _processor_size(pp) or vcfg.image_size
+        proc = _hf_processor(name_or_path, local_files_only, family)
+        pmean, pstd = getattr(proc, "image_mean", None), getattr(proc, "image_std", None)
+        default = (pmean, pstd) if pmean is not None and pstd is not None else _HF_DEFAULT_STATS[family]
+        size = input_size or (_processor_size(proc) if proc is not None else None) or vcfg.image_size
         dim = self_proj.out_features if isinstance(self_proj, nn.Linear) else vcfg.hidden_size
         super().__init__(grid_size, size, *_stats(mean, std, default), dim, bf16)
         self.model_type = model_type
@@ -241,15 +255,28 @@ class HFTeacher(Teacher):
 # ------------------------------------------------------------------------------------------------------------ timm
 
 class TimmTeacher(Teacher):
-    """A timm model by name with optional weights; features = ``forward_features`` minus its prefix tokens."""
+    """A timm model by name; features = ``forward_features`` minus its prefix tokens.
+
+    Weights: ``checkpoint`` when given, else timm's pretrained weights for the name (``pretrained=True``: timm
+    fetches them through huggingface_hub, so its cache, ``HF_HUB_OFFLINE=1`` and ``HF_HOME`` apply), else, only with
+    ``pretrained=False``, random ones.
+    """
 
     def __init__(self, name: str, grid_size: int | Sequence[int], checkpoint: str = "",
                  input_size: int | Sequence[int] = 0, mean: Sequence[float] | None = None,
-                 std: Sequence[float] | None = None, bf16: bool = True, model_kwargs: dict | None = None):
+                 std: Sequence[float] | None = None, bf16: bool = True, model_kwargs: dict | None = None,
+                 pretrained: bool = True):
         import timm
         from timm.models import load_state_dict
 
-        model = timm.create_model(name, pretrained=False, num_classes=0, **(model_kwargs or {}))
+        try:
+            model = timm.create_model(name, pretrained=pretrained and not checkpoint, num_classes=0,
+                                      **(model_kwargs or {}))
+        except (OSError, RuntimeError, ValueError) as e:
+            if not (pretrained and not checkpoint):
+                raise
+            raise ValueError(f"timm could not load pretrained weights for {name} ({str(e).splitlines()[0]}); give "
+                             "teacher.checkpoint, or teacher.random_init true for random weights") from e
         if checkpoint:
             state = load_state_dict(checkpoint, weights_only=True)
             own = model.state_dict()
@@ -358,7 +385,10 @@ class TeacherConfig:
     mean: tuple[float, ...] = opt((), "override the normalisation mean (empty: the model's own)")
     std: tuple[float, ...] = opt((), "override the normalisation std (empty: the model's own)")
     bf16: bool = opt(True, "run the teacher in bf16 autocast (official: fp16 autocast)")
-    local_files_only: bool = opt(False, "hf: never contact the hub (only the local cache or a directory)")
+    local_files_only: bool = opt(False, "hf: never contact the hub (only the local cache or a directory); "
+                                        "HF_HUB_OFFLINE=1 does the same for every kind")
+    random_init: bool = opt(False, "timm/open_clip without a checkpoint: random weights instead of the pretrained "
+                                   "ones (only for testing a pipeline: the codes then mean nothing)")
     model_kwargs: dict = dataclasses.field(default_factory=dict, metadata={
         "help": "timm/open_clip: extra create_model arguments, e.g. {img_size: 64}"})
 
@@ -376,6 +406,15 @@ class TeacherConfig:
             check(self.kind in ("timm", "open_clip"), f"{prefix}checkpoint",
                   "only for kind timm/open_clip (hf and beitv2 load from name_or_path)")
             check(os.path.isfile(self.checkpoint), f"{prefix}checkpoint", f"file not found: {self.checkpoint}")
+        if self.random_init:
+            check(self.kind in ("timm", "open_clip"), f"{prefix}random_init",
+                  f"only for kind timm/open_clip ({self.kind} teachers always load their weights)")
+            check(not self.checkpoint, f"{prefix}random_init", "give either a checkpoint or random_init, not both")
+        if self.kind == "open_clip" and not (self.checkpoint or self.random_init
+                                             or self.name_or_path.startswith(("hf-hub:", "local-dir:"))):
+            raise ConfigError(f"{prefix}name_or_path: open_clip model {self.name_or_path!r} has no weights: give "
+                              f"{prefix}checkpoint, an 'hf-hub:ID' or 'local-dir:PATH' name, or {prefix}random_init "
+                              "true for random weights")
         if self.kind == "beitv2":
             check(os.path.exists(self.name_or_path), f"{prefix}name_or_path", f"not found: {self.name_or_path}")
         if self.kind == "hf" and self.name_or_path.startswith(("/", "./", "../", "~")):
@@ -387,18 +426,15 @@ def build_teacher(cfg: TeacherConfig, grid_size: int | Sequence[int]) -> Teacher
     """The frozen teacher for a tokenizer with patch grid ``grid_size``."""
     cfg.validate("teacher.")
     common = {"input_size": cfg.input_size, "mean": cfg.mean or None, "std": cfg.std or None, "bf16": cfg.bf16}
-    try:
+    option = "teacher.checkpoint" if cfg.checkpoint else "teacher.name_or_path"
+    with reading(option, f"cannot build a {cfg.kind} teacher from {cfg.name_or_path!r}: "):
         if cfg.kind == "hf":
             return HFTeacher(cfg.name_or_path, grid_size, local_files_only=cfg.local_files_only, **common)
         if cfg.kind == "timm":
             return TimmTeacher(cfg.name_or_path, grid_size, checkpoint=cfg.checkpoint, model_kwargs=cfg.model_kwargs,
-                               **common)
+                               pretrained=not cfg.random_init, **common)
         if cfg.kind == "open_clip":
             return OpenCLIPTeacher(cfg.name_or_path, grid_size, checkpoint=cfg.checkpoint,
                                    model_kwargs=cfg.model_kwargs, **common)
         return BEiTTeacher(cfg.name_or_path, grid_size, **common)
-    except (OSError, ValueError, TypeError, RuntimeError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"teacher.name_or_path: cannot build a {cfg.kind} teacher from {cfg.name_or_path!r}: "
-                          f"{e}") from e
+

@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from ..config import ConfigError, add_arguments, build_config
+from ..config import ConfigError, ConfigPrinted, add_arguments, build_config, dump_yaml
 
 T = TypeVar("T")
 
@@ -41,13 +41,29 @@ def configure_parser(parser: argparse.ArgumentParser, cfg_cls: type) -> None:
                         help="YAML file of options (overrides the preset; command-line options override it)")
     parser.add_argument("--preset", metavar="NAME", default=None,
                         help=f"a recipe from configs/ ({', '.join(list_presets())})")
+    add_print_config(parser)
     add_arguments(parser, cfg_cls)
+
+
+def add_print_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration (defaults < preset < --config < options) as YAML "
+                             "and exit")
+
+
+def maybe_print_config(cfg: Any, args: argparse.Namespace) -> None:
+    """With ``--print-config``: print ``cfg`` as YAML and stop the command (exit status 0)."""
+    if getattr(args, "print_config", False):
+        print(dump_yaml(cfg) if not isinstance(cfg, dict) else yaml.safe_dump(cfg, sort_keys=False), end="")
+        raise ConfigPrinted
 
 
 def resolve_config(cfg_cls: type[T], args: argparse.Namespace) -> T:
     """defaults < preset < --config YAML < command line; validated (ConfigError names the field)."""
     preset: dict[str, Any] | None = load_preset(args.preset) if args.preset else None
-    return build_config(cfg_cls, args, preset=preset, yaml_path=args.config)
+    cfg = build_config(cfg_cls, args, preset=preset, yaml_path=args.config)
+    maybe_print_config(cfg, args)
+    return cfg
 
 
 def quiet_other_ranks(rank: int) -> None:

@@ -7,6 +7,9 @@ import pickle
 import sys
 from pathlib import Path
 
+from ..config import ConfigError, one_line, reading
+from ._training import add_print_config, maybe_print_config
+
 HELP = "convert official BEiT v2 / VQ-KD checkpoints and our models to beitv2, timm or HF transformers"
 DESCRIPTION = """\
 Convert checkpoints between formats.
@@ -24,10 +27,13 @@ Convert checkpoints between formats.
 
 Examples:
   beitv2 convert --from official-vqkd --to beitv2 vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth vqkd.safetensors
-  beitv2 convert --from official-pretrain --to beitv2 --target finetune --img-size 384 --num-classes 1000 \\
-      beitv2_base_patch16_224_pt1k.pth ft384.safetensors
+  beitv2 convert --from official-pretrain --to beitv2 --target finetune --model.img_size 384 \\
+      --model.num_classes 1000 beitv2_base_patch16_224_pt1k.pth ft384.safetensors
   beitv2 convert --from beitv2 --to hf runs/ft/model.safetensors hf_model/
   beitv2 convert --from dalle --to beitv2 --decoder decoder.pkl encoder.pkl dall_e_dvae.safetensors
+
+Model options use the dotted names of the other commands (--model.img_size, --model.num_classes, ...); the older
+spellings (--img-size, --num-classes, --num-heads, --decoder-num-heads, --early-layers, --preset) still work.
 """
 
 SOURCES = ("official-vqkd", "official-pretrain", "official-finetune", "dalle", "beitv2")
@@ -39,21 +45,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
     parser.add_argument("--from", dest="source", required=True, choices=SOURCES, help="input format")
     parser.add_argument("--to", dest="dest", required=True, choices=TARGETS, help="output format")
-    parser.add_argument("--img-size", default=None, metavar="PX",
-                        help="target resolution, PX or HxW; position tables are resized (official cubic)")
+    parser.add_argument("--model.img_size", "--img-size", dest="img_size", default=None, metavar="PX",
+                        help="target resolution: PX or HxW; position tables are resized (official cubic)")
     parser.add_argument("--target", choices=("mim", "finetune"), default="mim",
                         help="official-pretrain: continued pre-training model, or fine-tuning backbone")
-    parser.add_argument("--num-classes", type=int, default=None,
+    parser.add_argument("--model.num_classes", "--num-classes", dest="num_classes", type=int, default=None,
                         help="official-pretrain --target finetune: classifier outputs (default 0 = no head)")
-    parser.add_argument("--num-heads", type=int, default=None,
+    parser.add_argument("--model.num_heads", "--num-heads", dest="num_heads", type=int, default=None,
                         help="attention heads where no relative position table tells (default width / 64)")
-    parser.add_argument("--decoder-num-heads", type=int, default=None, help="official-vqkd: decoder heads")
-    parser.add_argument("--early-layers", type=int, default=None,
+    parser.add_argument("--model.decoder_num_heads", "--decoder-num-heads", dest="decoder_num_heads", type=int,
+                        default=None, help="official-vqkd: decoder heads")
+    parser.add_argument("--model.early_layers", "--early-layers", dest="early_layers", type=int, default=None,
                         help="official-pretrain: block feeding the patch aggregation head (default depth - 3)")
-    parser.add_argument("--preset", default=None, help="official-vqkd: load into this preset instead of inferring")
+    parser.add_argument("--model.preset", "--preset", dest="preset", default=None,
+                        help="official-vqkd: load into this model preset instead of inferring the architecture")
     parser.add_argument("--decoder", type=Path, default=None, help="dalle: DALL-E's decoder.pkl")
-    parser.add_argument("--rel-pos", choices=("per_layer", "shared"), default=None,
+    parser.add_argument("--rel-pos", "--rel_pos", dest="rel_pos", choices=("per_layer", "shared"), default=None,
                         help="timm/hf: relative position layout (default: timm per_layer, hf as in the model)")
+    add_print_config(parser)
     parser.add_argument("input", type=Path, help="input checkpoint")
     parser.add_argument("output", type=Path, help="output file (beitv2) or folder (timm, hf)")
 
@@ -61,12 +70,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _img_size(args: argparse.Namespace):
     if args.img_size is None:
         return None
+    text = " ".join(args.img_size) if isinstance(args.img_size, list) else str(args.img_size)
     try:
-        sizes = [int(v) for v in str(args.img_size).lower().split("x")]
+        sizes = [int(v) for v in text.lower().replace("x", " ").replace(",", " ").split()]
     except ValueError:
         sizes = []
     if len(sizes) not in (1, 2) or min(sizes) <= 0:
-        raise ValueError(f"--img-size takes PX or HxW (positive integers), got {args.img_size!r}")
+        raise ConfigError(f"model.img_size: takes PX, H W or HxW (positive integers), got {text!r}")
     return sizes[0] if len(sizes) == 1 else tuple(sizes)
 
 
@@ -76,23 +86,26 @@ def load_input(args: argparse.Namespace):
 
     img_size = _img_size(args)
     if args.num_classes is not None and not (args.source == "official-pretrain" and args.target == "finetune"):
-        raise ValueError("--num-classes applies to --from official-pretrain --target finetune only")
+        raise ConfigError("model.num_classes: applies to --from official-pretrain --target finetune only")
     if args.source == "official-vqkd":
         if img_size is not None:
-            raise ValueError("--img-size is not supported for VQ-KD tokenizers")
+            raise ConfigError("model.img_size: not supported for VQ-KD tokenizers")
         return load_official_vqkd(args.input, preset=args.preset, num_heads=args.num_heads,
                                   decoder_num_heads=args.decoder_num_heads)
     if args.preset is not None:
-        raise ValueError("--preset applies to --from official-vqkd only")
+        raise ConfigError("model.preset: applies to --from official-vqkd only")
     if args.decoder is not None and args.source != "dalle":
-        raise ValueError("--decoder applies to --from dalle only")
+        raise ConfigError("decoder: applies to --from dalle only")
     if args.source == "dalle":
         from ..interop.dalle import load_dalle
 
         if args.dest != "beitv2":
-            raise ValueError("--from dalle converts to --to beitv2 only (a dVAE has no timm / HF form)")
+            raise ConfigError("to: --from dalle converts to --to beitv2 only (a dVAE has no timm / HF form)")
         if isinstance(img_size, tuple):
-            raise ValueError("--img-size for a DALL-E dVAE is one value (square)")
+            raise ConfigError("model.img_size: one value (square) for a DALL-E dVAE")
+        with reading("decoder"):
+            if args.decoder is not None and not args.decoder.is_file():
+                raise FileNotFoundError(f"not found: {args.decoder}")
         return load_dalle(args.input, args.decoder, img_size=img_size or 112)
     if args.source == "official-pretrain":
         return load_official_pretrain(args.input, target=args.target, img_size=img_size,
@@ -105,25 +118,42 @@ def load_input(args: argparse.Namespace):
         raise ValueError(f"{args.input} holds a {kind} model, which has no conversion")
     if img_size is not None:
         if kind == "vqkd":
-            raise ValueError("--img-size is not supported for VQ-KD tokenizers")
+            raise ConfigError("model.img_size: not supported for VQ-KD tokenizers")
         model = resize_model(model, img_size)
     return model
+
+
+def resolved_options(args: argparse.Namespace) -> dict:
+    """What ``--print-config`` prints: every option, as the command will use it."""
+    img = _img_size(args)
+    return {"from": args.source, "to": args.dest, "input": str(args.input), "output": str(args.output),
+            "target": args.target, "rel_pos": args.rel_pos,
+            "model": {"img_size": list(img) if isinstance(img, tuple) else img, "num_classes": args.num_classes,
+                      "num_heads": args.num_heads, "decoder_num_heads": args.decoder_num_heads,
+                      "early_layers": args.early_layers, "preset": args.preset},
+            "decoder": None if args.decoder is None else str(args.decoder)}
 
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import save_model
     from ..interop import CheckpointMismatchError, export_hf, export_timm
 
+    maybe_print_config(resolved_options(args), args)
+    if not (args.input.exists() or str(args.input).startswith("hf-hub:")):
+        raise ConfigError(f"input: not found: {args.input}")
     try:
-        model = load_input(args)
+        with reading("input"):
+            model = load_input(args)
         if args.dest == "beitv2":
             out = save_model(args.output, model, extra={"converted_from": f"{args.source}:{args.input.name}"})
         elif args.dest == "timm":
             out = export_timm(model, args.output, rel_pos=args.rel_pos or "per_layer")
         else:
             out = export_hf(model, args.output, rel_pos="per_layer" if args.rel_pos == "per_layer" else "keep")
+    except ConfigError:
+        raise
     except (CheckpointMismatchError, ValueError, FileNotFoundError, KeyError, TypeError, pickle.UnpicklingError) as e:
-        print(f"beitv2 convert: error: {e}", file=sys.stderr)
+        print(f"beitv2 convert: error: {one_line(e)}", file=sys.stderr)
         return 2
     print(f"wrote {out} ({type(model).__name__}, {args.source} -> {args.dest})")
     return 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..checkpoint import load_model, read_metadata
-from ..config import ConfigError, check, opt
+from ..config import ConfigError, check, opt, reading
 from ..data import DataConfig, MIMDataset, TwoViewTransform, build_dataset, collate_skip_bad
 from ..data.mim_dataset import for_loader
 from ..engine import NonFiniteLossError, OptimConfig, TrainConfig, Trainer, cleanup, init_distributed, seed_everything
@@ -77,10 +77,8 @@ class TokenizerRef:
                     raise
                 raise ConfigError(f"tokenizer.checkpoint: {e}") from e
             return "dvae", c.grid_size, c.vocab_size, (c.img_size, c.img_size), c.in_chans
-        try:
+        with reading("tokenizer.checkpoint"):
             meta = read_metadata(self.checkpoint)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"tokenizer.checkpoint: cannot read {self.checkpoint}: {e}") from e
         kind = meta.get("kind", "")
         check(kind in ("vqkd", "dvae"), "tokenizer.checkpoint",
               f"{self.checkpoint} holds a {kind or 'non-beitv2'} model, not a vqkd or dvae tokenizer")
@@ -190,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
         seed_everything(cfg.train.seed)  # identical initial model on every rank
         b = cfg.model.backbone
         if cfg.model.target == "tokens":
-            tokenizer, kind = cfg.tokenizer.load()
+            with reading("tokenizer.checkpoint"):
+                tokenizer, kind = cfg.tokenizer.load()
             make_task, second_size = (lambda m: MIMTask(m, tokenizer)), tokenizer.img_size
             desc = f"{kind} tokenizer {cfg.tokenizer.checkpoint}"
         else:

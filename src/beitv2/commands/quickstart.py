@@ -111,6 +111,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: on, off with --fast)")
+    from ._training import add_print_config
+
+    add_print_config(parser)
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -435,6 +438,14 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     plan = FAST if args.fast else FULL
+    if getattr(args, "print_config", False):  # the options and the plan's sizes, then stop
+        from dataclasses import asdict
+
+        from ._training import maybe_print_config
+
+        opts = {k: v for k, v in vars(args).items() if not k.startswith("_") and k not in ("command", "print_config")}
+        maybe_print_config({**opts, "plan": {k: list(v) if isinstance(v, tuple) else v
+                                             for k, v in asdict(plan).items()}}, args)
     progress = (not args.fast) if args.progress is None else args.progress
     t_start, c_start = time.perf_counter(), cpu_seconds()
     try:

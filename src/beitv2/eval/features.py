@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from ..config import ConfigError, check, opt, to_dict
+from ..config import ConfigError, check, opt, reading, to_dict
 from ..data import DataConfig, EvalTransform, build_dataset, collate_skip_bad
 from ..data.mim_dataset import TransformDataset, for_loader
 from ..engine import distributed as D
@@ -104,15 +104,16 @@ def read_source(src: ModelSource) -> tuple[ViTConfig, dict[str, torch.Tensor] | 
         return cfg, None, f"random init of preset {src.preset}"
     from ..checkpoint import load_state_dict, read_metadata, resolve_weights
 
-    path = resolve_weights(src.checkpoint)
-    if path.suffix != ".safetensors":
-        raise ConfigError(f"model.checkpoint: {path} is not a beitv2 safetensors file (official .pth files: use "
-                          "`beitv2 convert` first, or `beitv2 finetune`)")
-    meta = read_metadata(path)
-    if "kind" not in meta or "config" not in meta:
-        raise ConfigError(f"model.checkpoint: {path} has no beitv2 metadata (kind/config)")
-    cfg, state = backbone_from_kind(meta["kind"], json.loads(meta["config"]), load_state_dict(path), src.filter,
-                                    str(path))
+    with reading("model.checkpoint"):
+        path = resolve_weights(src.checkpoint)
+        if path.suffix != ".safetensors":
+            raise ConfigError(f"model.checkpoint: {path} is not a beitv2 safetensors file (official .pth files: use "
+                              "`beitv2 convert` first, or `beitv2 finetune`)")
+        meta = read_metadata(path)
+        if "kind" not in meta or "config" not in meta:
+            raise ConfigError(f"model.checkpoint: {path} has no beitv2 metadata (kind/config)")
+        cfg, state = backbone_from_kind(meta["kind"], json.loads(meta["config"]), load_state_dict(path), src.filter,
+                                        str(path))
     return cfg, state, f"{meta['kind']} checkpoint {path}"
 
 
@@ -132,9 +133,10 @@ def auto_normalize(src: ModelSource) -> str:
 
     from ..checkpoint import read_metadata, resolve_weights
 
-    path = resolve_weights(src.checkpoint)
+    with reading("model.checkpoint"):
+        path = resolve_weights(src.checkpoint)
+        meta = read_metadata(path) if path.suffix == ".safetensors" else {}
     if path.suffix == ".safetensors":
-        meta = read_metadata(path)
         if meta.get("kind") == "vqkd":
             return "imagenet" if json.loads(meta.get("config", "{}")).get("input_norm") == "imagenet" else "inception"
     for folder in (path.parent, path.parent.parent):
@@ -161,10 +163,11 @@ def load_backbone(src: ModelSource) -> tuple[BEiTViT, str]:
     model = BEiTViT(cfg)
     if state is not None:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        with reading("model.checkpoint"):
+            missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
-            raise ValueError(f"{desc}: weights do not match its ViT config: missing {missing[:8]}, "
-                             f"unexpected {unexpected[:8]}")
+            raise ConfigError(f"model.checkpoint: {desc}: weights do not match its ViT config: missing "
+                              f"{missing[:8]}, unexpected {unexpected[:8]}")
     model.eval().requires_grad_(False)
     return model, desc
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError, check, opt
+from ..config import ConfigError, check, opt, reading
 from ..engine import distributed as D
 from ..models.backbone import BEiTViT, ViTConfig, to_2tuple
 from ..tasks import TrainTask
@@ -111,8 +111,9 @@ def read_finetune_source(mcfg: FinetuneModelConfig) -> tuple[ViTConfig, dict[str
     if not mcfg.random_init:
         from ..checkpoint import resolve_weights
 
-        if resolve_weights(mcfg.checkpoint).suffix != ".safetensors":
-            return _read_official(mcfg)
+        with reading("model.checkpoint"):
+            if resolve_weights(mcfg.checkpoint).suffix != ".safetensors":
+                return _read_official(mcfg)
     return read_source(mcfg)
 
 
@@ -164,13 +165,14 @@ def build_finetune_model(mcfg: FinetuneModelConfig, num_classes: int,
     if state is None:
         report.update(missing=[], unexpected=[])
         return model, report
-    remapped = remap_state_dict(state, src_cfg, cfg)
-    missing, unexpected = model.load_state_dict(remapped, strict=False)
+    with reading("model.checkpoint"):
+        remapped = remap_state_dict(state, src_cfg, cfg)
+        missing, unexpected = model.load_state_dict(remapped, strict=False)
     fresh = ("head.", "fc_norm.", "norm.")
     bad_missing = [k for k in missing if not k.startswith(fresh)]
     if bad_missing or unexpected:
-        raise ValueError(f"{desc}: weights do not fit the classifier: missing {bad_missing[:8]}, "
-                         f"unexpected {unexpected[:8]}")
+        raise ConfigError(f"model.checkpoint: {desc}: weights do not fit the classifier: missing "
+                          f"{bad_missing[:8]}, unexpected {unexpected[:8]}")
     log.info("fine-tuning from %s; freshly initialised: %s", desc, sorted({k.rsplit('.', 1)[0] for k in missing}))
     if src_cfg.img_hw != cfg.img_hw:
         log.info("resolution %s -> %s: relative position tables / position embeddings resized", src_cfg.img_hw,

@@ -54,6 +54,9 @@ def read_official_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling errors carry long messages; keep the cause
+        if "Weights only load failed" in str(e):
+            raise ValueError(f"{path}: a pickle that is not weights-only (it holds objects other than tensors; "
+                             "refused, since loading it could run code)") from e
         raise ValueError(f"{path}: cannot be read as a weights-only torch checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0]})") from e
     if not isinstance(ckpt, dict):
