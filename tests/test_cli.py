@@ -6,6 +6,7 @@ import collections
 import pytest
 import torch
 import yaml
+from _helpers import write_fmnist
 from safetensors.torch import save_file
 
 from beitv2.checkpoint import save_model
@@ -98,21 +99,7 @@ def bad_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fmnist_root(tmp_path_factory):
-    import gzip
-
-    import numpy as np
-
-    d = tmp_path_factory.mktemp("fmnist")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 8), ("t10k", 4)):
-        imgs = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
-        with gzip.open(d / f"{split}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(np.array([0, 0, 8, 3], np.uint8).tobytes() + np.array([n, 28, 28], ">i4").tobytes()
-                    + imgs.tobytes())
-        with gzip.open(d / f"{split}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(np.array([0, 0, 8, 1], np.uint8).tobytes() + np.array([n], ">i4").tobytes()
-                    + (np.arange(n) % 10).astype(np.uint8).tobytes())
-    return d
+    return write_fmnist(tmp_path_factory.mktemp("fmnist"), 8, 4)
 
 
 BAD = ["missing.safetensors", "text.safetensors", "text.pth", "code.pth", "foreign.safetensors"]

@@ -35,6 +35,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                     "convert checkpoints.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"beitv2 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in COMMANDS.items():
         if only is not None and name != only:

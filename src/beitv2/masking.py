@@ -16,6 +16,7 @@ import math
 import os
 
 import numpy as np
+import torch
 
 from .config import check
 
@@ -44,6 +45,10 @@ class _MaskGeneratorBase:
 
     def __call__(self, rng: np.random.Generator | None = None) -> np.ndarray:
         return self.generate(rng if rng is not None else self._own_rng())
+
+    def batch(self, n: int, rng: np.random.Generator | None = None) -> torch.Tensor:
+        """``n`` masks as the models take them: a BoolTensor [n, H*W] (row-major patch order)."""
+        return torch.from_numpy(np.stack([self(rng).reshape(-1) for _ in range(n)])).bool()
 
     def generate(self, rng: np.random.Generator) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError

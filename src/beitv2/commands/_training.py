@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import logging
-from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
@@ -13,24 +13,30 @@ from ..config import ConfigError, ConfigPrinted, add_arguments, build_config, du
 
 T = TypeVar("T")
 
-PRESET_DIRS = (Path(__file__).resolve().parents[3] / "configs", Path(__file__).resolve().parents[1] / "configs")
-
-
-def preset_path(name: str) -> Path:
-    for d in PRESET_DIRS:
-        p = d / f"{name}.yaml"
-        if p.is_file():
-            return p
-    raise ConfigError(f"preset: unknown preset {name!r} (known: {', '.join(list_presets()) or 'none found'})")
+def _preset_files() -> dict[str, Any]:
+    """name -> resource of every recipe shipped in the package (``beitv2/configs/*.yaml``, also inside a wheel)."""
+    root = importlib.resources.files("beitv2") / "configs"
+    if not root.is_dir():
+        return {}
+    return {p.name[: -len(".yaml")]: p for p in root.iterdir() if p.name.endswith(".yaml")}
 
 
 def list_presets() -> list[str]:
-    names = {p.stem for d in PRESET_DIRS if d.is_dir() for p in d.glob("*.yaml")}
-    return sorted(names)
+    return sorted(_preset_files())
+
+
+def preset_text(name: str) -> str:
+    files = _preset_files()
+    if name not in files:
+        raise ConfigError(f"preset: unknown preset {name!r} (known: {', '.join(sorted(files)) or 'none found'})")
+    return files[name].read_text()
 
 
 def load_preset(name: str) -> dict:
-    data = yaml.safe_load(preset_path(name).read_text()) or {}
+    try:
+        data = yaml.safe_load(preset_text(name)) or {}
+    except yaml.YAMLError as e:  # pragma: no cover - shipped presets are tested
+        raise ConfigError(f"preset: {name} is not valid YAML ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset: {name} must hold a mapping")
     return data
@@ -40,7 +46,7 @@ def configure_parser(parser: argparse.ArgumentParser, cfg_cls: type) -> None:
     parser.add_argument("--config", metavar="FILE.yaml", default=None,
                         help="YAML file of options (overrides the preset; command-line options override it)")
     parser.add_argument("--preset", metavar="NAME", default=None,
-                        help=f"a recipe from configs/ ({', '.join(list_presets())})")
+                        help=f"a recipe shipped with the package, in src/beitv2/configs/ ({', '.join(list_presets())})")
     add_print_config(parser)
     add_arguments(parser, cfg_cls)
 

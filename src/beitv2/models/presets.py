@@ -1,6 +1,6 @@
 """Named architectures: the paper's models and small ones for 28-64 px images on a CPU.
 
-`get_preset(name)` returns (kind, config); `build_model(name, **overrides)` builds it. Paper presets reproduce the
+`get_preset(name)` returns (kind, config); `build_model(name, **overrides)` builds it, with config fields replaced. Paper presets reproduce the
 official registered models (facts §1.1, §2.1, §2.7); their learnable parameter counts are tested against the official
 numbers.
 """
@@ -89,8 +89,15 @@ def get_preset(name: str) -> tuple[str, Any]:
     return PRESETS[name]()
 
 
-def build_model(name: str) -> nn.Module:
+def build_model(name: str, **overrides: Any) -> nn.Module:
+    """The preset's model; ``overrides`` replace config fields, nested sections as mappings
+    (``build_model("beitv2_tiny", vocab_size=512, backbone={"depth": 4})``); unknown names raise `ConfigError`."""
     kind, cfg = get_preset(name)
+    if overrides:
+        from ..config import from_dict, validate_config
+
+        cfg = from_dict(type(cfg), overrides, base=cfg)
+        validate_config(cfg)
     if kind == "vit":
         return BEiTViT(cfg)
     if kind == "vqkd":
