@@ -30,7 +30,7 @@ from beitv2.engine.precision import choose_precision
 LIMIT = 300
 pytestmark = pytest.mark.timeout(3 * LIMIT)
 
-TEACHER = {"kind": "timm", "name_or_path": "vit_tiny_patch16_224",
+TEACHER = {"kind": "timm", "name_or_path": "vit_tiny_patch16_224", "random_init": True,
            "model_kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}}
 VQKD = {"encoder": {"img_size": [16], "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2},
         "decoder_depth": 1, "quantizer": {"num_codes": 16, "code_dim": 8}, "teacher_dim": 32}

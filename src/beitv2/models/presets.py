@@ -1,8 +1,8 @@
 """Named architectures: the paper's models and small ones for 28-64 px images on a CPU.
 
-`get_preset(name)` returns (kind, config); `build_model(name, **overrides)` builds it, with config fields replaced. Paper presets reproduce the
-official registered models (facts §1.1, §2.1, §2.7); their learnable parameter counts are tested against the official
-numbers.
+`get_preset(name)` returns (kind, config); `build_model(name, **overrides)` builds it, with config fields replaced.
+Paper presets reproduce the official registered models (microsoft/unilm beit2: `vqkd_encoder_base_decoder_*`,
+`beit_*_patch16_224_8k_vocab`); their learnable parameter counts are tested against the official numbers.
 """
 
 from __future__ import annotations
