@@ -71,16 +71,22 @@ def test_every_preset_builds_and_runs_at_a_small_size(name):
 
 
 def test_vqkd_forward_tokenize_and_official_keys():
+    torch.manual_seed(0)
     m = tiny_vqkd()
-    x = torch.rand(3, 3, 16, 16)
-    loss, metrics = m.train()(x, torch.randn(3, 16, 24))
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 16, 16, generator=g)
+    loss, metrics = m.train()(x, torch.randn(3, 16, 24, generator=g))
     assert loss.ndim == 0 and {"rec_loss", "quant_loss", "teacher_cos"} <= set(metrics)
     assert torch.isclose(loss, metrics["rec_loss"] + metrics["quant_loss"])
     codes = m.eval().tokenize(x)
     assert codes.shape == (3, 16) and codes.dtype == torch.long and int(codes.max()) < 64
     # tokenize = nearest code (cosine) of the normalised encoder output, row-major
+    # k-means with fewer samples (48) than codes (64) leaves duplicate codes, so the nearest code can tie exactly:
+    # check that the chosen code is *a* nearest one (its cosine is the maximum), which ties cannot make ambiguous
     z = torch.nn.functional.normalize(m.encode(x), dim=-1)
-    assert torch.equal(codes, (z @ m.quantize.codebook.t()).argmax(-1))
+    sims = z @ m.quantize.codebook.t()
+    torch.testing.assert_close(sims.gather(-1, codes[..., None])[..., 0], sims.max(-1).values, rtol=0, atol=1e-6)
+    assert (sims.max(-1).values - sims.median(-1).values).min() > 1e-3  # and it is not a flat field
     keys = set(m.state_dict())
     for k in ["encoder.cls_token", "encoder.pos_embed", "encoder.fc_norm.weight", "encode_task_layer.0.weight",
               "encode_task_layer.2.weight", "quantize.embedding.weight", "quantize.cluster_size",
