@@ -8,7 +8,14 @@ FLOPs come from `torch.utils.flop_counter.FlopCounterMode` over one full step (f
 included); MFU = step FLOPs x steps/s / the matmul peak measured in the same run and precision (a large square
 matmul). Memory: CUDA max allocated, or the process's peak RSS on CPU (monotonic over the run).
 
+Two step paths: ``default`` is what `beitv2 pretrain` / `beitv2 train-tokenizer` run (torch.compile of the model
+and the frozen helpers where `beitv2.engine.trainer.resolve_compile` enables it, fused AdamW, the masked tokens
+gathered by index); ``eager`` is the baseline kept for comparison (no compile, the unfused for-loop AdamW, boolean
+indexing of the masked tokens). ``--compare`` times both side by side, interleaved, and prints the speed-up; the
+compile warm-up (first steps) is reported separately and not counted in the timed steps.
+
     python benchmarks/bench_train_step.py --preset tiny            # CPU or GPU, fp32 and bf16
+    python benchmarks/bench_train_step.py --preset tiny small base --precision bf16 --compare
     python benchmarks/bench_train_step.py --preset base --json out.json
 """
 
@@ -17,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import resource
 import sys
 import time
@@ -26,12 +34,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from beitv2.engine import OptimConfig, build_optimizer, seed_everything
 from beitv2.engine.precision import autocast, grad_scaler, resolve_precision
+from beitv2.engine.trainer import COMPILE_AUTO_MIN_STEPS, compile_task, resolve_compile
 from beitv2.masking import build_mask_generator
 from beitv2.models.mim import BEiTv2ForMIM
 from beitv2.models.presets import get_preset
 from beitv2.models.vqkd import VQKD
 from beitv2.tasks import MIMTask, TokenizerTask
 from beitv2.teachers import TimmTeacher
+
+USE_COMPILE = True  # --no-compile: the default path without torch.compile
+CPU_TIME = True  # --wall-clock: time CPU runs by the wall clock instead of the process's CPU time
 
 # (MIM preset, VQ-KD preset, teacher timm kwargs, masked patches, batch on cpu, batch on cuda)
 SIZES = {
@@ -63,15 +75,41 @@ def batch_for(parts: dict, bs: int, device: torch.device) -> dict:
     masks = torch.stack([torch.from_numpy(gen()).flatten() for _ in range(bs)])
     return {"image": torch.randn(bs, parts["chans"], *parts["img"], device=device),
             "tokenizer_image": torch.rand(bs, parts["chans"], *parts["tok_img"], device=device),
-            "mask": masks.to(device)}
+            "mask": masks.to(device),
+            "mask_index": torch.stack([m.nonzero().flatten() for m in masks]).to(device)}  # as MIMDataset ships it
 
 
-def make_step(task, device: torch.device, precision: str):
-    opt = build_optimizer(task.model, OptimConfig(lr=1e-4, clip_grad=3.0))
+def make_inference(task, device: torch.device, precision: str, path: str):
+    """The frozen tokenizer's `tokenize` alone (what pre-training and `beitv2 tokenize` run), no gradients."""
+    fn = task.tokenizer.tokenize
+    if path == "default" and USE_COMPILE and resolve_compile(None, device, COMPILE_AUTO_MIN_STEPS):
+        fn = torch.compile(fn)
+
+    @torch.no_grad()
+    def step(batch: dict) -> torch.Tensor:
+        with autocast(device, precision):
+            return fn(batch["tokenizer_image"]).float().mean()
+
+    return step
+
+
+def make_step(task, device: torch.device, precision: str, path: str, name: str = "mim"):
+    """One optimizer step as the trainer runs it; ``path`` "eager" is the unfused, uncompiled baseline."""
+    if name == "tokenize":
+        return make_inference(task, device, precision, path)
+    opt = build_optimizer(task.model, OptimConfig(lr=1e-4, clip_grad=3.0), fused=False if path == "eager" else None)
     scaler = grad_scaler(device, precision)
     params = [p for g in opt.param_groups for p in g["params"]]
+    if path == "default" and USE_COMPILE and resolve_compile(None, device, COMPILE_AUTO_MIN_STEPS):
+        net = compile_task(task, task.model, device)
+        helpers = dict(task._helpers)
+    else:
+        net, helpers = task.model, {}
 
     def step(batch: dict) -> torch.Tensor:
+        task.wrap(net, helpers)  # the paths share the task: each step sets its own wrapping
+        if path == "eager":
+            batch = {k: v for k, v in batch.items() if k != "mask_index"}
         with autocast(device, precision):
             loss, _ = task(batch)
         scaler.scale(loss).backward()
@@ -100,11 +138,11 @@ def matmul_peak(device: torch.device, precision: str) -> float:
         a @ b
     sync(device)
     reps = 10 if device.type == "cuda" else 3
-    t = time.perf_counter()
+    t = clock(device)
     for _ in range(reps):
         a @ b
     sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+    return 2 * n**3 * reps / (clock(device) - t)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -113,69 +151,136 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def bench_one(name: str, task, batch: dict, device: torch.device, precision: str, steps: int, warmup: int) -> dict:
-    task.train()
-    step = make_step(task, device, precision)
-    for _ in range(warmup):
-        step(batch)
+def count_flops(step, batch: dict) -> float:
     with FlopCounterMode(display=False) as fc:
         step(batch)
-    flops = fc.get_total_flops()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    return fc.get_total_flops()
+
+
+def clock(device: torch.device) -> float:
+    """Wall time on a GPU; on a CPU this process's CPU time (all its threads), which other processes on a shared
+    machine do not inflate: a CPU-s figure is what a machine with those cores to itself would reach."""
+    return time.perf_counter() if device.type == "cuda" or not CPU_TIME else time.process_time()
+
+
+def timed(step, batch: dict, steps: int, device: torch.device) -> float:
     sync(device)
-    t = time.perf_counter()
+    t = clock(device)
     for _ in range(steps):
         loss = step(batch)
     sync(device)
-    dt = (time.perf_counter() - t) / steps
     if not torch.isfinite(loss):
-        raise RuntimeError(f"{name}: non-finite loss in the benchmark")
+        raise RuntimeError("non-finite loss in the benchmark")
+    return (clock(device) - t) / steps
+
+
+def bench(name: str, task, batch: dict, device: torch.device, precision: str, paths: list[str], steps: int,
+          warmup: int, rounds: int) -> list[dict]:
+    """Time each path in ``paths`` on the same task and batch; with several paths, ``rounds`` interleaved rounds of
+    ``steps`` steps each (the best round counts), so drifting load on a shared machine hits all paths alike."""
+    task.train()
+    state = {k: v.clone() for k, v in task.state_dict().items()}
+    runs = {}
+    for path in paths:
+        task.load_state_dict(state)  # every path starts from the same weights (the quantizer's EMA moves)
+        step = make_step(task, device, precision, path, name)
+        t = time.perf_counter()
+        for _ in range(warmup):
+            step(batch)
+        sync(device)
+        runs[path] = {"step": step, "warmup_s": time.perf_counter() - t, "best": math.inf}
+        print(f"  {name} {path} {precision}: warm-up {runs[path]['warmup_s']:.1f} s", file=sys.stderr, flush=True)
+    flops = count_flops(runs["eager"]["step"] if "eager" in runs else make_step(task, device, precision, "eager", name),
+                        batch)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(rounds):
+        for path in paths:
+            runs[path]["best"] = min(runs[path]["best"], timed(runs[path]["step"], batch, steps, device))
     bs = batch["image"].shape[0]
-    return {"step": name, "precision": precision, "batch": bs, "images_per_s": bs / dt, "ms_per_step": dt * 1e3,
-            "gflops_per_step": flops / 1e9, "achieved_tflops": flops / dt / 1e12, "peak_mem_mb": peak_memory_mb(device)}
+    rows = []
+    for path in paths:
+        dt = runs[path]["best"]
+        rows.append({"step": name, "path": path, "precision": precision, "batch": bs, "images_per_s": bs / dt,
+                     "ms_per_step": dt * 1e3, "warmup_s": runs[path]["warmup_s"], "gflops_per_step": flops / 1e9,
+                     "achieved_tflops": flops / dt / 1e12, "peak_mem_mb": peak_memory_mb(device)})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(SIZES), default="tiny")
+    ap.add_argument("--preset", nargs="+", choices=sorted(SIZES), default=["tiny"])
     ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
     ap.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda")
-    ap.add_argument("--batch-size", type=int, default=0, help="0 = a default per preset and device")
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[0],
+                    help="one per preset (or one for all); 0 = a default per preset and device")
+    ap.add_argument("--steps", type=int, nargs="+", default=[10], help="timed steps per round, one per preset or one")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile happens here)")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds per path (best counts)")
+    ap.add_argument("--path", nargs="+", default=["default"], choices=["default", "eager"],
+                    help="step paths to time (see the module doc)")
+    ap.add_argument("--compare", action="store_true", help="time eager and default side by side; print speed-ups")
+    ap.add_argument("--steps-only", nargs="+", default=["mim", "tokenizer"], choices=["mim", "tokenizer", "tokenize"],
+                    help="which steps to time: the pre-training step, the tokenizer-training step, the frozen "
+                         "tokenizer's inference (images/s of `tokenize`)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="the default path without torch.compile (fused AdamW and the index gather only)")
+    ap.add_argument("--wall-clock", action="store_true",
+                    help="on a CPU, time by the wall clock (default: the process's CPU time, see `clock`)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     ap.add_argument("--json", default="", help="also write the results to this file")
     args = ap.parse_args(argv)
+    paths = ["eager", "default"] if args.compare else args.path
+    global USE_COMPILE, CPU_TIME
+    USE_COMPILE, CPU_TIME = not args.no_compile, not args.wall_clock
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)
-    seed_everything(0)
-    parts = build(args.preset, device)
-    bs = args.batch_size or SIZES[args.preset][4 if device.type == "cpu" else 5]
-    batch = batch_for(parts, bs, device)
+
+    def per_preset(values: list[int], i: int) -> int:
+        return values[i] if len(values) > 1 else values[0]
+
     rows = []
-    for req in args.precision:
-        precision = resolve_precision(req, device)
-        peak = matmul_peak(device, precision)
-        for name in ("mim", "tokenizer"):
-            r = bench_one(name, parts[name], batch, device, precision, args.steps, args.warmup)
-            r.update(preset=args.preset, device=str(device), matmul_peak_tflops=peak / 1e12,
-                     mfu=r["achieved_tflops"] * 1e12 / peak)
-            rows.append(r)
+    peaks: dict[str, float] = {}
+    for i, preset in enumerate(args.preset):
+        seed_everything(0)
+        parts = build(preset, device)
+        bs = per_preset(args.batch_size, i) or SIZES[preset][4 if device.type == "cpu" else 5]
+        batch = batch_for(parts, bs, device)
+        for req in args.precision:
+            precision = resolve_precision(req, device)
+            if precision not in peaks:
+                peaks[precision] = matmul_peak(device, precision)
+            peak = peaks[precision]
+            for name in args.steps_only:
+                task = parts["mim" if name == "tokenize" else name]
+                for r in bench(name, task, batch, device, precision, paths, per_preset(args.steps, i),
+                               args.warmup, args.rounds):
+                    r.update(preset=preset, device=str(device), matmul_peak_tflops=peak / 1e12,
+                             mfu=r["achieved_tflops"] * 1e12 / peak)
+                    rows.append(r)
+    for r in rows:
+        if r["path"] != "eager":
+            base = [b for b in rows if b["path"] == "eager" and all(b[k] == r[k] for k in ("preset", "step",
+                                                                                          "precision"))]
+            r["speedup_vs_eager"] = r["images_per_s"] / base[0]["images_per_s"] if base else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
-    print(f"\n{args.preset} on {name}, torch {torch.__version__}")
-    hdr = f"{'step':<10}{'prec':<6}{'batch':>6}{'img/s':>10}{'ms/step':>10}{'GFLOP/step':>12}{'TFLOP/s':>9}" \
-          f"{'peak TF/s':>10}{'MFU':>7}{'peak MB':>10}"
+    unit = "wall clock" if device.type == "cuda" or not CPU_TIME else "process CPU time (img/s = images per CPU-s)"
+    print(f"\n{' '.join(args.preset)} on {name}, torch {torch.__version__}; rounds {args.rounds}; timed by {unit}")
+    hdr = f"{'preset':<7}{'step':<10}{'path':<8}{'prec':<6}{'batch':>6}{'img/s':>9}{'ms/step':>10}{'warm-up s':>10}" \
+          f"{'GFLOP':>9}{'TFLOP/s':>9}{'peak TF/s':>10}{'MFU':>7}{'x eager':>8}{'peak MB':>9}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
-        print(f"{r['step']:<10}{r['precision']:<6}{r['batch']:>6}{r['images_per_s']:>10.1f}{r['ms_per_step']:>10.1f}"
-              f"{r['gflops_per_step']:>12.2f}{r['achieved_tflops']:>9.3f}{r['matmul_peak_tflops']:>10.3f}"
-              f"{r['mfu']:>7.1%}{r['peak_mem_mb']:>10.0f}")
+        sp = r.get("speedup_vs_eager")
+        print(f"{r['preset']:<7}{r['step']:<10}{r['path']:<8}{r['precision']:<6}{r['batch']:>6}"
+              f"{r['images_per_s']:>9.1f}{r['ms_per_step']:>10.1f}{r['warmup_s']:>10.1f}{r['gflops_per_step']:>9.2f}"
+              f"{r['achieved_tflops']:>9.3f}{r['matmul_peak_tflops']:>10.3f}{r['mfu']:>7.1%}"
+              f"{(f'{sp:.2f}x' if sp else ''):>8}{r['peak_mem_mb']:>9.0f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": name, "torch": torch.__version__, "results": rows}, f, indent=2)
+            json.dump({"device": name, "torch": torch.__version__, "argv": sys.argv[1:], "results": rows}, f,
+                      indent=2)
     return 0
 
 

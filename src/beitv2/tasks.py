@@ -26,6 +26,7 @@ class TrainTask(nn.Module):
         super().__init__()
         self.model = model
         self._net: list[nn.Module] = []
+        self._helpers: dict[str, Callable] = {}
         self.step = 0
 
     @property
@@ -33,8 +34,19 @@ class TrainTask(nn.Module):
         """The module to call in forward: the DDP / compiled wrapper when the trainer set one."""
         return self._net[0] if self._net else self.model
 
-    def wrap(self, net: nn.Module) -> None:
+    def wrap(self, net: nn.Module, helpers: dict[str, Callable] | None = None) -> None:
+        """Set the module `forward` calls (DDP / compiled) and, optionally, compiled versions of `helper_fns`."""
         self._net = [net]
+        self._helpers = dict(helpers or {})
+
+    def helper_fns(self) -> dict[str, Callable]:
+        """The frozen helpers' calls made in `forward` (what the trainer compiles beside the model)."""
+        return {name: getattr(self, name).forward for name in self.frozen}
+
+    def helper(self, name: str) -> Callable:
+        """The (compiled, when the trainer compiled it) call of frozen helper ``name``."""
+        fn = self._helpers.get(name)
+        return fn if fn is not None else self.helper_fns()[name]
 
     @contextlib.contextmanager
     def unwrapped(self):
@@ -106,7 +118,7 @@ class TokenizerTask(TrainTask):
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
         images = batch["tokenizer_image"]
         with torch.no_grad():
-            target = self.teacher(images)
+            target = self.helper("teacher")(images)
         return self.net(images, target)
 
     def on_epoch_start(self, epoch: int) -> None:
@@ -164,10 +176,15 @@ class MIMTask(TrainTask):
         self.tokenizer = tokenizer
         self.freeze()
 
+    def helper_fns(self) -> dict[str, Callable]:
+        return {"tokenizer": self.tokenizer.tokenize}
+
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
         mask = batch["mask"].flatten(1).bool()
+        index = batch.get("mask_index")  # static-shape gather when the data ships it (see BEiTv2ForMIM.forward)
         with torch.no_grad():
-            labels = self.tokenizer.tokenize(batch["tokenizer_image"])[mask]
-        outputs = self.net(batch["image"], mask)
+            codes = self.helper("tokenizer")(batch["tokenizer_image"])
+            labels = codes[mask] if index is None else codes.gather(1, index).flatten()
+        outputs = self.net(batch["image"], mask, index) if index is not None else self.net(batch["image"], mask)
         return self.model.loss(outputs, labels)
 

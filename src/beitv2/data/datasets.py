@@ -254,6 +254,14 @@ def collate_skip_bad(batch: list[Any]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------ config / build
 
+def default_num_workers(max_workers: int = 16) -> int:
+    """Loader workers for one training process: its usable CPUs shared with the other processes on the node
+    (torchrun's LOCAL_WORLD_SIZE), one left for the process itself (it runs the step and collates)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(max_workers, per_process - 1))
+
+
 @dataclasses.dataclass
 class DataConfig:
     kind: Literal["folder", "fmnist", "wds"] = opt("folder", "image source: a folder of images (class sub-folders "
@@ -267,12 +275,18 @@ class DataConfig:
     subset: float = opt(0.0, "train on a seeded class-stratified subset: 0 = all, (0, 1) = fraction, >= 1 = count")
     val_subset: float = opt(0.0, "same for the validation split")
     channels: int = opt(3, "3 = RGB, 1 = grayscale ('L'); every image mode is converted to this")
-    num_workers: int = opt(4, "data-loader worker processes")
+    num_workers: int | None = opt(None, "data-loader worker processes per training process; none = auto: the CPUs "
+                                        "this process may use (os.sched_getaffinity) over the processes of this "
+                                        "node, minus one for the main process, at most 16")
     seed: int = opt(0, "seed of splits, subsets and per-sample augmentation")
     download: bool = opt(False, "fmnist only: download with torchvision when the IDX files are missing")
     shuffle_shards: bool = opt(True, "wds only: reshuffle shard order every epoch (seeded)")
     num_samples: int = opt(0, "wds only: training samples per epoch over all processes; 0 = count them (a "
                               "sizes.json beside the shards, else a read of the tar headers)")
+
+    def __post_init__(self) -> None:
+        if self.num_workers is None:
+            self.num_workers = default_num_workers()
 
     def validate(self, prefix: str = "data.") -> None:
         check(self.kind in ("folder", "fmnist", "wds"), f"{prefix}kind",

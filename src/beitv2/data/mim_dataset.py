@@ -9,8 +9,9 @@ whichever worker, process or rank makes it; samples of different indices (so of 
 slot) draw different operations; and the caller's three RNG states are restored afterwards.
 
 `set_epoch` must be called before each epoch's loader iterator is created. Data-loader workers hold a copy of the
-data set, so with ``persistent_workers=True`` a later `set_epoch` does not reach them: use non-persistent workers
-(the default) or rebuild the loader per epoch.
+data set, so with ``persistent_workers=True`` a later `set_epoch` does not reach them; for that case a sampler may
+pass ``(epoch, index)`` pairs instead of indices (`beitv2.engine.sampler.ResumableSampler` with ``with_epoch=True``,
+what the trainer does with persistent workers), and the sample is made for that epoch.
 """
 
 from __future__ import annotations
@@ -73,20 +74,29 @@ class SeededDataset(Dataset):
     def make(self, img: Any, label: int, index: int, rng: np.random.Generator) -> dict[str, Any]:
         raise NotImplementedError
 
-    def process(self, item: Any, index: int) -> dict[str, Any] | None:
+    @property
+    def epoch_indexable(self) -> bool:
+        """Whether ``(epoch, index)`` keys fully define a sample: not for a source with its own `set_epoch`."""
+        return not hasattr(self.base, "set_epoch")
+
+    def process(self, item: Any, index: int, epoch: int | None = None) -> dict[str, Any] | None:
         if item is None:
             return None
+        epoch = self.epoch if epoch is None else int(epoch)
         img, label = item[0], item[1]
         if len(item) > 2:
             index = int(item[2])
-        rng = np.random.default_rng([self.seed, self.epoch, index])
-        with seeded_rngs(sample_seed(self.seed, self.epoch, index)):
+        rng = np.random.default_rng([self.seed, epoch, index])
+        with seeded_rngs(sample_seed(self.seed, epoch, index)):
             out = self.make(img, int(label), index, rng)
         out.setdefault("label", torch.tensor(int(label), dtype=torch.long))
         out.setdefault("index", torch.tensor(index, dtype=torch.long))
         return out
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, Any] | None:
+        if isinstance(index, tuple):  # (epoch, index) from a with_epoch sampler
+            epoch, index = index
+            return self.process(self.base[index], index, epoch)
         return self.process(self.base[index], index)
 
     def __getattr__(self, name: str) -> Any:
@@ -97,7 +107,8 @@ class SeededDataset(Dataset):
 
 
 class MIMDataset(SeededDataset):
-    """``{'image', 'tokenizer_image', 'mask' (bool [N]), 'label', 'index'}`` for masked image modeling."""
+    """``{'image', 'tokenizer_image', 'mask' (bool [N]), 'mask_index' (long [M]), 'label', 'index'}`` for masked
+    image modeling; every mask of a generator has the same count M (see `beitv2.masking`)."""
 
     def __init__(self, base: Any, transform: Callable, mask_generator: Callable[[np.random.Generator], np.ndarray],
                  seed: int = 0):
@@ -107,8 +118,10 @@ class MIMDataset(SeededDataset):
 
     def make(self, img: Any, label: int, index: int, rng: np.random.Generator) -> dict[str, Any]:
         image, tok = self.transform(img)
-        mask = torch.from_numpy(np.ascontiguousarray(self.mask_generator(rng)).reshape(-1).astype(bool))
-        return {"image": image, "tokenizer_image": tok, "mask": mask}
+        mask = np.ascontiguousarray(self.mask_generator(rng)).reshape(-1).astype(bool)
+        # the masked positions too (ascending): a batch of them gathers the masked tokens with a static shape
+        return {"image": image, "tokenizer_image": tok, "mask": torch.from_numpy(mask),
+                "mask_index": torch.from_numpy(np.flatnonzero(mask))}
 
 
 class TokenizerTrainDataset(SeededDataset):

@@ -60,7 +60,11 @@ class TrainConfig:
     accum_steps: int = opt(1, "micro-batches per optimizer step (gradient accumulation)")
     precision: Literal["bf16", "fp16", "fp32"] = opt("bf16", "autocast dtype; fp16 uses a GradScaler; bf16 falls "
                                                              "back to fp16 where the device lacks it")
-    compile: bool = opt(False, "wrap the model in torch.compile")
+    compile: bool | None = opt(None, "torch.compile the model and its frozen tokenizer/teacher: true, false, or "
+                                     "none = auto (on when the run has >= 200 steps left; falls back to eager if "
+                                     "compiling fails)")
+    tf32: bool = opt(True, "allow TF32 for fp32 matmuls on CUDA (the quantizer's nearest-code search stays exact "
+                           "fp32)")
     device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N (under torchrun: LOCAL_RANK)")
     seed: int = opt(0, "seed of the models' init (same on all ranks), of the data (seed, epoch, index) and of "
                        "training randomness (seed + rank)")

@@ -57,12 +57,20 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, layer_id_fn: LayerIdF
                     num_layers: int | None = None, param_group_fn: ParamGroupFn | None = None,
                     fused: bool | None = None) -> torch.optim.AdamW:
     """AdamW over `param_groups` (or the groups ``param_group_fn(model)`` returns, which may set ``lr_scale`` and
-    ``apply_wd`` themselves)."""
+    ``apply_wd`` themselves).
+
+    ``fused`` None (default) uses PyTorch's fused AdamW kernel where every parameter is a floating-point tensor on CPU
+    or CUDA: the same update in one kernel per parameter group instead of a dozen element-wise ops per tensor, and it
+    takes ``found_inf`` so the trainer can skip a non-finite step without a host sync. False: PyTorch's default
+    (for-loop on CPU, foreach on CUDA; the eager baseline of benchmarks/bench_train_step.py)."""
     groups = param_group_fn(model) if param_group_fn is not None else param_groups(model, cfg, layer_id_fn, num_layers)
     for g in groups:
         g.setdefault("lr_scale", 1.0)
         g.setdefault("apply_wd", g.get("weight_decay", cfg.weight_decay) > 0)
         g.setdefault("weight_decay", cfg.weight_decay if g["apply_wd"] else 0.0)
+    if fused is None:
+        params = [p for g in groups for p in g["params"]]
+        fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
                              fused=fused)
 

@@ -13,6 +13,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -35,6 +37,36 @@ from .sampler import ResumableSampler
 from .schedule import cosine_schedule, warmup_iterations
 
 log = logging.getLogger("beitv2.engine")
+
+
+# torch.compile pays off once its warm-up (tens of seconds on a CPU, more for ViT-B) is spread over enough steps
+COMPILE_AUTO_MIN_STEPS = 200
+_COMPILE_ERRORS: tuple[type[BaseException], ...] = (torch._dynamo.exc.TorchDynamoException,
+                                                     torch._inductor.exc.InductorError)
+
+
+def resolve_compile(setting: bool | None, device: torch.device, steps: int) -> bool:
+    """`TrainConfig.compile`: True / False as given; None (auto) compiles on CPU and CUDA when the run has at least
+    `COMPILE_AUTO_MIN_STEPS` steps left (and, on CPU, a C++ compiler for Inductor)."""
+    if setting is not None:
+        return setting
+    if device.type not in ("cpu", "cuda") or steps < COMPILE_AUTO_MIN_STEPS:
+        return False
+    return device.type == "cuda" or shutil.which(os.environ.get("CXX", "c++")) is not None
+
+
+def compile_task(task: nn.Module, net: nn.Module, device: torch.device) -> nn.Module:
+    """``torch.compile`` the trained module and the task's frozen helpers (`TrainTask.helper_fns`); returns the
+    compiled module. Inductor's graph cache goes to ``~/.cache/beitv2/inductor`` unless TORCHINDUCTOR_CACHE_DIR is set,
+    so a second run (or a resume) of the same model skips most of the warm-up."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):  # not chosen by the user
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path.home() / ".cache" / "beitv2" / "inductor")
+    compiled = torch.compile(net)
+    helpers = {name: torch.compile(fn) for name, fn in task.helper_fns().items()}
+    task.wrap(compiled, helpers)
+    return compiled
 
 
 class NonFiniteLossError(RuntimeError):
@@ -88,6 +120,35 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+class _DeviceMetrics:
+    """An epoch's per-step metrics kept on the device: `add` never syncs; `read_last` / `epoch_sums` read them (one
+    transfer) at check points. ``first_bad`` is the first step with a non-finite loss since the epoch start (-1)."""
+
+    def __init__(self, device: torch.device):
+        self.keys: list[str] = []
+        self.last: torch.Tensor | None = None
+        self.sums: torch.Tensor | None = None
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_loss = torch.zeros((), device=device)
+
+    def add(self, keys: list[str], values: torch.Tensor) -> None:
+        if self.last is not None and keys != self.keys:
+            raise RuntimeError(f"the task's metrics changed between steps: {self.keys} -> {keys}")
+        self.keys, self.last = keys, values
+        self.sums = values.double() if self.sums is None else self.sums + values.double()
+
+    def flag_non_finite(self, finite: torch.Tensor, step: int, loss: torch.Tensor) -> None:
+        new = (finite < 1) & (self.first_bad < 0)
+        self.first_bad = torch.where(new, step, self.first_bad)
+        self.bad_loss = torch.where(new, loss.float(), self.bad_loss)
+
+    def read_last(self) -> dict[str, float]:
+        return dict(zip(self.keys, self.last.tolist())) if self.last is not None else {}
+
+    def epoch_sums(self) -> dict[str, float]:
+        return dict(zip(self.keys, self.sums.tolist())) if self.sums is not None else {}
+
+
 class Trainer:
     def __init__(self, task: nn.Module, train_set: Dataset, cfg: TrainConfig, optim_cfg: OptimConfig, *,
                  dist: D.DistInfo, model_kind: str, model_config: Any, run_config: Any = None,
@@ -100,10 +161,13 @@ class Trainer:
         self.num_workers = num_workers
         self.device = dist.device
         self.precision = resolve_precision(cfg.precision, self.device)
+        if self.device.type == "cuda" and cfg.tf32:
+            torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls; autocast ops are bf16/fp16 anyway
         self.task.to(self.device)
 
         # a stream (WebDataset shards) has no sampler: it is told each epoch how many batches to make (`StreamPlan`)
         self.sampler: ResumableSampler | None = None
+        self.persistent = False
         if isinstance(train_set, IterableDataset):
             num_images = int(getattr(train_set, "num_samples", 0))
             if num_images <= 0:
@@ -112,8 +176,10 @@ class Trainer:
             per_rank = num_images // dist.world_size
         else:
             num_images = len(train_set)
+            # persistent workers (no worker start-up per epoch) where the data set takes (epoch, index) pairs
+            self.persistent = num_workers > 0 and bool(getattr(train_set, "epoch_indexable", False))
             self.sampler = ResumableSampler(train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                            seed=cfg.seed, drop_last=True)
+                                            seed=cfg.seed, drop_last=True, with_epoch=self.persistent)
             per_rank = len(self.sampler)
         self.micro_per_epoch = per_rank // cfg.batch_size
         self.steps_per_epoch = self.micro_per_epoch // cfg.accum_steps
@@ -142,9 +208,11 @@ class Trainer:
         # matches an uninterrupted one; the data's own randomness is a function of (seed, epoch, index). It is
         # seeded seed + rank (as the official code seeds each rank), so no two ranks' workers share a stream.
         gen = torch.Generator().manual_seed(self.cfg.seed + self.dist.rank)
+        persistent = sampler is not None and sampler is self.sampler and self.persistent
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
                           collate_fn=self.collate_fn, drop_last=drop_last, pin_memory=self.device.type == "cuda",
-                          generator=gen, worker_init_fn=D.worker_ignores_stop_signals if self.num_workers else None)
+                          generator=gen, worker_init_fn=D.worker_ignores_stop_signals if self.num_workers else None,
+                          persistent_workers=persistent)
 
     def _resume(self) -> Path | None:
         ckpt = None
@@ -181,13 +249,44 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            net = DDP(net, device_ids=ids, find_unused_parameters=self.cfg.find_unused_parameters)
-        if self.cfg.compile:
-            net = torch.compile(net)
+            # buffers need a per-forward broadcast only when the forward changes them and ranks may disagree (batch
+            # norm running stats); our ViTs hold constant index buffers and the quantizer all-reduces its own state
+            running_stats = any(getattr(m, "track_running_stats", False) for m in net.modules())
+            net = DDP(net, device_ids=ids, find_unused_parameters=self.cfg.find_unused_parameters,
+                      broadcast_buffers=running_stats, gradient_as_bucket_view=True)
+        self.eager_net = net
+        self.compiled = resolve_compile(self.cfg.compile, self.device, self.total_steps - self.global_step)
+        if self.compiled:
+            net = compile_task(self.task, net, self.device)
+        else:
+            self.task.wrap(net)
         self.net = net
-        self.task.wrap(net)
 
-    # ----------------------------------------------------------------------------------------------- checkpoint
+    def _forward_backward(self, batch: dict, scale: float) -> tuple[torch.Tensor, dict]:
+        """One micro-batch. The first compiled call compiles (reported as the warm-up); a compile failure falls back
+        to eager for the rest of the run with a warning."""
+        first = self.compiled and not getattr(self, "_compile_ok", False)
+        t = time.perf_counter()
+        try:
+            with autocast(self.device, self.precision):
+                loss, metrics = self.task(batch)
+            self.scaler.scale(loss * scale).backward()
+        except _COMPILE_ERRORS as e:
+            if not first:
+                raise
+            log.warning("torch.compile failed (%s: %s); training eagerly (train.compile false skips compiling)",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.compiled = False
+            self.net = self.eager_net
+            self.task.wrap(self.eager_net)
+            return self._forward_backward(batch, scale)
+        if first:
+            self._compile_ok = True
+            self.logger.info(f"torch.compile warm-up: the first micro-batch took {time.perf_counter() - t:.1f} s")
+        return loss, metrics
+
+        # ----------------------------------------------------------------------------------------------- checkpoint
     def save(self) -> Path | None:
         """Collective: every rank contributes its RNG state; rank 0 writes ``ckpt-<global_step>``."""
         rngs = D.all_gather_object(S.rng_state())
@@ -274,7 +373,7 @@ class Trainer:
                 self.sampler.set_skip(first * cfg.batch_size)
             self.task.train()
             self.task.on_epoch_start(epoch)
-            sums: dict[str, float] = {}
+            acc = _DeviceMetrics(self.device)
             n_steps, skipped = 0, 0
             t_log, img_log = time.perf_counter(), 0
             micro_loss, micro_metrics, finite = [], [], torch.ones((), device=self.device)
@@ -293,43 +392,45 @@ class Trainer:
                                            "skipped-file messages above); fix or remove those files")
                     img_log += _images_in(batch) * self.dist.world_size
                     batch = _to_device(batch, self.device)
-                    sync = self.net.no_sync() if self.dist.enabled and m < accum - 1 else contextlib.nullcontext()
+                    sync = (self.eager_net.no_sync() if self.dist.enabled and m < accum - 1
+                            else contextlib.nullcontext())
                     with sync:
-                        with autocast(self.device, self.precision):
-                            loss, metrics = self.task(batch)
-                        self.scaler.scale(loss / accum).backward()
+                        loss, metrics = self._forward_backward(batch, 1.0 / accum)
                     finite = finite * torch.isfinite(loss.detach()).float()
                     micro_loss.append(loss.detach().float())
                     micro_metrics.append({k: torch.as_tensor(v, device=self.device).detach().float()
                                           for k, v in metrics.items()})
                     if m < accum - 1:
                         continue
-                    flags = D.all_reduce_sum(torch.stack([1 - finite, torch.tensor(float(stop.signum > 0),
-                                                                                    device=self.device)]))
-                    bad, stopping = flags.tolist()
-                    if bad > 0:
-                        raise NonFiniteLossError(
-                            f"non-finite loss at step {self.global_step} (epoch {epoch}, batch {i}): "
-                            f"{[x.item() for x in micro_loss]}; the step was not applied and no checkpoint was "
-                            f"written for it. Lower optim.lr, set optim.clip_grad or use train.precision fp32.")
-                    grad_norm = self._optimizer_step()
+                    # Nothing below reads the device until a check point (a log line, a save, a stop, the epoch's
+                    # end): a non-finite step is skipped on the device (fused AdamW's found_inf) and reported there.
+                    step_loss = torch.stack(micro_loss).mean()
+                    acc.flag_non_finite(finite, self.global_step, step_loss)
+                    grad_norm = self._optimizer_step(skip=1 - finite)
                     self.global_step += 1
                     n_steps += 1
-                    keys = list(micro_metrics[0])
-                    vals = torch.stack([torch.stack(micro_loss).mean()]
-                                       + [torch.stack([mm[k] for mm in micro_metrics]).mean() for k in keys]
-                                       + [grad_norm.float()]).tolist()
-                    last = {"loss": vals[0], **dict(zip(keys, vals[1:-1])), "grad_norm": vals[-1]}
+                    keys = ["loss", *micro_metrics[0], "grad_norm"]
+                    acc.add(keys, torch.stack([step_loss]
+                                              + [torch.stack([mm[k] for mm in micro_metrics]).mean()
+                                                 for k in keys[1:-1]] + [grad_norm.float()]))
                     micro_loss, micro_metrics, finite = [], [], torch.ones((), device=self.device)
-                    for k, v in last.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    self._log_step(epoch, last, img_log, t_log, skipped)
-                    if self.global_step % cfg.log_every_steps == 0 or self.global_step == 1:
+                    logging_now = self.global_step % cfg.log_every_steps == 0 or self.global_step == 1
+                    saving_now = bool(cfg.save_every_steps) and self.global_step % cfg.save_every_steps == 0
+                    limit = bool(cfg.stop_after_steps) and self.global_step >= cfg.stop_after_steps
+                    local_stop = stop.signum > 0 and not self.dist.enabled  # DDP ranks agree at check points
+                    if not (logging_now or saving_now or limit or local_stop or i + 1 >= used
+                            or not self.step_skips_on_device):
+                        self.logger.progress(1, {})
+                        continue
+                    stopping = self._check(acc, stop, epoch, i)
+                    last = acc.read_last()
+                    self._log_step(epoch, last, img_log, t_log, skipped, logging_now)
+                    if logging_now:
                         t_log, img_log = time.perf_counter(), 0
-                    if stopping or (cfg.stop_after_steps and self.global_step >= cfg.stop_after_steps):
+                    if stopping or limit:
                         status = "interrupted" if stopping else "stopped"
                         break
-                    if cfg.save_every_steps and self.global_step % cfg.save_every_steps == 0:
+                    if saving_now:
                         ckpt = self.save()
             except RuntimeError as e:  # a second Ctrl-C (KeyboardInterrupt) aborts without saving
                 if isinstance(e, NonFiniteLossError) or not stop.signum or self.dist.enabled:
@@ -342,30 +443,55 @@ class Trainer:
                 raise RuntimeError(f"the training data ran out in epoch {epoch} at step {self.global_step} of "
                                    f"{(epoch + 1) * self.steps_per_epoch}")
             if self.global_step == (epoch + 1) * self.steps_per_epoch:  # the epoch is complete
-                self._end_epoch(epoch, sums, n_steps, skipped)
+                self._end_epoch(epoch, acc.epoch_sums(), n_steps, skipped)
             ckpt = self.save()
             if status != "finished":
                 self.logger.info(f"{status} at step {self.global_step}; checkpoint {ckpt}")
                 return FitResult(status, self.global_step, ckpt, last)
         return FitResult("finished", self.global_step, ckpt, last)
 
-    def _optimizer_step(self) -> torch.Tensor:
+    @property
+    def step_skips_on_device(self) -> bool:
+        """Whether a non-finite step can be skipped without reading the loss on the host: fused AdamW takes a
+        ``found_inf`` tensor (fp16's GradScaler skips non-finite gradients by itself)."""
+        return self.scaler.is_enabled() or bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
+
+    def _optimizer_step(self, skip: torch.Tensor) -> torch.Tensor:
         self.scaler.unscale_(self.optimizer)
         max_norm = self.ocfg.clip_grad if self.ocfg.clip_grad is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.params if p.grad is not None], max_norm)
+        if not self.scaler.is_enabled() and self.step_skips_on_device:
+            self.optimizer.grad_scale, self.optimizer.found_inf = None, skip  # 1 = leave weights and state as they are
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm.detach()
 
-    def _log_step(self, epoch: int, metrics: dict[str, float], images: int, t0: float, skipped: int) -> None:
+    def _check(self, acc: _DeviceMetrics, stop: _StopFlag, epoch: int, batch_index: int) -> bool:
+        """A check point (one host sync, one all-reduce): raise on a non-finite loss since the last check, and agree
+        over ranks on a signal-requested stop."""
+        flags = D.all_reduce_sum(torch.stack([(acc.first_bad >= 0).float(),
+                                              torch.tensor(float(stop.signum > 0), device=self.device)]))
+        bad, stopping = flags.tolist()
+        if bad > 0:
+            first_bad, bad_loss = int(acc.first_bad), float(acc.bad_loss)
+            where = (f"step {first_bad} (loss {bad_loss})" if first_bad >= 0 else
+                     f"a step up to {self.global_step - 1} on another rank")
+            raise NonFiniteLossError(
+                f"non-finite loss at {where}, seen at the check after step {self.global_step} (epoch {epoch}, "
+                f"batch {batch_index}); the non-finite step was not applied and no checkpoint was written after it. "
+                f"Lower optim.lr, set optim.clip_grad or use train.precision fp32.")
+        return stopping > 0
+
+    def _log_step(self, epoch: int, metrics: dict[str, float], images: int, t0: float, skipped: int,
+                  record: bool) -> None:
         if not self.dist.is_main:
             return
         dt = max(time.perf_counter() - t0, 1e-9)
         ips = images / dt
         acc = {k: v for k, v in metrics.items() if "acc" in k}
         self.logger.progress(1, {"loss": metrics["loss"], **acc, "img/s": ips})
-        if self.global_step % self.cfg.log_every_steps == 0 or self.global_step == 1:
+        if record:
             lr = max(g["lr"] for g in self.optimizer.param_groups)
             rec = {"lr": lr, "wd": float(self.wd_schedule[self.global_step - 1]), **metrics, "images_per_s": ips,
                    "skipped_images": skipped}

@@ -74,6 +74,13 @@ def pixel_targets(images: torch.Tensor, patch_size: int, normalize: bool) -> tor
     return t
 
 
+def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Patch tokens [B, N, D] at positions ``index`` [B, M] -> [B*M, D], in the order of ``tokens[mask]`` when
+    ``index`` lists each row's masked positions in ascending order. Unlike boolean indexing, the output shape is known
+    without reading the mask (no host sync, one graph for torch.compile)."""
+    return tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1])).flatten(0, 1)
+
+
 class BEiTv2ForMIM(BEiTViT):
     def __init__(self, cfg: MIMConfig):
         cfg.validate()
@@ -108,22 +115,32 @@ class BEiTv2ForMIM(BEiTViT):
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}
 
-    def forward(self, images: torch.Tensor, bool_masked_pos: torch.Tensor) -> list[torch.Tensor]:
-        """Predictions at the masked positions: [head 1] or [head 1, aggregation head], each [B*M, out_dim]."""
+    def forward(self, images: torch.Tensor, bool_masked_pos: torch.Tensor,
+                masked_index: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Predictions at the masked positions: [head 1] or [head 1, aggregation head], each [B*M, out_dim].
+
+        ``masked_index`` [B, M] (each row's masked positions, ascending; `MIMDataset` ships it as ``mask_index``)
+        selects the masked tokens by a gather of static shape; without it they are picked by boolean indexing
+        (a host sync and a data-dependent shape; the eager baseline of benchmarks/bench_train_step.py)."""
         bool_masked_pos = bool_masked_pos.reshape(images.shape[0], -1).bool()
         cfg = self.mim_cfg
         layers = (cfg.early_layers,) if cfg.patch_aggregation else ()
         x, saved = self.forward_features(images, bool_masked_pos, self.mask_token, return_layers=layers)
-        outs = [self.lm_head(self.norm(x)[:, 1:][bool_masked_pos])]
+        if masked_index is not None:
+            def select(t: torch.Tensor) -> torch.Tensor:  # norm and head are per token: gather first, less work
+                return gather_tokens(t[:, 1:], masked_index)
+            outs = [self.lm_head(self.norm(select(x)))]
+        else:
+            def select(t: torch.Tensor) -> torch.Tensor:
+                return t[:, 1:][bool_masked_pos]
+            outs = [self.lm_head(select(self.norm(x)))]
         if cfg.patch_aggregation:
             h = torch.cat([x[:, :1], saved[cfg.early_layers][:, 1:]], dim=1)
             bias = self.rel_pos_bias_for_blocks()
             for blk in self.cls_pt_layers:
                 h = self.run_block(blk, h, bias)
-            if cfg.shared_lm_head:
-                outs.append(self.lm_head(self.norm(h)[:, 1:][bool_masked_pos]))
-            else:
-                outs.append(self.cls_pt_lm_head(self.cls_pt_norm(h)[:, 1:][bool_masked_pos]))
+            norm, head = (self.norm, self.lm_head) if cfg.shared_lm_head else (self.cls_pt_norm, self.cls_pt_lm_head)
+            outs.append(head(norm(select(h))) if masked_index is not None else head(select(norm(h))))
         return outs
 
     def loss(self, outputs: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, dict]:

@@ -17,6 +17,7 @@ Deliberate departures, each fixing a documented problem of the official code:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +45,26 @@ class QuantizerConfig:
         check(self.beta >= 0, prefix + "beta", "must be >= 0")
         check(self.kmeans_iters >= 0, prefix + "kmeans_iters", "must be >= 0")
         check(self.restart_threshold >= 0, prefix + "restart_threshold", "must be >= 0")
+
+
+@contextlib.contextmanager
+def exact_fp32_matmul():
+    """fp32 matmuls in full precision inside (the trainer allows TF32 for the rest on CUDA)."""
+    prev = torch.get_float32_matmul_precision()
+    if prev == "highest":
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(prev)
+
+
+@torch.compiler.disable
+def _nearest_exact(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    with exact_fp32_matmul():
+        return (z @ codebook.t()).argmax(dim=-1)
 
 
 def _distributed() -> bool:
@@ -124,10 +145,22 @@ class NormEMAQuantizer(nn.Module):
         self.register_buffer("usage_counts", torch.zeros(cfg.num_codes, dtype=torch.float64), persistent=False)
         self.kmeans_seed = 0
         self.num_restarted = 0
+        self._initted_seen = False
 
     @property
     def codebook(self) -> torch.Tensor:
         return self.embedding.weight
+
+    def _initted_on_host(self) -> bool:
+        """``embedding.initted``, read from the device once (a later `load_state_dict` re-arms the read), so the
+        training forward does not sync on it every step."""
+        if not self._initted_seen:
+            self._initted_seen = bool(self.embedding.initted)
+        return self._initted_seen
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._initted_seen = False
+        super()._load_from_state_dict(*args, **kwargs)
 
     # ---------------------------------------------------------------------------------------------- statistics
     def reset_usage(self) -> None:
@@ -152,16 +185,27 @@ class NormEMAQuantizer(nn.Module):
         self.embedding.weight.data.copy_(broadcast(means.contiguous()))
         self.cluster_size.copy_(broadcast(bins.contiguous()))
         self.embedding.initted.fill_(True)
+        self._initted_seen = True
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest code by cosine similarity for unit vectors z [M, D], in fp32 even under autocast
-        (bf16 similarities tie and flip between close codes; the product is small)."""
+        """Index of the nearest code by cosine similarity for unit vectors z [M, D], in exact fp32 even under autocast
+        and with TF32 allowed for other matmuls (bf16 or TF32 similarities tie and flip between close codes; the
+        product is small)."""
         with torch.autocast(z.device.type, enabled=False):
+            if z.is_cuda:  # where TF32 exists: outside any compiled graph, which would bake TF32 in
+                return _nearest_exact(z.float(), self.embedding.weight.float())
             return (z.float() @ self.embedding.weight.float().t()).argmax(dim=-1)
+
+    def count_codes(self, idx: torch.Tensor) -> torch.Tensor:
+        """Assignments per code, float [num_codes], on ``idx``'s device. A scatter-add into a fixed-size vector:
+        `torch.bincount` reads the largest index back to the host to size its output (a sync on CUDA)."""
+        flat = idx.reshape(-1)
+        return torch.zeros(self.num_codes, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat,
+                                                                                                    dtype=torch.float))
 
     @torch.no_grad()
     def _ema_update(self, z: torch.Tensor, idx: torch.Tensor) -> None:
-        bins = all_reduce_sum(torch.bincount(idx, minlength=self.num_codes).float())
+        bins = all_reduce_sum(self.count_codes(idx))
         sums = all_reduce_sum(torch.zeros(self.num_codes, self.code_dim, device=z.device).index_add_(0, idx, z))
         d = self.cfg.decay
         self.cluster_size.mul_(d).add_(bins, alpha=1 - d)
@@ -194,7 +238,7 @@ class NormEMAQuantizer(nn.Module):
             shape = z.shape
             z = F.normalize(z.float(), dim=-1)
             flat = z.reshape(-1, self.code_dim)
-            if self.training and not bool(self.embedding.initted):
+            if self.training and not self._initted_on_host():
                 self._kmeans_init(flat.detach())
             idx = self.nearest(flat.detach())
             z_q = self.embedding.weight[idx].view(shape)
@@ -207,7 +251,7 @@ class NormEMAQuantizer(nn.Module):
     @torch.no_grad()
     def record_usage(self, idx: torch.Tensor, reduce: bool = True) -> None:
         """Add the codes ``idx`` to the usage counts (evaluation passes; every rank must call it when reduce=True)."""
-        counts = torch.bincount(idx.reshape(-1), minlength=self.num_codes).float()
+        counts = self.count_codes(idx)
         self.usage_counts += (all_reduce_sum(counts) if reduce else counts).double()
 
     @torch.no_grad()

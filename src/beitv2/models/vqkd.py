@@ -121,9 +121,9 @@ class VQKD(nn.Module):
         rec = (1.0 - cos).mean()
         loss = rec + commit
         with torch.no_grad():
-            counts = torch.bincount(idx.reshape(-1), minlength=self.vocab_size).float()
+            counts = self.quantize.count_codes(idx)  # fixed-size, no host sync (unlike bincount / p[p > 0])
             p = counts / counts.sum()
-            ppl = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
+            ppl = torch.exp(-torch.special.xlogy(p, p).sum())
         metrics = {"rec_loss": rec.detach(), "quant_loss": commit.detach(), "teacher_cos": cos.mean().detach(),
                    "batch_codes_used": (counts > 0).sum().float(), "batch_perplexity": ppl}
         return loss, metrics

@@ -1,0 +1,285 @@
+"""The fast step stays correct: index gather vs boolean indexing, fused vs unfused AdamW, compiled vs eager, metrics
+kept on the device and read only at check points, quantizer statistics without bincount."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from beitv2.engine import OptimConfig, TrainConfig, Trainer, build_optimizer, init_distributed, seed_everything
+from beitv2.engine import state as S
+from beitv2.engine.trainer import COMPILE_AUTO_MIN_STEPS, NonFiniteLossError, resolve_compile
+from beitv2.masking import build_mask_generator
+from beitv2.models.backbone import ViTConfig
+from beitv2.models.mim import BEiTv2ForMIM, MIMConfig, gather_tokens
+from beitv2.models.quantizer import NormEMAQuantizer, QuantizerConfig
+from beitv2.models.vqkd import VQKD, VQKDConfig, vqkd_encoder_config
+from beitv2.tasks import MIMTask
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+def tiny_parts(seed: int = 0) -> tuple[BEiTv2ForMIM, VQKD]:
+    torch.manual_seed(seed)
+    vit = ViTConfig(img_size=(16,), patch_size=4, embed_dim=32, depth=2, num_heads=2)
+    mim = BEiTv2ForMIM(MIMConfig(backbone=vit, vocab_size=16, early_layers=1, head_layers=1))
+    enc = vqkd_encoder_config(img_size=(16,), patch_size=4, embed_dim=32, depth=1, num_heads=2)
+    vq = VQKD(VQKDConfig(encoder=enc, decoder_depth=1, teacher_dim=8,
+                         quantizer=QuantizerConfig(num_codes=16, code_dim=4, kmeans_init=False)))
+    return mim, vq.eval()
+
+
+def mim_batch(n: int = 4, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    gen = build_mask_generator("block", (4, 4), 6, min_num_patches=2)
+    rng = np.random.default_rng(seed)
+    masks = torch.stack([torch.from_numpy(gen(rng)).flatten() for _ in range(n)])
+    return {"image": torch.randn(n, 3, 16, 16, generator=g), "tokenizer_image": torch.rand(n, 3, 16, 16, generator=g),
+            "mask": masks, "mask_index": torch.stack([m.nonzero().flatten() for m in masks])}
+
+
+def loss_and_grads(task: MIMTask, batch: dict) -> tuple[torch.Tensor, dict, dict]:
+    task.model.zero_grad(set_to_none=True)
+    loss, metrics = task(batch)
+    loss.backward()
+    return loss.detach(), metrics, {n: p.grad.clone() for n, p in task.model.named_parameters() if p.grad is not None}
+
+
+def test_gather_tokens_matches_boolean_indexing():
+    x = torch.randn(3, 10, 5)
+    mask = torch.zeros(3, 10, dtype=torch.bool)
+    for b, pos in enumerate([[0, 4, 9], [1, 2, 3], [5, 7, 8]]):
+        mask[b, pos] = True
+    assert torch.equal(gather_tokens(x, torch.stack([m.nonzero().flatten() for m in mask])), x[mask])
+
+
+def test_mim_step_with_index_gather_equals_boolean_path():
+    mim, vq = tiny_parts()
+    task = MIMTask(mim, vq).train()
+    batch = mim_batch()
+    slow = {k: v for k, v in batch.items() if k != "mask_index"}
+    l_bool, m_bool, g_bool = loss_and_grads(task, slow)
+    l_idx, m_idx, g_idx = loss_and_grads(task, batch)
+    assert torch.allclose(l_bool, l_idx, atol=1e-6)
+    assert all(torch.allclose(m_bool[k], m_idx[k], atol=1e-6) for k in m_bool)
+    assert g_bool.keys() == g_idx.keys() and len(g_idx) > 10
+    for n in g_bool:
+        assert torch.allclose(g_bool[n], g_idx[n], atol=1e-6), n
+
+
+def test_fused_adamw_is_the_default_and_matches_the_for_loop():
+    torch.manual_seed(0)
+    a = torch.nn.Linear(8, 8)
+    b = torch.nn.Linear(8, 8)
+    b.load_state_dict(a.state_dict())
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
+    fast, slow = build_optimizer(a, cfg), build_optimizer(b, cfg, fused=False)
+    assert fast.defaults["fused"] and not slow.defaults["fused"]
+    for _ in range(3):
+        x = torch.randn(4, 8)
+        for m, opt in ((a, fast), (b, slow)):
+            m(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_fused_adamw_found_inf_skips_the_step():
+    m = torch.nn.Linear(4, 4)
+    opt = build_optimizer(m, OptimConfig(lr=1e-1))
+    before = [p.clone() for p in m.parameters()]
+    m(torch.randn(2, 4)).sum().backward()
+    opt.grad_scale, opt.found_inf = None, torch.ones(())
+    opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), before))
+    assert all(float(s["step"]) == 0 for s in opt.state.values())
+
+
+def test_resolve_compile_auto():
+    cpu = torch.device("cpu")
+    assert resolve_compile(True, cpu, 1) and not resolve_compile(False, cpu, 10**6)
+    assert not resolve_compile(None, cpu, COMPILE_AUTO_MIN_STEPS - 1)
+    assert resolve_compile(None, cpu, COMPILE_AUTO_MIN_STEPS)  # this machine has a C++ compiler for Inductor
+    assert not resolve_compile(None, torch.device("meta"), 10**6)
+
+
+def test_compiled_mim_step_matches_eager(tmp_path, monkeypatch):
+    """Compiled with Inductor on the CPU (tens of seconds): loss, metrics and gradients as eager."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    mim, vq = tiny_parts()
+    task = MIMTask(mim, vq).train()
+    batch = mim_batch()
+    l_eager, m_eager, g_eager = loss_and_grads(task, batch)
+    task.wrap(torch.compile(task.model))  # what compile_task does for the model (the helpers compile alike)
+    l_comp, m_comp, g_comp = loss_and_grads(task, batch)
+    assert torch.allclose(l_eager, l_comp, atol=1e-4)
+    for k in m_eager:
+        assert torch.allclose(m_eager[k], m_comp[k], atol=1e-4), k
+    for n in g_eager:
+        assert torch.allclose(g_eager[n], g_comp[n], atol=1e-4, rtol=1e-3), n
+
+
+def test_a_failing_compile_falls_back_to_eager(tmp_path, monkeypatch, caplog):
+    """No working C++ compiler for Inductor: the run warns and trains eagerly, with the eager run's result."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (str(tmp_path / "no-such-c++"),))
+    torch._dynamo.reset()
+    seed_everything(0)
+    eager = mim_trainer(tmp_path / "eager", data=MIMBlobs(4), compile=False, log_every_steps=1)
+    eager.fit()
+    seed_everything(0)
+    tr = mim_trainer(tmp_path / "compiled", data=MIMBlobs(4), compile=True, log_every_steps=1)
+    with caplog.at_level("WARNING", logger="beitv2.engine"):
+        res = tr.fit()
+    torch._dynamo.reset()
+    assert res.status == "finished" and not tr.compiled and tr.net is tr.eager_net
+    assert "torch.compile failed" in caplog.text
+    for p, q in zip(eager.task.model.parameters(), tr.task.model.parameters()):
+        assert torch.equal(p, q)
+
+
+# ------------------------------------------------------------------------------------------- quantizer statistics
+
+def test_count_codes_equals_bincount_and_stays_on_device():
+    q = NormEMAQuantizer(QuantizerConfig(num_codes=10, code_dim=4, kmeans_init=False))
+    idx = torch.tensor([[0, 3, 3], [9, 3, 0]])
+    counts = q.count_codes(idx)
+    assert counts.shape == (10,) and counts.dtype == torch.float32
+    assert torch.equal(counts, torch.bincount(idx.flatten(), minlength=10).float())
+
+
+def test_quantizer_reads_initted_once_and_again_after_loading():
+    q = NormEMAQuantizer(QuantizerConfig(num_codes=8, code_dim=4, kmeans_init=True, kmeans_iters=2)).train()
+    q(torch.randn(2, 8, 4))  # k-means init on the first batch
+    assert bool(q.embedding.initted) and q._initted_seen
+    fresh = NormEMAQuantizer(QuantizerConfig(num_codes=8, code_dim=4, kmeans_init=True))
+    q.load_state_dict(fresh.state_dict())  # an un-initialised codebook: the next training forward must re-init
+    assert not q._initted_seen
+    q(torch.randn(2, 8, 4))
+    assert bool(q.embedding.initted)
+
+
+def test_vqkd_batch_perplexity_without_boolean_indexing():
+    _, vq = tiny_parts()
+    vq.train()
+    loss, metrics = vq(torch.rand(2, 3, 16, 16), torch.randn(2, 16, 8))
+    used = metrics["batch_codes_used"]
+    assert 1 <= float(used) <= 16 and 1 <= float(metrics["batch_perplexity"]) <= float(used) + 1e-4
+
+
+# ----------------------------------------------------------------------------------- metrics read at check points
+
+class MIMBlobs(Dataset):
+    def __init__(self, n: int = 16, nan_at: int | None = None):
+        self.items = [mim_batch(1, seed=i) for i in range(n)]
+        if nan_at is not None:
+            self.items[nan_at]["image"][:] = float("nan")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[0] for k, v in self.items[i].items()}
+
+
+def mim_trainer(out: Path, data: Dataset | None = None, **kw) -> Trainer:
+    mim, vq = tiny_parts()
+    cfg = TrainConfig(output_dir=str(out), epochs=1, batch_size=2, precision="fp32", progress=False,
+                      tensorboard=False, **kw)
+    return Trainer(MIMTask(mim, vq), data or MIMBlobs(), cfg, OptimConfig(lr=1e-3, warmup_epochs=0),
+                   dist=init_distributed("cpu"), model_kind="beitv2_mim", model_config=mim.mim_cfg)
+
+
+def step_records(out: Path) -> dict[int, dict]:
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in lines if r["type"] == "step"}
+
+
+def test_metrics_are_read_only_at_check_points_and_equal_the_per_step_ones(tmp_path):
+    seed_everything(0)
+    every = mim_trainer(tmp_path / "every", log_every_steps=1)
+    every.fit()
+    seed_everything(0)
+    sparse = mim_trainer(tmp_path / "sparse", log_every_steps=3)
+    reads = []
+    check = sparse._check
+
+    def spy(acc, *a):
+        reads.append(sparse.global_step)
+        assert torch.is_tensor(acc.last) and acc.last.device.type == "cpu"  # the step left its metrics on the device
+        return check(acc, *a)
+
+    sparse._check = spy
+    res = sparse.fit()
+    assert res.status == "finished" and res.global_step == 8
+    assert reads == [1, 3, 6, 8]  # the first step, every 3rd, the epoch's last: no read in between
+    a, b = step_records(tmp_path / "every"), step_records(tmp_path / "sparse")
+    assert sorted(b) == [1, 3, 6]
+    for s in b:
+        for k in ("loss", "loss_1", "loss_2", "mlm_acc_1", "grad_norm"):
+            assert b[s][k] == pytest.approx(a[s][k], rel=1e-6), (s, k)
+    epoch_a = [json.loads(x) for x in (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()][-1]
+    epoch_b = [json.loads(x) for x in (tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert epoch_a["type"] == epoch_b["type"] == "epoch"
+    assert epoch_b["loss"] == pytest.approx(epoch_a["loss"], rel=1e-6)
+    assert res.last_metrics["loss"] == pytest.approx(a[8]["loss"], rel=1e-6)
+
+
+def test_non_finite_step_is_skipped_on_device_and_reported_at_the_check(tmp_path):
+    seed_everything(0)
+    tr = mim_trainer(tmp_path, data=MIMBlobs(16, nan_at=4), log_every_steps=100, save_every_steps=100)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step \d+ ") as err:
+        tr.fit()
+    assert "seen at the check after step 8" in str(err.value)  # the epoch's end: no check before
+    assert S.list_checkpoints(tmp_path) == []
+    assert all(torch.isfinite(p).all() for p in tr.task.model.parameters())  # the bad step was not applied
+
+
+# ----------------------------------------------------------------------------------------------------- data loading
+
+def test_persistent_workers_make_each_epochs_samples(tmp_path):
+    """With (epoch, index) keys, persistent workers give the same samples as a fresh set-up per epoch."""
+    from torch.utils.data import DataLoader
+
+    from beitv2.data import MIMDataset, TwoViewTransform
+    from beitv2.engine.sampler import ResumableSampler
+
+    class Images(Dataset):
+        def __len__(self) -> int:
+            return 6
+
+        def __getitem__(self, i: int):
+            from PIL import Image
+            return Image.fromarray(np.full((20, 20, 3), 40 * i, dtype=np.uint8)), i % 2
+
+    ds = MIMDataset(Images(), TwoViewTransform(16, 16), build_mask_generator("block", (4, 4), 6, 2), seed=3)
+    assert ds.epoch_indexable
+    sampler = ResumableSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=0, with_epoch=True)
+    loader = DataLoader(ds, batch_size=3, sampler=sampler, num_workers=1, persistent_workers=True)
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        got = list(loader)
+        ds.set_epoch(epoch)  # the reference: this process's copy, told the epoch
+        ref = [ds[int(i)] for b in got for i in b["index"]]
+        images = torch.cat([b["image"] for b in got])
+        assert torch.equal(images, torch.stack([r["image"] for r in ref]))
+        assert torch.equal(torch.cat([b["mask_index"] for b in got]), torch.stack([r["mask_index"] for r in ref]))
+
+
+def test_default_num_workers_follows_the_cpus(monkeypatch):
+    from beitv2.data import DataConfig
+    from beitv2.data.datasets import default_num_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(9)))
+    assert default_num_workers() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert default_num_workers() == 1
+    assert DataConfig().num_workers == 1 and DataConfig(num_workers=3).num_workers == 3
