@@ -109,20 +109,24 @@ def test_resolve_compile_auto():
     assert not resolve_compile(None, torch.device("meta"), 10**6)
 
 
-def test_compiled_mim_step_matches_eager(tmp_path, monkeypatch):
-    """Compiled with Inductor on the CPU (tens of seconds): loss, metrics and gradients as eager."""
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+def test_compiled_mim_step_matches_eager():
+    """The index-gather model compiles as ONE graph (fullgraph: no data-dependent shape, no host sync) and gives the
+    eager loss, metrics and gradients. The aot_eager backend traces forward and backward as Inductor's input does,
+    in seconds; Inductor's own code generation (a minute of C++ compiles here) is timed by the benchmark instead."""
     mim, vq = tiny_parts()
     task = MIMTask(mim, vq).train()
     batch = mim_batch()
     l_eager, m_eager, g_eager = loss_and_grads(task, batch)
-    task.wrap(torch.compile(task.model))  # what compile_task does for the model (the helpers compile alike)
+    torch._dynamo.reset()
+    task.wrap(torch.compile(task.model, backend="aot_eager", fullgraph=True),
+              {"tokenizer": torch.compile(vq.tokenize, backend="aot_eager", fullgraph=True)})
     l_comp, m_comp, g_comp = loss_and_grads(task, batch)
     assert torch.allclose(l_eager, l_comp, atol=1e-4)
     for k in m_eager:
         assert torch.allclose(m_eager[k], m_comp[k], atol=1e-4), k
     for n in g_eager:
-        assert torch.allclose(g_eager[n], g_comp[n], atol=1e-4, rtol=1e-3), n
+        assert torch.allclose(g_eager[n], g_comp[n], atol=1e-5, rtol=1e-4), n
+    torch._dynamo.reset()
 
 
 def test_a_failing_compile_falls_back_to_eager(tmp_path, monkeypatch, caplog):

@@ -262,7 +262,7 @@ class Trainer:
             self.task.wrap(net)
         self.net = net
 
-    def _forward_backward(self, batch: dict, scale: float) -> tuple[torch.Tensor, dict]:
+    def _forward_backward(self, batch: dict, accum: int) -> tuple[torch.Tensor, dict]:
         """One micro-batch. The first compiled call compiles (reported as the warm-up); a compile failure falls back
         to eager for the rest of the run with a warning."""
         first = self.compiled and not getattr(self, "_compile_ok", False)
@@ -270,7 +270,7 @@ class Trainer:
         try:
             with autocast(self.device, self.precision):
                 loss, metrics = self.task(batch)
-            self.scaler.scale(loss * scale).backward()
+            self.scaler.scale(loss / accum).backward()
         except _COMPILE_ERRORS as e:
             if not first:
                 raise
@@ -280,7 +280,7 @@ class Trainer:
             self.compiled = False
             self.net = self.eager_net
             self.task.wrap(self.eager_net)
-            return self._forward_backward(batch, scale)
+            return self._forward_backward(batch, accum)
         if first:
             self._compile_ok = True
             self.logger.info(f"torch.compile warm-up: the first micro-batch took {time.perf_counter() - t:.1f} s")
@@ -395,7 +395,7 @@ class Trainer:
                     sync = (self.eager_net.no_sync() if self.dist.enabled and m < accum - 1
                             else contextlib.nullcontext())
                     with sync:
-                        loss, metrics = self._forward_backward(batch, 1.0 / accum)
+                        loss, metrics = self._forward_backward(batch, accum)
                     finite = finite * torch.isfinite(loss.detach()).float()
                     micro_loss.append(loss.detach().float())
                     micro_metrics.append({k: torch.as_tensor(v, device=self.device).detach().float()
