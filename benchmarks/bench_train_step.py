@@ -60,7 +60,7 @@ def build(size: str, device: torch.device) -> dict:
     _, mim_cfg = get_preset(mim_name)
     _, vq_cfg = get_preset(vq_name)
     grid = vq_cfg.encoder.grid_size
-    teacher = TimmTeacher("vit_base_patch16_224", grid, model_kwargs=tkw)  # random init: FLOPs, not quality
+    teacher = TimmTeacher("vit_base_patch16_224", grid, model_kwargs=tkw, pretrained=False)  # FLOPs, not quality
     vq_cfg = dataclasses.replace(vq_cfg, teacher_dim=teacher.feature_dim,
                                  quantizer=dataclasses.replace(vq_cfg.quantizer, kmeans_init=False))
     mim_cfg = dataclasses.replace(mim_cfg, vocab_size=vq_cfg.quantizer.num_codes)

@@ -67,7 +67,8 @@ def runs(out: Path, size: str) -> dict:
     tok_cfg = {"tokenizer": {"type": "vqkd", "vqkd": {"encoder": dict(z["vit"]), "decoder_depth": 1,
                                                     "quantizer": {"num_codes": z["codes"], "code_dim": z["code_dim"]},
                                                     "teacher_dim": z["teacher"].get("embed_dim", 768)}},
-               "teacher": {"kind": "timm", "name_or_path": "vit_base_patch16_224", "model_kwargs": z["teacher"]},
+               "teacher": {"kind": "timm", "name_or_path": "vit_base_patch16_224", "model_kwargs": z["teacher"],
+                           "random_init": True},  # no model hub here: FLOPs and plumbing, not quality
                "data": {"kind": "folder", "path": str(data), "val_path": str(val)},
                "optim": {"lr_reference_batch": 0, "warmup_epochs": 0.5},
                "train": {**train, "output_dir": str(out / "tok")}}
