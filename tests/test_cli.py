@@ -50,7 +50,7 @@ def test_print_config_layers_preset_and_overrides(capsys):
 
 
 @pytest.mark.parametrize("flags, expected", [
-    ([], False), (["--train.compile"], True), (["--train.compile", "true"], True),
+    ([], None), (["--train.compile"], True), (["--train.compile", "true"], True),  # default None = auto
     (["--train.compile", "false"], False), (["--no-train.compile"], False),
     (["--train.compile", "--no-train.compile"], False), (["--train.compile", "yes"], True),
 ])
