@@ -35,6 +35,9 @@ def _registry() -> dict[str, tuple[type, Callable[[Any], nn.Module]]]:
         "vqkd": (VQKDConfig, VQKD),
         "mim": (MIMConfig, BEiTv2ForMIM),
     }
+    from .models.segmenter import Segmenter, SegmenterConfig
+
+    reg["segmenter"] = (SegmenterConfig, Segmenter)
     try:
         from .models.dvae import DiscreteVAE, DVAEConfig
 

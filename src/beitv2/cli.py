@@ -21,6 +21,7 @@ COMMANDS = {
     "finetune": "finetune",
     "convert": "convert",
     "quickstart": "quickstart",
+    "segment": "segment",
 }
 
 

@@ -35,6 +35,11 @@ class OptimConfig:
                                          "code does (it decays mask_token and the relative position tables); the "
                                          "pretrain, finetune and train-tokenizer commands default to true")
     layer_decay: float = opt(1.0, "layer-wise lr decay factor (1.0 = off; needs a layer-id function)")
+    schedule: Literal["cosine", "poly"] = opt("cosine", "lr schedule after warmup: cosine to min_lr, or poly "
+                                                        "(mmcv's, the official segmentation schedule)")
+    poly_power: float = opt(1.0, "power of the poly schedule")
+    warmup_ratio: float = opt(0.0, "poly: the warmup starts at this fraction of the lr (mmcv; official "
+                                   "segmentation: 1e-6)")
 
     def validate(self, prefix: str = "") -> None:
         check(self.lr > 0, f"{prefix}lr", f"must be > 0, got {self.lr}")
@@ -50,6 +55,8 @@ class OptimConfig:
         check(self.eps > 0, f"{prefix}eps", "must be > 0")
         check(self.clip_grad is None or self.clip_grad > 0, f"{prefix}clip_grad", "must be > 0 or None")
         check(0 < self.layer_decay <= 1, f"{prefix}layer_decay", f"must be in (0, 1], got {self.layer_decay}")
+        check(self.poly_power > 0, f"{prefix}poly_power", "must be > 0")
+        check(0 <= self.warmup_ratio <= 1, f"{prefix}warmup_ratio", "must be in [0, 1]")
 
 
 @dataclass

@@ -30,3 +30,24 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
     out = np.concatenate([head, tail]).astype(np.float64)
     assert len(out) == total_steps
     return out
+
+
+def poly_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0, power: float = 1.0,
+                  warmup_ratio: float = 0.0) -> np.ndarray:
+    """mmcv's ``PolyLrUpdaterHook`` with linear warmup (the official segmentation schedule): step ``i`` gets
+    ``(base - final) * (1 - i / total) ** power + final``, multiplied during the first ``warmup_steps`` steps by
+    ``1 - (1 - i / warmup_steps) * (1 - warmup_ratio)``, so step 0 already trains at ``warmup_ratio`` of the lr."""
+    i = np.arange(total_steps, dtype=np.float64)
+    out = (base - final) * (1.0 - i / max(total_steps, 1)) ** power + final
+    warm = max(0, min(warmup_steps, total_steps))
+    if warm > 0:
+        out[:warm] *= 1.0 - (1.0 - i[:warm] / warm) * (1.0 - warmup_ratio)
+    return out
+
+
+def lr_schedule(kind: str, base: float, final: float, total_steps: int, warmup_steps: int, power: float = 1.0,
+                warmup_ratio: float = 0.0) -> np.ndarray:
+    """The per-step lr values of ``OptimConfig.schedule``."""
+    if kind == "poly":
+        return poly_schedule(base, final, total_steps, warmup_steps, power, warmup_ratio)
+    return cosine_schedule(base, final, total_steps, warmup_steps)

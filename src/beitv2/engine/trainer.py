@@ -34,7 +34,7 @@ from .logger import RunLogger
 from .optim import LayerIdFn, ParamGroupFn, build_optimizer, set_schedule
 from .precision import autocast, grad_scaler, resolve_precision
 from .sampler import ResumableSampler
-from .schedule import cosine_schedule, warmup_iterations
+from .schedule import cosine_schedule, lr_schedule, warmup_iterations
 
 log = logging.getLogger("beitv2.engine")
 
@@ -192,7 +192,8 @@ class Trainer:
         lr = optim_cfg.lr * (self.total_batch / optim_cfg.lr_reference_batch if optim_cfg.lr_reference_batch else 1)
         warm = warmup_iterations(self.total_steps, self.steps_per_epoch, optim_cfg.warmup_epochs,
                                  optim_cfg.warmup_steps)
-        self.lr_schedule = cosine_schedule(lr, min(optim_cfg.min_lr, lr), self.total_steps, warm)
+        self.lr_schedule = lr_schedule(optim_cfg.schedule, lr, min(optim_cfg.min_lr, lr), self.total_steps, warm,
+                                       optim_cfg.poly_power, optim_cfg.warmup_ratio)
         wd_end = optim_cfg.weight_decay if optim_cfg.weight_decay_end is None else optim_cfg.weight_decay_end
         self.wd_schedule = cosine_schedule(optim_cfg.weight_decay, wd_end, self.total_steps, 0)
         self.optimizer = build_optimizer(task.model, optim_cfg, layer_id_fn=layer_id_fn, num_layers=num_layers,

@@ -37,8 +37,9 @@ from .timm_export import backbone_of, move_into
 REL_POS_CHOICES = ("keep", "per_layer")
 
 
-def hf_config(cfg: ViTConfig, rel_pos: str = "keep") -> Any:
-    """A `transformers.BeitConfig` describing ``cfg`` exactly (LayerNorm eps 1e-6, GELU, no dropout)."""
+def hf_config(cfg: ViTConfig, rel_pos: str = "keep", **extra: Any) -> Any:
+    """A `transformers.BeitConfig` describing ``cfg`` exactly (LayerNorm eps 1e-6, GELU, no dropout); ``extra``
+    adds fields (the segmentation heads')."""
     from transformers import BeitConfig
 
     if rel_pos not in REL_POS_CHOICES:
@@ -59,7 +60,7 @@ def hf_config(cfg: ViTConfig, rel_pos: str = "keep") -> Any:
     )
     if cfg.num_classes > 0:
         kw["num_labels"] = cfg.num_classes
-    return BeitConfig(**kw)
+    return BeitConfig(**kw, **extra)
 
 
 def to_hf_state_dict(model: nn.Module, rel_pos: str = "keep") -> tuple[dict[str, torch.Tensor], Any]:
