@@ -24,6 +24,7 @@ Convert checkpoints between formats.
   --to beitv2               our safetensors model file (OUTPUT is a file)
   --to timm                 folder for timm.create_model('local-dir:OUTPUT', pretrained=True)
   --to hf                   folder for transformers BeitModel / BeitForImageClassification.from_pretrained(OUTPUT)
+                            (a `beitv2 segment` model: BeitForSemanticSegmentation)
 
 Examples:
   beitv2 convert --from official-vqkd --to beitv2 vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth vqkd.safetensors
@@ -114,8 +115,10 @@ def load_input(args: argparse.Namespace):
     if args.source == "official-finetune":
         return load_official_classifier(args.input, img_size=img_size, num_heads=args.num_heads)
     model, kind, _ = load_model(args.input)
-    if kind not in ("vit", "mim", "vqkd"):
+    if kind not in ("vit", "mim", "vqkd", "segmenter"):
         raise ValueError(f"{args.input} holds a {kind} model, which has no conversion")
+    if kind == "segmenter" and (img_size is not None or args.dest == "timm"):
+        raise ValueError("a segmenter converts to hf (BeitForSemanticSegmentation) or beitv2 only, at its own size")
     if img_size is not None:
         if kind == "vqkd":
             raise ConfigError("model.img_size: not supported for VQ-KD tokenizers")
@@ -134,6 +137,10 @@ def resolved_options(args: argparse.Namespace) -> dict:
             "decoder": None if args.decoder is None else str(args.decoder)}
 
 
+def kind_name(model) -> str:
+    return type(model).__name__.lower()
+
+
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import save_model
     from ..interop import CheckpointMismatchError, export_hf, export_timm
@@ -146,6 +153,10 @@ def run(args: argparse.Namespace) -> int:
             model = load_input(args)
         if args.dest == "beitv2":
             out = save_model(args.output, model, extra={"converted_from": f"{args.source}:{args.input.name}"})
+        elif kind_name(model) == "segmenter":
+            from ..interop.hf_segmentation import export_hf_segmentation, run_class_names
+
+            out = export_hf_segmentation(model, args.output, run_class_names(args.input))
         elif args.dest == "timm":
             out = export_timm(model, args.output, rel_pos=args.rel_pos or "per_layer")
         else:

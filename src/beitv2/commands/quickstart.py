@@ -109,6 +109,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-checkpoint", default="", help="timm/open_clip: weights file for --teacher")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--segment", action="store_true", help="also fine-tune UperNet on each backbone for "
+                        "segmentation on the Fashion-MNIST composition and add the mIoU to the report (beyond the "
+                        "10-minute budget; docs/segmentation.md)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: on, off with --fast)")
     from ._training import add_print_config
@@ -484,6 +487,16 @@ def _run(args: argparse.Namespace) -> int:
 
         metrics = build_report(out, plan, root, args, results, timer, teacher_desc, teacher_spec,
                                teacher_ckpt is not None and not args.teacher, tok_dir, mim_dir)
+    if args.segment:
+        from .segment import quickstart_stage
+
+        seg_backbones = {"BEiT v2 (pre-trained)": mim_dir / "model.safetensors",
+                         "random init (same ViT)": out / "random_init" / "model.safetensors"}
+        if teacher_ckpt is not None:
+            seg_backbones["teacher"] = teacher_ckpt
+        with timer.stage("segmentation (--segment)", 6, 6):
+            metrics["segmentation"] = quickstart_stage(out, root, seg_backbones, cfg_dir, args.seed, args.fast,
+                                                       progress)
     metrics["timings_s"]["report"] = round(timer.stages["report"], 2)
     metrics["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
     metrics["cpu_s"]["report"] = round(timer.cpu["report"], 2)

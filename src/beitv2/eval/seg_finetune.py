@@ -178,9 +178,7 @@ class SegmentationTask(TrainTask):
         k = self.model.cfg.num_classes
         ignore = self.model.cfg.ignore_index
         cm = torch.zeros(k, k, dtype=torch.long, device=device)
-        # a DistributedSampler pads the last round with repeated images: count each image once
-        n, (rank, world) = len(loader.dataset), _rank_world()
-        mine = len(range(rank, n, world))
+        mine = _own_samples(loader)
         seen, samples = 0, []
         for batch in loader:
             batch.pop("num_skipped", None)
@@ -209,9 +207,12 @@ class SegmentationTask(TrainTask):
         return {"mIoU": m["mIoU"], "mAcc": m["mAcc"], "aAcc": m["aAcc"]}
 
 
-def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
+def _own_samples(loader) -> int:
+    """How many of the loader's samples to count: a `DistributedSampler` pads the last round with repeated images
+    (rank r holds positions r, r + world, ... of the padded list), which must be counted once."""
+    from torch.utils.data import DistributedSampler
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    s = getattr(loader, "sampler", None)
+    if isinstance(s, DistributedSampler) and not s.drop_last:
+        return len(range(s.rank, len(s.dataset), s.num_replicas))
+    return 1 << 62

@@ -116,6 +116,16 @@ def export_hf_segmentation(model: Segmenter, out_dir: str | Path, class_names: l
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def run_class_names(weights: str | Path) -> list[str] | None:
+    """Class names recorded by `beitv2 segment` in the run folder's metrics.json beside ``weights``, if any."""
+    p = Path(weights)
+    meta = (p if p.is_dir() else p.parent) / "metrics.json"
+    if meta.is_file():
+        names = json.loads(meta.read_text()).get("classes")
+        return list(names) if names else None
+    return None
+
+
 # ------------------------------------------------------------------------------------------------------ import
 
 def segmenter_config_from_hf(config: Any) -> SegmenterConfig:
