@@ -186,12 +186,12 @@ def _evaluate_only(cfg: SegmentConfig, task, val_set, dist, out: Path, classes, 
 
     if val_set is None:
         raise ConfigError("data.val_path: evaluate_only needs a validation split")
-    from torch.utils.data import DataLoader, DistributedSampler
+    from torch.utils.data import DataLoader, Subset
 
     task.to(dist.device)
-    sampler = DistributedSampler(val_set, dist.world_size, dist.rank, shuffle=False) if dist.enabled else None
-    loader = DataLoader(val_set, batch_size=1, sampler=sampler, collate_fn=collate_segmentation,
-                        num_workers=cfg.data.num_workers)
+    if dist.enabled:  # disjoint parts, every image once (as the trainer's validation pass)
+        val_set = Subset(val_set, range(dist.rank, len(val_set), dist.world_size))
+    loader = DataLoader(val_set, batch_size=1, collate_fn=collate_segmentation, num_workers=cfg.data.num_workers)
     precision = resolve_precision(cfg.train.precision, dist.device)
     with torch.no_grad():
         task.evaluate(loader, dist.device, lambda: autocast(dist.device, precision))
