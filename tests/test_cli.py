@@ -25,6 +25,7 @@ MINIMAL = {
     "tokenize": ["--tokenizer.checkpoint", "tok.safetensors", "--data.kind", "fmnist"],
     "atlas": ["--tokenizer.checkpoint", "tok.safetensors", "--data.kind", "fmnist"],
     "report": ["runs/x"],
+    "segment": ["--model.random_init", "--model.preset", "vit_tiny", "--data.kind", "fmnist"],
 }
 
 
