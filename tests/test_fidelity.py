@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -291,3 +292,60 @@ def test_official_presets_reproduce_the_official_weight_decay_groups(preset):
             assert _decayed(groups)["mask_token"] and _decayed(groups)["rel_pos_bias.relative_position_bias_table"]
     expected = {n: _official_decays(n, p, skip) for n, p in model.named_parameters() if p.requires_grad}
     assert _decayed(groups) == expected
+
+
+# --------------------------------------------------------------------------------------------- initialisation
+
+def _kaiming_uniform_std(fan_in: int) -> float:
+    """std of PyTorch's default Linear/Conv2d weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    return 1.0 / math.sqrt(3 * fan_in)
+
+
+def test_patch_aggregation_blocks_keep_pytorch_default_init_then_the_rescale():
+    """Official: `cls_pt_layers` are built after the model's `_init_weights`, so their Linear layers keep PyTorch's
+    kaiming-uniform weights and non-zero uniform biases; only the sqrt(2l) rescale (l = early_layers + j + 1) is
+    applied. The backbone's Linear weights and the patch embedding are truncated normal (0.02, cut at 1 std)."""
+    torch.manual_seed(0)
+    d, early = 192, 3
+    cfg = MIMConfig(backbone=tiny_vit(img_size=(32,), embed_dim=d, depth=4, num_heads=3), vocab_size=64,
+                    early_layers=early, head_layers=2)
+    m = BEiTv2ForMIM(cfg)
+    for j, blk in enumerate(m.cls_pt_layers):
+        fc1, fc2 = blk.mlp.fc1, blk.mlp.fc2
+        assert fc1.weight.std().item() == pytest.approx(_kaiming_uniform_std(d), rel=0.03)
+        assert fc1.weight.abs().max().item() > 0.9 / math.sqrt(d)  # uniform to the bound, not trunc-normal
+        assert fc1.bias.abs().mean().item() > 0.2 / math.sqrt(d)  # non-zero biases
+        l_id = early + j + 1
+        assert fc2.weight.std().item() == pytest.approx(_kaiming_uniform_std(4 * d) / math.sqrt(2 * l_id), rel=0.03)
+        assert blk.attn.proj.weight.std().item() == pytest.approx(_kaiming_uniform_std(d) / math.sqrt(2 * l_id),
+                                                                  rel=0.05)
+    for w in (m.blocks[0].mlp.fc1.weight, m.patch_embed.proj.weight, m.lm_head.weight):
+        assert w.abs().max().item() <= 0.02 + 1e-7
+        assert w.std().item() == pytest.approx(0.02 * 0.5396, rel=0.06)  # N(0, 0.02) truncated at +-1 std
+    assert m.blocks[0].mlp.fc1.bias.abs().max() == 0 and m.patch_embed.proj.bias.abs().max() == 0
+    # the other behaviour, by name
+    m2 = BEiTv2ForMIM(MIMConfig(**{**cfg.__dict__, "cls_pt_init": "trunc_normal"}))
+    assert m2.cls_pt_layers[0].mlp.fc1.weight.abs().max().item() <= 0.02 + 1e-7
+    assert m2.cls_pt_layers[0].mlp.fc1.bias.abs().max() == 0
+
+
+def test_vqkd_patch_embeddings_keep_pytorch_default_init():
+    """Official VQ-KD encoder and decoder are the fine-tuning ViT, whose `_init_weights` has no Conv2d branch: the
+    encoder's 16x16 and the decoder's 1x1 convolution over the 32-d codes keep kaiming-uniform weights and a
+    non-zero bias (the decoder's is about 5x larger than trunc_normal(0.02) would give)."""
+    from beitv2.models.quantizer import QuantizerConfig
+    from beitv2.models.vqkd import VQKD, VQKDConfig, vqkd_encoder_config
+
+    torch.manual_seed(0)
+    v = VQKD(VQKDConfig(encoder=vqkd_encoder_config(img_size=(32,), patch_size=16, embed_dim=96, depth=1,
+                                                    num_heads=2),
+                        decoder_depth=1, quantizer=QuantizerConfig(num_codes=16, code_dim=32), teacher_dim=8))
+    enc, dec = v.encoder.patch_embed.proj, v.decoder.patch_embed.proj
+    assert enc.weight.std().item() == pytest.approx(_kaiming_uniform_std(3 * 16 * 16), rel=0.03)
+    assert dec.weight.std().item() == pytest.approx(_kaiming_uniform_std(32), rel=0.05)
+    assert dec.weight.std().item() > 4 * 0.02
+    for conv, fan_in in ((enc, 768), (dec, 32)):
+        assert conv.bias.abs().min() > 0 and conv.bias.abs().max() <= 1 / math.sqrt(fan_in)
+    # the Linear layers stay trunc_normal(0.02), untruncated, zero bias
+    fc1 = v.encoder.blocks[0].mlp.fc1
+    assert fc1.weight.std().item() == pytest.approx(0.02, rel=0.05) and fc1.bias.abs().max() == 0

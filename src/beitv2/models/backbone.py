@@ -72,6 +72,9 @@ class ViTConfig:
     head_init_scale: float = opt(0.001, "classifier weight/bias scale after init (official fine-tuning: 0.001)")
     init_std: float = opt(0.02, "std of the truncated-normal init")
     init_trunc_sigmas: float = opt(1.0, "truncation of the init in stds (official pre-training: 1; timm: 100 = none)")
+    patch_embed_init: str = opt("trunc_normal", "patch-embedding conv init: trunc_normal (official pre-training "
+                                                "model) or torch_default (kaiming-uniform, non-zero bias: the "
+                                                "official fine-tuning ViT, hence VQ-KD's encoder and decoder)")
     grad_checkpointing: bool = opt(False, "recompute blocks in backward to save memory")
 
     @property
@@ -99,6 +102,8 @@ class ViTConfig:
         check(not (self.use_rel_pos_bias and self.use_shared_rel_pos_bias), prefix + "use_rel_pos_bias",
               "per-layer and shared relative position bias are exclusive")
         check(self.num_classes >= 0, prefix + "num_classes", "must be >= 0")
+        check(self.patch_embed_init in ("trunc_normal", "torch_default"), prefix + "patch_embed_init",
+              f"trunc_normal or torch_default, got {self.patch_embed_init!r}")
 
 
 def make_block(cfg: ViTConfig, drop_path: float, window_size: tuple[int, int] | None) -> Block:
@@ -153,6 +158,8 @@ class BEiTViT(nn.Module):
         trunc_normal_(t, std=std, a=-std * self.cfg.init_trunc_sigmas, b=std * self.cfg.init_trunc_sigmas)
 
     def _init_module(self, m: nn.Module) -> None:
+        if isinstance(m, nn.Conv2d) and self.cfg.patch_embed_init == "torch_default":
+            return  # the official fine-tuning ViT's `_init_weights` has no Conv2d branch: PyTorch's own init stays
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             self._trunc_normal(m.weight)
             if m.bias is not None:

@@ -37,6 +37,9 @@ class MIMConfig:
     early_layers: int = opt(9, "l: the patch tokens after this block (1-based) feed the aggregation head")
     head_layers: int = opt(2, "blocks in the aggregation head")
     shared_lm_head: bool = opt(True, "aggregation head shares the final norm and lm_head")
+    cls_pt_init: str = opt("torch_default", "aggregation blocks' init before the sqrt(2l) rescale: torch_default "
+                                            "(official: they are built after the model's init, so PyTorch's "
+                                            "kaiming-uniform with non-zero biases) or trunc_normal (as the backbone)")
 
     def validate(self, prefix: str = "") -> None:
         check(self.target in ("tokens", "pixels", "features"), prefix + "target",
@@ -49,6 +52,8 @@ class MIMConfig:
             check(1 <= self.early_layers <= self.backbone.depth, prefix + "early_layers",
                   f"must be in [1, depth={self.backbone.depth}], got {self.early_layers}")
             check(self.head_layers >= 1, prefix + "head_layers", "must be >= 1")
+        check(self.cls_pt_init in ("torch_default", "trunc_normal"), prefix + "cls_pt_init",
+              f"torch_default or trunc_normal, got {self.cls_pt_init!r}")
 
     @property
     def out_dim(self) -> int:
@@ -103,7 +108,9 @@ class BEiTv2ForMIM(BEiTViT):
 
     def _init_mim(self) -> None:
         self._trunc_normal(self.mask_token)
-        extra = [self.lm_head] + ([self.cls_pt_layers] if self.cls_pt_layers is not None else [])
+        extra: list[nn.Module] = [self.lm_head]
+        if self.cls_pt_layers is not None and self.mim_cfg.cls_pt_init == "trunc_normal":
+            extra.append(self.cls_pt_layers)
         if hasattr(self, "cls_pt_lm_head"):
             extra += [self.cls_pt_norm, self.cls_pt_lm_head]
         for m in extra:

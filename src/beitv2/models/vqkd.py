@@ -24,9 +24,13 @@ from .quantizer import NormEMAQuantizer, QuantizerConfig
 
 
 def vqkd_encoder_config(**kw) -> ViTConfig:
-    """Official VQ-KD ViT template: absolute positions, no layer scale, no relative bias, mean pooling (fc_norm)."""
+    """Official VQ-KD ViT template: absolute positions, no layer scale, no relative bias, mean pooling (fc_norm).
+
+    Initialised as the official fine-tuning ViT it is built from: untruncated trunc_normal(0.02) Linear weights and
+    PyTorch's default init of the patch-embedding convolutions (the encoder's 16x16 and the decoder's 1x1 over the
+    codes, which inherits this config)."""
     base = dict(init_values=0.0, use_abs_pos_emb=True, use_rel_pos_bias=False, use_shared_rel_pos_bias=False,
-                use_mean_pooling=True, num_classes=0, init_trunc_sigmas=100.0)
+                use_mean_pooling=True, num_classes=0, init_trunc_sigmas=100.0, patch_embed_init="torch_default")
     base.update(kw)
     return ViTConfig(**base)
 
