@@ -349,3 +349,115 @@ def test_vqkd_patch_embeddings_keep_pytorch_default_init():
     # the Linear layers stay trunc_normal(0.02), untruncated, zero bias
     fc1 = v.encoder.blocks[0].mlp.fc1
     assert fc1.weight.std().item() == pytest.approx(0.02, rel=0.05) and fc1.bias.abs().max() == 0
+
+
+# ---------------------------------------------------------------------------------------------------- recipes
+
+# The official commands (PRETRAINING.md, TOKENIZER.md, get_started_for_image_classification.md), written out here
+# independently of the presets.
+OFFICIAL_PRETRAIN = {  # preset: (lr, warmup, epochs, betas, clip, drop path, layer scale, early layers, batch/GPU)
+    "beitv2_base_pt1k_1600e": (1.5e-3, 10, 1600, (0.9, 0.999), 3.0, 0.1, 0.1, 9, 128),
+    "beitv2_base_pt1k_300e": (1.5e-3, 10, 300, (0.9, 0.98), 3.0, 0.0, 0.1, 9, 128),
+    "beitv2_large_pt1k": (1.5e-3, 10, 1600, (0.9, 0.999), 3.0, 0.1, 1e-5, 21, 32),
+}
+OFFICIAL_FINETUNE = {  # preset: (lr, epochs, layer decay, drop path)
+    "beitv2_base_ft1k_pt1600e": (5e-4, 100, 0.6, 0.2),
+    "beitv2_base_ft1k_pt300e": (5e-4, 100, 0.65, 0.1),
+    "beitv2_large_ft1k_pt1600e": (2e-4, 50, 0.8, 0.2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_PRETRAIN))
+def test_pretrain_presets_match_the_official_commands(name):
+    from beitv2.commands._training import load_preset
+    from beitv2.commands.pretrain import PretrainConfig
+    from beitv2.config import from_dict
+
+    c = from_dict(PretrainConfig, load_preset(name))
+    lr, warm, ep, betas, clip, dp, ls, early, bs = OFFICIAL_PRETRAIN[name]
+    assert (c.optim.lr, c.optim.warmup_epochs, c.train.epochs, tuple(c.optim.betas), c.optim.clip_grad) == \
+        (lr, warm, ep, betas, clip)
+    b = c.model.backbone
+    assert (b.drop_path_rate, b.init_values, c.model.early_layers, c.train.batch_size) == (dp, ls, early, bs)
+    assert (c.optim.min_lr, c.optim.weight_decay, c.optim.eps, c.optim.official_no_decay) == (1e-5, 0.05, 1e-8, True)
+    assert (c.model.head_layers, c.model.shared_lm_head, c.model.vocab_size, c.model.patch_aggregation) == \
+        (2, True, 8192, True)
+    assert (b.use_shared_rel_pos_bias, b.use_abs_pos_emb, b.drop_rate, b.patch_embed_init) == \
+        (True, False, 0.0, "trunc_normal")
+    assert (c.mask.num_masking_patches, c.mask.min_num_patches, c.mask.top_up) == (75, 16, True)
+    assert (c.aug.min_crop_scale, c.aug.color_jitter, c.aug.second_interpolation, c.aug.normalize) == \
+        (0.2, 0.4, "bicubic", "imagenet")
+    assert c.model.cls_pt_init == "torch_default"
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_FINETUNE))
+def test_finetune_presets_match_the_official_commands(name):
+    from beitv2.commands._training import load_preset
+    from beitv2.commands.finetune import FinetuneConfig
+    from beitv2.config import from_dict
+
+    c = from_dict(FinetuneConfig, load_preset(name))
+    assert (c.optim.lr, c.train.epochs, c.optim.layer_decay, c.model.drop_path) == OFFICIAL_FINETUNE[name]
+    assert (c.aug.mixup, c.aug.cutmix, c.aug.smoothing, c.aug.rand_aug, c.aug.reprob) == \
+        (0.8, 1.0, 0.1, "rand-m9-mstd0.5-inc1", 0.25)
+    assert (c.optim.min_lr, c.optim.warmup_epochs, c.optim.weight_decay, c.optim.official_no_decay) == \
+        (1e-6, 5.0, 0.05, True)
+    assert (c.model.head_init_scale, c.model.use_cls, c.model.rel_pos_bias, c.model.drop_rate) == \
+        (0.001, False, True, 0.0)
+    assert FinetuneConfig().optim.layer_decay == 0.65 and FinetuneConfig().model.drop_path == 0.1  # 300-epoch base
+
+
+def test_vqkd_preset_matches_the_official_command():
+    from beitv2.commands._training import load_preset
+    from beitv2.commands.train_tokenizer import TrainTokenizerConfig
+    from beitv2.config import from_dict
+
+    c = from_dict(TrainTokenizerConfig, load_preset("vqkd_base_clip_in1k"))
+    q = c.tokenizer.vqkd.quantizer
+    assert (q.num_codes, q.code_dim, q.decay, q.kmeans_init, c.tokenizer.vqkd.decoder_depth) == \
+        (8192, 32, 0.99, True, 3)
+    o = c.optim
+    assert (o.lr, o.lr_reference_batch, o.min_lr, o.warmup_epochs, tuple(o.betas), o.weight_decay, c.train.epochs,
+            c.train.batch_size) == (5e-5, 128, 1e-5, 10, (0.9, 0.99), 1e-4, 100, 64)
+    assert c.tokenizer.vqkd.encoder.patch_embed_init == "torch_default"
+
+
+def test_official_drop_rate_and_the_head_dropout_are_separate_options():
+    """Official ``drop_rate``: dropout after the position embedding, after the attention projection and after the
+    MLP's fc2 (not after GELU); ours ``head_drop_rate``: on the pooled feature before the classifier."""
+    m = BEiTViT(tiny_vit(drop_rate=0.3, head_drop_rate=0.2, num_classes=3, use_mean_pooling=True))
+    assert m.pos_drop.p == 0.3 and m.head_drop.p == 0.2
+    for blk in m.blocks:
+        assert blk.attn.proj_drop.p == 0.3 and blk.mlp.drop2.p == 0.3 and isinstance(blk.mlp.drop1, torch.nn.Identity)
+    plain = BEiTViT(tiny_vit(num_classes=3, use_mean_pooling=True))
+    assert plain.pos_drop.p == 0.0 and plain.head_drop.p == 0.0 and plain.blocks[0].attn.proj_drop.p == 0.0
+    x = torch.randn(2, 3, 16, 16)
+    m.train()
+    torch.manual_seed(0)
+    a = m(x)
+    torch.manual_seed(1)
+    assert not torch.equal(a, m(x))
+    m.eval()
+    assert torch.equal(m(x), m(x))
+    from beitv2.eval.finetune import FinetuneModelConfig, finetune_config
+
+    cfg = finetune_config(tiny_vit(), FinetuneModelConfig(drop_rate=0.1, head_drop_rate=0.2), 3)
+    assert (cfg.drop_rate, cfg.head_drop_rate) == (0.1, 0.2)
+
+
+def test_small_images_use_the_official_random_crop_with_padding_and_no_eval_resize():
+    from torchvision import transforms
+
+    from beitv2.commands.finetune import FinetuneAugConfig, train_transform
+    from beitv2.data.transforms import EvalTransform, to_tensor
+
+    small = train_transform(FinetuneAugConfig(), (28, 28), 3, "imagenet")
+    assert isinstance(small.transforms[0], transforms.RandomCrop) and small.transforms[0].padding == 4
+    big = train_transform(FinetuneAugConfig(), (64, 64), 3, "imagenet")
+    assert "RandomResizedCrop" in type(big.transforms[0]).__name__
+    off = train_transform(FinetuneAugConfig(small_image_rule=False), (28, 28), 3, "imagenet")
+    assert "RandomResizedCrop" in type(off.transforms[0]).__name__
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28, 3), dtype=np.uint8))
+    ev = EvalTransform((28, 28), normalize="none", resize=False)
+    assert torch.equal(ev(img), to_tensor(img))  # no resize, no crop at the model's size
+    assert not torch.equal(EvalTransform((28, 28), normalize="none")(img), to_tensor(img))  # 32 px resize + crop

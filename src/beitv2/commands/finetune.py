@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..config import check, opt
 from ..data import DataConfig, collate_skip_bad
-from ..data.transforms import resolve_norm
+from ..data.transforms import EvalTransform, resolve_norm
 from ..engine import NonFiniteLossError, OptimConfig, TrainConfig, Trainer, cleanup, init_distributed, seed_everything
 from ..eval.features import build_split, data_for_model, eval_transform, resolve_normalize
 from ..eval.finetune import (
@@ -56,6 +56,9 @@ class FinetuneAugConfig:
     interpolation: str = opt("bicubic", "resize interpolation")
     crop_pct: float = opt(0.0, "evaluation: resize to size / crop_pct, centre crop (0 = official: 0.875 below "
                                "384 px, else 1.0)")
+    small_image_rule: bool = opt(True, "official rule for inputs of 32 px or less: train with RandomCrop(size, "
+                                       "padding=4) instead of RandomResizedCrop, evaluate without resizing (crop_pct "
+                                       "and min_crop_scale unused); false = the large-image path at every size")
     normalize: str = opt("auto", "input normalisation: auto (the pre-training run's, else imagenet = official "
                                  "--imagenet_default_mean_and_std), imagenet, inception, clip or none")
     mixup: float = opt(0.8, "Mixup alpha (0 = off)")
@@ -139,15 +142,28 @@ def _posterize(img, bits_to_keep, **_):
     return ImageOps.posterize(img, bits_to_keep)
 
 
+SMALL_IMAGE_MAX = 32  # official `build_transform`: resize_im = input_size > 32
+
+
+def is_small_image(a: FinetuneAugConfig, img_hw: tuple[int, int]) -> bool:
+    return a.small_image_rule and max(img_hw) <= SMALL_IMAGE_MAX
+
+
 def train_transform(a: FinetuneAugConfig, img_hw: tuple[int, int], channels: int, normalize: str):
-    """timm `create_transform(is_training=True)`: RandomResizedCrop, flip, RandAugment, normalise, RandomErasing."""
+    """timm `create_transform(is_training=True)`: RandomResizedCrop, flip, RandAugment, normalise, RandomErasing.
+
+    For inputs of 32 px or less (``small_image_rule``) the first step is ``RandomCrop(size, padding=4)``, as the
+    official `build_transform` does (CIFAR-style)."""
     from timm.data import create_transform
     from timm.data.auto_augment import RandAugment
+    from torchvision import transforms
 
     norm = resolve_norm(normalize, channels) or ((0.0,) * channels, (1.0,) * channels)
     tf = create_transform((channels, *img_hw), is_training=True, scale=(a.min_crop_scale, 1.0), hflip=a.hflip,
                           color_jitter=a.color_jitter, auto_augment=a.rand_aug or None, interpolation=a.interpolation,
                           mean=norm[0], std=norm[1], re_prob=a.reprob, re_mode=a.remode, re_count=a.recount)
+    if is_small_image(a, img_hw):
+        tf.transforms[0] = transforms.RandomCrop(img_hw, padding=4)
     for t in getattr(tf, "transforms", []):
         if isinstance(t, RandAugment):
             for op in t.ops:
@@ -195,8 +211,12 @@ def run(args: argparse.Namespace) -> int:
         train_set, classes = build_split(data, "train", train_transform(cfg.aug, img_hw, src_cfg.in_chans, norm))
         val_set = None
         if data.val_path or data.val_fraction > 0 or data.kind == "fmnist":
-            ev_tf = eval_transform(finetune_config(src_cfg, cfg.model, 1), crop_pct, norm,
-                                   cfg.aug.interpolation)
+            if is_small_image(cfg.aug, img_hw):  # official: no resize; a centre crop only if sizes differ
+                ev_tf = EvalTransform(img_hw, interpolation_name=cfg.aug.interpolation, normalize=norm,
+                                      channels=src_cfg.in_chans, resize=False)
+            else:
+                ev_tf = eval_transform(finetune_config(src_cfg, cfg.model, 1), crop_pct, norm,
+                                       cfg.aug.interpolation)
             val_set, _ = build_split(data, "val", ev_tf, classes)
         else:
             log.warning("no validation split (set data.val_path or data.val_fraction): no evaluation, no best/")

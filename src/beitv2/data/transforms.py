@@ -144,16 +144,20 @@ class TokenizerTrainTransform:
 
 class EvalTransform:
     """Resize the short side to ``resize_size`` (default crop / 0.875, i.e. 256 for 224), centre-crop, ToTensor,
-    Normalize (``normalize='none'`` keeps [0, 1], the tokenizer's evaluation view)."""
+    Normalize (``normalize='none'`` keeps [0, 1], the tokenizer's evaluation view). ``resize=False`` skips the
+    resize (the official path for inputs of 32 px or less); the centre crop is then a no-op at the model's size."""
 
     def __init__(self, crop_size: int | Sequence[int] = 224, resize_size: int | None = None,
-                 interpolation_name: str = "bicubic", normalize: Norm = "imagenet", channels: int = 3):
+                 interpolation_name: str = "bicubic", normalize: Norm = "imagenet", channels: int = 3,
+                 resize: bool = True):
+        self.resize = resize
         self.crop_size = _size2(crop_size)
         self.resize_size = int(resize_size) if resize_size else round(max(self.crop_size) / 0.875)
         self.interp = interpolation(interpolation_name)
         self.norm = resolve_norm(normalize, channels)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = TF.resize(img, [self.resize_size], interpolation=self.interp, antialias=True)
+        if self.resize:
+            img = TF.resize(img, [self.resize_size], interpolation=self.interp, antialias=True)
         img = TF.center_crop(img, self.crop_size)
         return to_tensor(img, self.norm)

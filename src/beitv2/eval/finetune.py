@@ -43,7 +43,10 @@ class FinetuneModelConfig(ModelSource):
                                    "into each (official default); False keeps the checkpoint's layout")
     drop_path: float = opt(0.1, "stochastic depth rate (official base: 0.1 for 300-epoch, 0.2 for 1600-epoch "
                                 "pre-training)")
-    drop_rate: float = opt(0.0, "dropout before the classifier")
+    drop_rate: float = opt(0.0, "dropout after the position embedding and inside the blocks (official --drop; "
+                                "before this option existed the name meant the classifier dropout, now "
+                                "head_drop_rate)")
+    head_drop_rate: float = opt(0.0, "dropout on the pooled feature before the classifier (not official)")
     attn_drop_rate: float = opt(0.0, "attention dropout")
     head_init_scale: float = opt(0.001, "classifier weight and bias multiplied by this after init (official)")
     grad_checkpointing: bool = opt(False, "recompute blocks in backward to save memory")
@@ -57,6 +60,7 @@ class FinetuneModelConfig(ModelSource):
               f"empty, one or two positive values, got {self.img_size}")
         check(0 <= self.drop_path < 1, prefix + "drop_path", "must be in [0, 1)")
         check(0 <= self.drop_rate < 1, prefix + "drop_rate", "must be in [0, 1)")
+        check(0 <= self.head_drop_rate < 1, prefix + "head_drop_rate", "must be in [0, 1)")
         check(0 <= self.attn_drop_rate < 1, prefix + "attn_drop_rate", "must be in [0, 1)")
         check(self.head_init_scale > 0, prefix + "head_init_scale", "must be > 0")
 
@@ -124,8 +128,8 @@ def finetune_config(src: ViTConfig, mcfg: FinetuneModelConfig, num_classes: int)
     img = tuple(int(s) for s in mcfg.img_size) or tuple(src.img_hw)
     return replace(src, img_size=img, num_classes=num_classes, use_mean_pooling=not mcfg.use_cls,
                    use_rel_pos_bias=per_layer, use_shared_rel_pos_bias=shared, drop_path_rate=mcfg.drop_path,
-                   drop_rate=mcfg.drop_rate, attn_drop_rate=mcfg.attn_drop_rate, head_init_scale=mcfg.head_init_scale,
-                   grad_checkpointing=mcfg.grad_checkpointing)
+                   drop_rate=mcfg.drop_rate, head_drop_rate=mcfg.head_drop_rate, attn_drop_rate=mcfg.attn_drop_rate,
+                   head_init_scale=mcfg.head_init_scale, grad_checkpointing=mcfg.grad_checkpointing)
 
 
 def remap_state_dict(state: dict[str, torch.Tensor], src: ViTConfig, dst: ViTConfig) -> dict[str, torch.Tensor]:

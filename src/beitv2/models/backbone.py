@@ -60,7 +60,9 @@ class ViTConfig:
     num_heads: int = opt(12, "attention heads")
     mlp_ratio: float = opt(4.0, "MLP hidden width / embed_dim")
     qkv_bias: bool = opt(True, "q and v biases (the key has none, as in the official code)")
-    drop_rate: float = opt(0.0, "dropout before the classifier head")
+    drop_rate: float = opt(0.0, "dropout after the position embedding, after the attention projection and after "
+                                "the MLP (official --drop)")
+    head_drop_rate: float = opt(0.0, "dropout on the pooled feature before the classifier (not in the official code)")
     attn_drop_rate: float = opt(0.0, "attention dropout")
     drop_path_rate: float = opt(0.0, "stochastic depth, linear over blocks")
     init_values: float = opt(0.1, "layer-scale init (gamma_1/gamma_2); 0 disables layer scale")
@@ -98,6 +100,8 @@ class ViTConfig:
         check(self.num_heads > 0 and self.embed_dim % self.num_heads == 0, prefix + "num_heads",
               f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
         check(0.0 <= self.drop_path_rate < 1.0, prefix + "drop_path_rate", "must be in [0, 1)")
+        for name in ("drop_rate", "head_drop_rate", "attn_drop_rate"):
+            check(0.0 <= getattr(self, name) < 1.0, prefix + name, "must be in [0, 1)")
         check(self.init_values >= 0, prefix + "init_values", "must be >= 0 (0 disables layer scale)")
         check(not (self.use_rel_pos_bias and self.use_shared_rel_pos_bias), prefix + "use_rel_pos_bias",
               "per-layer and shared relative position bias are exclusive")
@@ -107,12 +111,14 @@ class ViTConfig:
 
 
 def make_block(cfg: ViTConfig, drop_path: float, window_size: tuple[int, int] | None) -> Block:
-    return Block(
+    blk = Block(
         dim=cfg.embed_dim, num_heads=cfg.num_heads, qkv_bias=cfg.qkv_bias, mlp_ratio=cfg.mlp_ratio,
-        proj_drop=0.0, attn_drop=cfg.attn_drop_rate, drop_path=drop_path,
+        proj_drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate, drop_path=drop_path,
         init_values=cfg.init_values if cfg.init_values > 0 else None,
         norm_layer=partial(nn.LayerNorm, eps=1e-6), window_size=window_size,
     )
+    blk.mlp.drop1 = nn.Identity()  # the official MLP drops only after fc2 (its dropout after GELU is commented out)
+    return blk
 
 
 def rescale_block(block: Block, layer_id: int) -> None:
@@ -139,7 +145,7 @@ class BEiTViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, cfg.embed_dim)) if cfg.use_abs_pos_emb \
             else None
-        self.pos_drop = nn.Identity()
+        self.pos_drop = nn.Dropout(cfg.drop_rate)
         self.rel_pos_bias = RelativePositionBias(self.grid_size, cfg.num_heads) if cfg.use_shared_rel_pos_bias \
             else None
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
@@ -148,7 +154,7 @@ class BEiTViT(nn.Module):
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.norm = nn.Identity() if cfg.use_mean_pooling else norm(cfg.embed_dim)
         self.fc_norm = norm(cfg.embed_dim) if cfg.use_mean_pooling else nn.Identity()
-        self.head_drop = nn.Dropout(cfg.drop_rate)
+        self.head_drop = nn.Dropout(cfg.head_drop_rate)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes > 0 else nn.Identity()
         self.init_weights()
 
