@@ -1,6 +1,6 @@
 """`beitv2 finetune`: fine-tune a pre-trained backbone for image classification.
 
-Defaults are the official BEiT v2 base recipe for a 300-epoch pre-training (facts §3.4-3.5): mean pooling + fc_norm
+Defaults are the official BEiT v2 base recipe for a 300-epoch pre-training: mean pooling + fc_norm
 head initialised at scale 0.001, per-block relative position tables copied from the shared one, layer-wise lr decay
 0.65, drop path 0.1, AdamW lr 5e-4 (no batch scaling), weight decay 0.05, 5 warmup epochs, cosine to 1e-6, 100 epochs;
 RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, Mixup 0.8 / CutMix 1.0 with label smoothing 0.1; evaluation

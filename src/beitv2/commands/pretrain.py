@@ -1,6 +1,6 @@
 """`beitv2 pretrain`: masked image modeling against a frozen tokenizer (BEiT v2 with VQ-KD, BEiT v1 with a dVAE).
 
-Defaults reproduce the official ViT-B/16 1600-epoch recipe (PRETRAINING.md, facts §2.7): patch aggregation on
+Defaults reproduce the official ViT-B/16 1600-epoch recipe (PRETRAINING.md): patch aggregation on
 layer 9 with 2 head layers and a shared lm_head, 75 blockwise-masked patches, lr 1.5e-3 with 10 warmup epochs,
 clip 3.0, weight decay 0.05, 128 images per GPU. The tokenizer (``--tokenizer.checkpoint``) is a file made by
 this project (``beitv2 train-tokenizer`` or ``beitv2 convert``) or, for BEiT v1, OpenAI DALL-E's ``encoder.pkl``;

@@ -74,7 +74,7 @@ def _jitter(strength: float) -> v2.ColorJitter | None:
 
 
 class TwoViewTransform:
-    """BEiT pre-training augmentation (facts §2.5): one shared draw, two resolutions of the same crop.
+    """BEiT pre-training augmentation: one shared draw, two resolutions of the same crop.
 
     ColorJitter (no hue) -> horizontal flip -> one RandomResizedCrop parameter draw. View 1 (model input): the crop
     resized to ``input_size`` with ``train_interpolation``, ToTensor, Normalize. View 2 (tokenizer/teacher input): the
@@ -123,7 +123,7 @@ class TwoViewTransform:
 
 
 class TokenizerTrainTransform:
-    """VQ-KD training view (facts §1.6): [ColorJitter if > 0] -> RandomResizedCrop -> flip -> ToTensor in [0, 1]."""
+    """VQ-KD training view: [ColorJitter if > 0] -> RandomResizedCrop -> flip -> ToTensor in [0, 1]."""
 
     def __init__(self, size: int | Sequence[int] = 224, min_crop_scale: float = 0.08, color_jitter: float = 0.0,
                  hflip: float = 0.5, interpolation_name: str = "bicubic"):

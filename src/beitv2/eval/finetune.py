@@ -1,10 +1,10 @@
 """Fine-tuning: a classifier ViT from a pre-training checkpoint, layer-wise lr decay ids, the training task.
 
-Checkpoint remapping follows the official `run_class_finetuning.py --finetune` branch (facts §3.2): the pre-training
+Checkpoint remapping follows the official `run_class_finetuning.py --finetune` branch: the pre-training
 parts (``mask_token``, ``lm_head``, ``cls_pt_layers``) are dropped, the shared relative position table is copied
 into every block's own table, ``*relative_position_index`` buffers are rebuilt, position tables and embeddings are
 resized when the resolution changes (geometric interpolation, `beitv2.interop.relpos`), and under mean pooling the
-pre-trained final ``norm`` is discarded for a fresh ``fc_norm`` (facts §7.17). The classifier is initialised at
+pre-trained final ``norm`` is discarded for a fresh ``fc_norm``. The classifier is initialised at
 scale 0.001.
 """
 

@@ -4,7 +4,7 @@
     -> code grid -> decoder ViT (1x1 patch embedding, own CLS and positions) -> fc_norm -> Linear-Tanh-Linear
     -> loss = mean(1 - cos(decoder output, teacher features)) + commitment
 
-Input convention (official `pre_process`, facts §1.2): images are float tensors in [0, 1] (ToTensor output, no
+Input convention (official `pre_process`): images are float tensors in [0, 1] (ToTensor output, no
 normalisation); the model maps them to [-1, 1] itself. Teachers apply their own normalisation to the same [0,1] tensor.
 Key names match the official checkpoints (`encoder.*`, `encode_task_layer.*`, `quantize.*`, `decoder.*`,
 `decode_task_layer.*`). Non-square grids are supported (the official code assumed square).
@@ -142,5 +142,5 @@ class VQKD(nn.Module):
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Teacher-space features for code indices [B, N] (VQ-KD has no pixel decoder; facts §1.5)."""
+        """Teacher-space features for code indices [B, N] (VQ-KD has no pixel decoder)."""
         return self.decode(self.quantize.lookup(codes))
