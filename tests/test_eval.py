@@ -326,8 +326,8 @@ def test_finetune_command_learns_fashion_mnist_idx_without_mixup(idx_folder, tmp
     out = tmp_path / "ft"
     args = ["finetune", "--model.checkpoint", str(ckpt), "--data.kind", "fmnist", "--data.path", str(idx_folder),
             "--aug.mixup", "0", "--aug.cutmix", "0", "--aug.smoothing", "0", "--aug.rand_aug", "", "--aug.reprob", "0",
-            "--aug.min_crop_scale", "1.0", "--aug.hflip", "0", "--aug.crop_pct", "1.0", "--aug.small_image_rule", "false",
-            "--model.drop_path", "0",
+            "--aug.min_crop_scale", "1.0", "--aug.hflip", "0", "--aug.crop_pct", "1.0",
+            "--aug.small_image_rule", "false", "--model.drop_path", "0",
             "--optim.lr", "3e-3", "--optim.layer_decay", "0.9", "--optim.warmup_epochs", "0", "--train.epochs", "8",
             "--train.batch_size", "10", "--train.output_dir", str(out), *COMMON]
     assert main(args) == 0
