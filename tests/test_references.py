@@ -74,7 +74,7 @@ def test_aggregation_head_reads_last_cls_and_block_l_patches_by_hand(early, shar
         ref = by_hand_mim(m, x, mask)
         # the inputs a bug could pick instead (patches of the last block, CLS of block l) give different outputs
         for wrong in ("last_patches", "cls_of_l"):
-            assert (ref[1] - by_hand_mim_variant(m, x, mask, wrong)).abs().max() > 1e-2, wrong
+            assert (ref[1] - by_hand_mim_variant(m, x, mask, wrong)).abs().max() > 1e-3, wrong  # >> the 1e-5 match
     assert len(got) == 2 and got[0].shape == (int(mask.sum()), 64)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-5)
