@@ -187,3 +187,20 @@ def test_a_user_given_teacher_is_used_as_is_and_not_trained(tmp_path):
     args.teacher = str(tmp_path / "missing.safetensors")
     with pytest.raises(ConfigError, match="teacher.name_or_path"):
         build_teacher_spec(args, FAST, "", tmp_path / "out", tmp_path / "cfg", False)
+
+
+def test_grid_features_keep_where_the_patches_are():
+    from beitv2.eval.features import feature_dim, layer_features
+
+    model = _tiny_vit()  # 16 px, patch 4: a 4 x 4 grid, width 32
+    x = torch.rand(3, 1, 16, 16)
+    f = layer_features(model, x, [1, 2], "cls+grid2")
+    assert f[2].shape == (3, feature_dim(model, "cls+grid2")) == (3, 32 * 5)
+    with torch.no_grad():
+        t = model.norm(model.forward_features(x)[0])
+    quad = t[:, 1:].reshape(3, 4, 4, 32)[:, :2, 2:].mean(dim=(1, 2))  # top-right 2 x 2 patches -> cell (0, 1)
+    assert torch.allclose(f[2][:, :32], t[:, 0], atol=1e-5)
+    assert torch.allclose(f[2][:, 32:].reshape(3, 32, 4)[:, :, 1], quad, atol=1e-5)
+    # the mean of the four cells is the plain mean-pooled feature
+    mean = layer_features(model, x, [2], "cls+mean")[2][:, 32:]
+    assert torch.allclose(f[2][:, 32:].reshape(3, 32, 4).mean(-1), mean, atol=1e-5)

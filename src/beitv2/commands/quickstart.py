@@ -25,7 +25,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ class Plan:
     tok_vit: tuple[int, int, int]
     tok_codes: int
     tok_code_dim: int
+    tok_restart: float  # dead-code restart: re-seed codes whose EMA count per batch falls below this (0 = off)
     tok_epochs: int
     tok_batch: int
     tok_lr: float
@@ -70,6 +71,7 @@ class Plan:
     probe_batch: int
     probe_lr: float  # AdamW lr per 256 images (scaled by batch / 256)
     knn_k: tuple[int, ...]
+    probe_feature: str  # what the probes read from the last block: cls+mean, or cls+grid3 (patch tokens on a 3x3 grid)
     feature_batch: int
     num_workers: int
 
@@ -77,17 +79,19 @@ class Plan:
 # Aimed at 10 minutes on 2 CPU cores (measured figures: docs/quickstart.md).
 FULL = Plan(train_subset=0, test_subset=0, eval_train_subset=5000, teacher_labels=0.1, teacher_val_subset=2000,
             teacher_vit=(96, 4, 3), teacher_epochs=4, teacher_batch=64, teacher_lr=1e-3,
-            tok_vit=(64, 2, 4), tok_codes=256, tok_code_dim=32, tok_epochs=1, tok_batch=256, tok_lr=2e-3,
+            tok_vit=(64, 2, 4), tok_codes=256, tok_code_dim=32, tok_restart=0.0, tok_epochs=1, tok_batch=256,
+            tok_lr=2e-3,
             mim_vit=(96, 4, 3), mim_early_layers=2, mim_epochs=1, mim_batch=128, mim_lr=1.5e-3,
             mask_patches=20, mask_min_block=4, probe_epochs=15, probe_batch=512, probe_lr=5e-3, knn_k=(10, 20),
-            feature_batch=1000, num_workers=1)
+            probe_feature="cls+mean", feature_batch=1000, num_workers=1)
 # Every stage on a subset with tiny models: a test of the pipeline (about a minute), not of the method.
 FAST = Plan(train_subset=1000, test_subset=400, eval_train_subset=1000, teacher_labels=500, teacher_val_subset=400,
             teacher_vit=(32, 2, 2), teacher_epochs=8, teacher_batch=25, teacher_lr=4e-3,
-            tok_vit=(32, 1, 2), tok_codes=64, tok_code_dim=16, tok_epochs=1, tok_batch=50, tok_lr=2e-3,
+            tok_vit=(32, 1, 2), tok_codes=64, tok_code_dim=16, tok_restart=0.0, tok_epochs=1, tok_batch=50,
+            tok_lr=2e-3,
             mim_vit=(32, 2, 2), mim_early_layers=1, mim_epochs=1, mim_batch=50, mim_lr=1.5e-3,
             mask_patches=20, mask_min_block=4, probe_epochs=10, probe_batch=100, probe_lr=2e-2, knn_k=(10, 20),
-            feature_batch=500, num_workers=0)
+            probe_feature="cls+mean", feature_batch=500, num_workers=0)
 
 
 class StageError(RuntimeError):
@@ -107,6 +111,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                                       "open_clip model name, or a beitv2 vit/mim checkpoint; "
                                                       "empty = train the stand-in supervised ViT")
     parser.add_argument("--teacher-checkpoint", default="", help="timm/open_clip: weights file for --teacher")
+    parser.add_argument("--probe-feature", choices=("cls+mean", "cls+grid3"), default="",
+                        help="what the linear probe and k-NN read from the last block (default: the plan's, "
+                             "cls+mean): cls+grid3 keeps the patch tokens on a 3x3 grid (docs/quickstart.md)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--segment", action="store_true", help="also fine-tune UperNet on each backbone for "
@@ -208,7 +215,8 @@ def tokenizer_config(plan: Plan, root: str, teacher: dict[str, Any], teacher_dim
     return {
         "tokenizer": {"type": "vqkd", "vqkd": {
             "encoder": encoder, "decoder_depth": 1, "teacher_dim": teacher_dim,
-            "quantizer": {"num_codes": plan.tok_codes, "code_dim": plan.tok_code_dim, "kmeans_init": True}}},
+            "quantizer": {"num_codes": plan.tok_codes, "code_dim": plan.tok_code_dim, "kmeans_init": True,
+                          "restart_threshold": plan.tok_restart}}},
         "teacher": teacher,
         "data": _data(root, plan.train_subset, plan.teacher_val_subset, plan, seed),  # val: codebook health
         "aug": {"min_crop_scale": 0.5, "hflip": 0.5, "interpolation": "bicubic"},
@@ -240,7 +248,7 @@ def pretrain_config(plan: Plan, root: str, tokenizer: Path, out: Path, seed: int
 
 def _features(plan: Plan, cache: Path) -> dict[str, Any]:
     # one feature definition for both protocols, so k-NN reuses the probe's cached features
-    return {"feature": "cls+mean", "batch_size": plan.feature_batch, "cache_dir": str(cache)}
+    return {"feature": plan.probe_feature, "batch_size": plan.feature_batch, "cache_dir": str(cache)}
 
 
 def linprobe_config(plan: Plan, root: str, checkpoint: Path, out: Path, cache: Path, seed: int, progress: bool
@@ -441,6 +449,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     plan = FAST if args.fast else FULL
+    if getattr(args, "probe_feature", ""):
+        plan = replace(plan, probe_feature=args.probe_feature)
     if getattr(args, "print_config", False):  # the options and the plan's sizes, then stop
         from dataclasses import asdict
 

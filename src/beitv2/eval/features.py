@@ -34,7 +34,8 @@ from ..models.backbone import BEiTViT, ViTConfig
 
 log = logging.getLogger("beitv2.eval")
 
-FeatureKind = Literal["cls", "mean", "cls+mean"]
+FeatureKind = Literal["cls", "mean", "cls+mean", "cls+grid2", "cls+grid3"]
+GRID_FEATURES = {"cls+grid2": 2, "cls+grid3": 3}  # CLS + patch tokens average-pooled to a g x g grid
 
 
 # ------------------------------------------------------------------------------------------------------- source
@@ -178,7 +179,9 @@ def load_backbone(src: ModelSource) -> tuple[BEiTViT, str]:
 class FeatureConfig:
     """What to read from the frozen backbone (``--features.*``)."""
 
-    feature: FeatureKind = opt("cls+mean", "CLS token, mean of patch tokens, or both concatenated")
+    feature: FeatureKind = opt("cls+mean", "CLS token, mean of patch tokens, or both concatenated; cls+grid2 / "
+                                           "cls+grid3: CLS and the patch tokens average-pooled to a 2x2 / 3x3 grid "
+                                           "(keeps where things are: small images, few patches)")
     layers: tuple[int, ...] = opt((), "blocks (1-based) to read, all in one pass; empty = the last block")
     final_norm: bool = opt(True, "apply the model's final LayerNorm to the tokens of every chosen block "
                                  "(False: raw block outputs)")
@@ -187,8 +190,8 @@ class FeatureConfig:
                              "model, data and options); reused when present")
 
     def validate(self, prefix: str = "features.") -> None:
-        check(self.feature in ("cls", "mean", "cls+mean"), prefix + "feature",
-              f"must be cls, mean or cls+mean, got {self.feature!r}")
+        check(self.feature in ("cls", "mean", "cls+mean", *GRID_FEATURES), prefix + "feature",
+              f"must be cls, mean, cls+mean, cls+grid2 or cls+grid3, got {self.feature!r}")
         check(all(int(x) >= 1 for x in self.layers), prefix + "layers", f"blocks are 1-based, got {self.layers}")
         check(len(set(self.layers)) == len(self.layers), prefix + "layers", f"duplicates in {self.layers}")
         check(self.batch_size >= 1, prefix + "batch_size", "must be >= 1")
@@ -202,7 +205,8 @@ class FeatureConfig:
 
 
 def feature_dim(model: BEiTViT, feature: str) -> int:
-    return model.embed_dim * (2 if feature == "cls+mean" else 1)
+    g = GRID_FEATURES.get(feature)
+    return model.embed_dim * (1 + g * g if g else 2 if feature == "cls+mean" else 1)
 
 
 def pool_tokens(model: BEiTViT, tokens: torch.Tensor, feature: str, final_norm: bool = True) -> torch.Tensor:
@@ -214,6 +218,12 @@ def pool_tokens(model: BEiTViT, tokens: torch.Tensor, feature: str, final_norm: 
     else:
         t = model.norm(tokens)
         cls, mean = t[:, 0], t[:, 1:].mean(dim=1)
+    g = GRID_FEATURES.get(feature)
+    if g:
+        patches = tokens[:, 1:] if not final_norm else (model.fc_norm(tokens[:, 1:]) if model.cfg.use_mean_pooling
+                                                        else model.norm(tokens[:, 1:]))
+        fmap = patches.transpose(1, 2).reshape(len(tokens), -1, *model.grid_size)
+        return torch.cat([cls, torch.nn.functional.adaptive_avg_pool2d(fmap.float(), g).flatten(1)], -1).float()
     out = {"cls": cls, "mean": mean}.get(feature)
     if out is None:
         out = torch.cat([cls, mean], dim=-1)

@@ -100,7 +100,7 @@ def build_report(out: Path, plan, root: str, args, results: dict[str, dict[str, 
     intro = (f"BEiT v2 end to end on Fashion-MNIST (28 px grayscale, 4 px patches = a 7x7 grid) on the CPU: the "
              f"tokenizer and the pre-training see {n_train} training images; the linear probe and k-NN fit on "
              f"{_n(plan.eval_train_subset, 60000)} training images and are scored on {len(y_test)} test images. "
-             "Both read the concatenation of the CLS token and the mean patch token after the final LayerNorm of "
+             f"Both read {_FEATURE_WORDS.get(plan.probe_feature, plan.probe_feature)} after the final LayerNorm of "
              "the last block. The *raw pixels* row fits the same probe and k-NN on the 784 normalised pixels: "
              "the floor a learned feature has to clear.")
     verdict = ""
@@ -137,7 +137,10 @@ def build_report(out: Path, plan, root: str, args, results: dict[str, dict[str, 
                                     "labelled images": _subset_words_n(plan.teacher_labels),
                                     "epochs": plan.teacher_epochs} if stand_in else {}),
         "tokenizer (VQ-KD)": {"encoder (width, depth, heads)": plan.tok_vit, "decoder depth": 1,
-                              "codebook": f"{plan.tok_codes} x {plan.tok_code_dim}", "epochs": plan.tok_epochs,
+                              "codebook": f"{plan.tok_codes} x {plan.tok_code_dim}",
+                              "dead-code restart": (f"codes whose EMA count per batch falls below {plan.tok_restart} "
+                                                    "are re-seeded from the batch" if plan.tok_restart else "off"),
+                              "epochs": plan.tok_epochs,
                               "batch": plan.tok_batch, "lr": plan.tok_lr},
         "pre-training (BEiT v2)": {"ViT (width, depth, heads)": plan.mim_vit,
                                    "patch aggregation": f"patch tokens of block {plan.mim_early_layers} + final "
@@ -149,7 +152,8 @@ def build_report(out: Path, plan, root: str, args, results: dict[str, dict[str, 
         "evaluation": {"linear probe": f"BatchNorm (no affine) + linear head, AdamW, {plan.probe_epochs} "
                                        f"epochs, batch {plan.probe_batch}, on cached features",
                        "k-NN": f"k in {list(plan.knn_k)}, T=0.07, cosine",
-                       "features": "concat(CLS, mean of patches) after the final norm, last block"},
+                       "features": f"{plan.probe_feature}: {_FEATURE_WORDS.get(plan.probe_feature, '')} after the "
+                                   "final norm, last block"},
         "configs": "every stage's YAML is in configs/ (rerun one with `beitv2 <command> --config configs/X.yaml`)",
     }
     write_report(out / "report.md", title="beitv2 quickstart: BEiT v2 on Fashion-MNIST", intro=intro, notes=notes,
@@ -172,6 +176,13 @@ def build_report(out: Path, plan, root: str, args, results: dict[str, dict[str, 
         "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
         "plan": asdict(plan),
     }
+
+
+_FEATURE_WORDS = {"cls+mean": "the concatenation of the CLS token and the mean patch token",
+                  "cls+grid3": "the CLS token and the patch tokens average-pooled to a 3x3 grid (10 tokens "
+                               "concatenated)",
+                  "cls+grid2": "the CLS token and the patch tokens average-pooled to a 2x2 grid (5 tokens "
+                               "concatenated)"}
 
 
 def _n(subset: float, total: int) -> int:
