@@ -117,7 +117,7 @@ def test_grad_checkpointing_same_gradients():
 
 
 def test_set_input_size_uses_the_official_cubic_remap():
-    from beitv2.interop.relpos import resize_rel_pos_table
+    from beitv2.models.relpos import resize_rel_pos_table
 
     m = BEiTViT(ViTConfig(img_size=(16,), patch_size=4, embed_dim=32, depth=2, num_heads=2))
     torch.nn.init.normal_(m.rel_pos_bias.relative_position_bias_table)

@@ -77,8 +77,7 @@ def make_trainer(tmp_path: Path, *, batch: int = 8, accum: int = 1, epochs: int 
     cfg = TrainConfig(output_dir=str(tmp_path), epochs=epochs, batch_size=batch, accum_steps=accum,
                       precision="fp32", progress=False, tensorboard=False, log_every_steps=1, **train_kw)
     ocfg = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_epochs=0, weight_decay=0.05)
-    return Trainer(task or Classify(model), data or Blobs(), cfg, ocfg, dist=init_distributed("cpu"),
-                   model_kind="vit", model_config=model.cfg)
+    return Trainer(task or Classify(model), data or Blobs(), cfg, ocfg, dist=init_distributed("cpu"))
 
 
 # ---------------------------------------------------------------------------------------------- optimizer groups

@@ -34,9 +34,9 @@ from beitv2.interop import (
     timm_model_args,
     to_timm_state_dict,
 )
-from beitv2.interop.relpos import source_coords, table_rows, target_coords
 from beitv2.models.backbone import BEiTViT, ViTConfig
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
+from beitv2.models.relpos import source_coords, table_rows, target_coords
 
 D, HEADS, PATCH, IMG, DEPTH, VOCAB, CODE, TEACHER = 64, 4, 8, 32, 3, 64, 16, 48
 GRID = IMG // PATCH  # 4x4 patches -> a (2*4-1)^2 + 3 = 52-row table

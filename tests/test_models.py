@@ -38,7 +38,7 @@ def test_paper_presets_have_the_official_learnable_parameter_counts():
         assert count_learnable(build_model("beitv2_base_patch16_224_ft")) == 86_530_984
 
 
-@pytest.mark.parametrize("name", [n for n in list_presets()])
+@pytest.mark.parametrize("name", [n for n in list_presets() if get_preset(n)[0] != "dvae"])
 def test_every_preset_builds_and_runs_at_a_small_size(name):
     kind, cfg = get_preset(name)
     if kind == "vqkd":

@@ -19,39 +19,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import from_dict, to_dict
+from .models.registry import get_kind, kind_of, kinds
 
 FORMAT = "beitv2"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def _registry() -> dict[str, tuple[type, Callable[[Any], nn.Module]]]:
-    """kind -> (config class, model constructor). Imported lazily to keep this module light."""
-    from .models.backbone import BEiTViT, ViTConfig
-    from .models.mim import BEiTv2ForMIM, MIMConfig
-    from .models.vqkd import VQKD, VQKDConfig
-
-    reg: dict[str, tuple[type, Callable[[Any], nn.Module]]] = {
-        "vit": (ViTConfig, BEiTViT),
-        "vqkd": (VQKDConfig, VQKD),
-        "mim": (MIMConfig, BEiTv2ForMIM),
-    }
-    from .models.segmenter import Segmenter, SegmenterConfig
-
-    reg["segmenter"] = (SegmenterConfig, Segmenter)
-    try:
-        from .models.dvae import DiscreteVAE, DVAEConfig
-
-        reg["dvae"] = (DVAEConfig, DiscreteVAE)
-    except ImportError:  # pragma: no cover - dvae module optional while developing
-        pass
-    return reg
-
-
-def kind_of(model: nn.Module) -> str:
-    for kind, (_, ctor) in _registry().items():
-        if type(model) is ctor:
-            return kind
-    raise TypeError(f"no checkpoint kind registered for {type(model).__name__}")
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
@@ -74,9 +45,11 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 
 def save_model(path: str | Path, model: nn.Module, kind: str | None = None, config: Any = None,
                extra: dict[str, str] | None = None) -> Path:
-    """Write ``model``'s state dict and its config (JSON metadata) to a safetensors file, atomically."""
-    kind = kind or kind_of(model)
-    config = config if config is not None else getattr(model, "mim_cfg", None) or model.cfg
+    """Write ``model``'s state dict and its config (JSON metadata) to a safetensors file, atomically.
+
+    ``kind`` and ``config`` default to the model's own (`beitv2.models.registry.kind_of`, ``model.config``)."""
+    kind = kind or kind_of(model).name
+    config = config if config is not None else model.config
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = {"format": FORMAT, "kind": kind, "config": json.dumps(to_dict(config))}
     meta.update(extra or {})
@@ -126,12 +99,11 @@ def load_model(path: str | Path, strict: bool = True) -> tuple[nn.Module, str, d
         raise ValueError(f"{path} is not a beitv2 model file (no beitv2 metadata); official .pth files are read by "
                          "`beitv2 convert` / beitv2.interop")
     kind = meta["kind"]
-    reg = _registry()
-    if kind not in reg:
-        raise ValueError(f"{path}: unknown model kind {kind!r} (known: {', '.join(reg)})")
-    cfg_cls, ctor = reg[kind]
+    if kind not in kinds():
+        raise ValueError(f"{path}: unknown model kind {kind!r} (known: {', '.join(kinds())})")
+    spec = get_kind(kind)
     cfg_dict = json.loads(meta["config"])
-    model = ctor(from_dict(cfg_cls, cfg_dict))
+    model = spec.build(from_dict(spec.config_class, cfg_dict))
     missing, unexpected = model.load_state_dict(load_state_dict(path), strict=False)
     if strict and (missing or unexpected):
         raise ValueError(f"{path}: weights do not match a {kind} model built from its config: "

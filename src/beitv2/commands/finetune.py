@@ -14,12 +14,22 @@ import argparse
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from ..config import check, opt
 from ..data import DataConfig, collate_skip_bad
 from ..data.transforms import EvalTransform, resolve_norm
-from ..engine import NonFiniteLossError, OptimConfig, TrainConfig, Trainer, cleanup, init_distributed, seed_everything
+from ..engine import (
+    NonFiniteLossError,
+    OptimConfig,
+    TrainConfig,
+    Trainer,
+    build_optimizer,
+    cleanup,
+    init_distributed,
+    seed_everything,
+)
 from ..eval.features import build_split, data_for_model, eval_transform, resolve_normalize
 from ..eval.finetune import (
     ClassificationTask,
@@ -226,13 +236,11 @@ def run(args: argparse.Namespace) -> int:
         criterion, mixup = criterion_and_mixup(cfg.aug, num_classes)
         out = Path(cfg.train.output_dir)
         task = ClassificationTask(model, criterion, mixup, out, dist.is_main, classes)
-        trainer = Trainer(task, train_set, cfg.train, cfg.optim, dist=dist,
-                          model_kind="vit" if not cfg.ema.enabled else "vit_with_ema", model_config=net.cfg,
-                          run_config=cfg, val_set=val_set, collate_fn=collate_skip_bad,
-                          layer_id_fn=layer_id_fn(net.depth, "net." if cfg.ema.enabled else ""),
-                          num_layers=net.depth + 2, num_workers=data.num_workers)
-        if cfg.ema.enabled:
-            trainer.optimizer.register_step_post_hook(lambda *_: model.update_ema())
+        layer_decay = partial(build_optimizer, layer_id_fn=layer_id_fn(net.depth, "net." if cfg.ema.enabled else ""),
+                              num_layers=net.depth + 2)
+        trainer = Trainer(task, train_set, cfg.train, cfg.optim, dist=dist, run_config=cfg, val_set=val_set,
+                          collate_fn=collate_skip_bad, num_workers=data.num_workers, optimizer=layer_decay,
+                          after_step=(model.update_ema,) if cfg.ema.enabled else ())
         result = trainer.fit()
         if result.status != "finished":
             if dist.is_main:
@@ -256,10 +264,10 @@ def _write_outputs(out: Path, task: ClassificationTask, net, model, report: dict
     from ..eval.finetune import ema_of
     from ..eval.plots import save_confusion_matrix
 
-    save_model(out / "model.safetensors", classifier_of(model), "vit", net.cfg)  # a plain `vit` file
+    save_model(out / "model.safetensors", classifier_of(model))  # a plain `vit` file
     ema = ema_of(model)
     if ema is not None:
-        save_model(out / "model_ema.safetensors", ema, "vit", net.cfg)
+        save_model(out / "model_ema.safetensors", ema)
     metrics = {"global_step": global_step, "num_classes": num_classes, "classes": classes, "normalize": norm,
                "model": {k: v for k, v in report.items() if k not in ("missing", "unexpected")},
                "freshly_initialised": sorted({k.rsplit(".", 1)[0] for k in report.get("missing", [])})}

@@ -207,9 +207,8 @@ def run(args: argparse.Namespace) -> int:
         if dist.is_main:
             n = sum(p.numel() for p in model.parameters() if p.requires_grad)
             log.info("MIM model: %.2f M learnable parameters; %s", n / 1e6, desc)
-        trainer = Trainer(make_task(model), for_loader(train_set), cfg.train, cfg.optim, dist=dist,
-                          model_kind="mim", model_config=cfg.model, run_config=cfg, collate_fn=collate_skip_bad,
-                          num_workers=cfg.data.num_workers)
+        trainer = Trainer(make_task(model), for_loader(train_set), cfg.train, cfg.optim, dist=dist, run_config=cfg,
+                          collate_fn=collate_skip_bad, num_workers=cfg.data.num_workers)
         result = trainer.fit()
         if dist.is_main:
             log.info("%s after %d steps (last: %s)", result.status, result.global_step,

@@ -127,7 +127,9 @@ def _run(cfg: SegmentConfig, dist) -> int:
         class_names,
         collate_segmentation,
     )
-    from ..engine import Trainer, seed_everything
+    from functools import partial
+
+    from ..engine import Trainer, build_optimizer, seed_everything
     from ..eval.features import resolve_normalize
     from ..eval.seg_finetune import SegInference, SegmentationTask, build_segmenter
     from ..models.segmenter import convert_sync_batchnorm, layer_id_for_segmenter
@@ -161,10 +163,10 @@ def _run(cfg: SegmentConfig, dist) -> int:
         cfg.train.eval_every_epochs = 0
         log.warning("no validation split: no evaluation")
     depth = bcfg.depth
-    trainer = Trainer(task, train_set, cfg.train, cfg.optim, dist=dist, model_kind="segmenter",
-                      model_config=model.cfg, run_config=cfg, val_set=val_set, collate_fn=collate_segmentation,
-                      layer_id_fn=lambda n: layer_id_for_segmenter(n, depth), num_layers=depth + 2,
-                      num_workers=cfg.data.num_workers)
+    layer_decay = partial(build_optimizer, layer_id_fn=lambda n: layer_id_for_segmenter(n, depth),
+                          num_layers=depth + 2)
+    trainer = Trainer(task, train_set, cfg.train, cfg.optim, dist=dist, run_config=cfg, val_set=val_set,
+                      collate_fn=collate_segmentation, num_workers=cfg.data.num_workers, optimizer=layer_decay)
     result = trainer.fit()
     if result.status != "finished":
         if dist.is_main:

@@ -93,15 +93,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     configure_parser(parser, TrainTokenizerConfig)
 
 
-def build_task(cfg: TrainTokenizerConfig) -> tuple[torch.nn.Module, str, object]:
-    """(task, checkpoint kind, model config) for the configured tokenizer type."""
+def build_task(cfg: TrainTokenizerConfig) -> torch.nn.Module:
+    """The training task of the configured tokenizer type."""
     if cfg.tokenizer.type == "dvae":
-        return DVAETask(DiscreteVAE(cfg.tokenizer.dvae)), "dvae", cfg.tokenizer.dvae
+        return DVAETask(DiscreteVAE(cfg.tokenizer.dvae))
     vq = cfg.tokenizer.vqkd
     teacher = build_teacher(cfg.teacher, vq.encoder.grid_size)
     check(teacher.feature_dim == vq.teacher_dim, "tokenizer.vqkd.teacher_dim",
           f"{vq.teacher_dim} differs from the teacher's feature width {teacher.feature_dim}")
-    return TokenizerTask(VQKD(vq), teacher), "vqkd", vq
+    return TokenizerTask(VQKD(vq), teacher)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -120,10 +120,8 @@ def run(args: argparse.Namespace) -> int:
             eval_tf = EvalTransform(size, a.eval_resize or None, a.interpolation, normalize="none",
                                     channels=cfg.data.channels)
             val_set = for_loader(TokenizerTrainDataset(val_base, eval_tf, seed=cfg.data.seed))
-        task, kind, model_cfg = build_task(cfg)
-        trainer = Trainer(task, for_loader(train_set), cfg.train, cfg.optim, dist=dist, model_kind=kind,
-                          model_config=model_cfg, run_config=cfg, val_set=val_set, collate_fn=collate_skip_bad,
-                          num_workers=cfg.data.num_workers)
+        trainer = Trainer(build_task(cfg), for_loader(train_set), cfg.train, cfg.optim, dist=dist, run_config=cfg,
+                          val_set=val_set, collate_fn=collate_skip_bad, num_workers=cfg.data.num_workers)
         result = trainer.fit()
         if dist.is_main:
             log.info("%s after %d steps; weights in %s", result.status, result.global_step,

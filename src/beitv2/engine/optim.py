@@ -15,6 +15,7 @@ from .config import OFFICIAL_NO_DECAY_NAMES, OptimConfig
 
 LayerIdFn = Callable[[str], int]
 ParamGroupFn = Callable[[nn.Module], list[dict]]
+OptimizerFactory = Callable[[nn.Module, OptimConfig], torch.optim.Optimizer]  # the Trainer's optimizer hook
 
 
 def is_no_decay(name: str, param: torch.Tensor, names: Iterable[str], skip: Iterable[str] = ()) -> bool:

@@ -19,7 +19,6 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -66,8 +65,7 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(out_dir: Path, step: int, model: nn.Module, kind: str, model_config: Any,
-                    train_state: dict, keep_last: int) -> Path:
+def save_checkpoint(out_dir: Path, step: int, model: nn.Module, train_state: dict, keep_last: int) -> Path:
     """Write ``ckpt-<step>`` atomically, point ``latest`` at it and delete all but the newest ``keep_last``."""
     from ..checkpoint import save_model
 
@@ -76,7 +74,7 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, kind: str, model
     tmp = out_dir / f".tmp-ckpt-{step}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_model(tmp / WEIGHTS, model, kind, model_config)
+    save_model(tmp / WEIGHTS, model)
     torch.save(train_state, tmp / STATE)
     with open(tmp / STATE, "rb") as f:
         os.fsync(f.fileno())

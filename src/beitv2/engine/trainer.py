@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from ..config import ConfigError, save_yaml, to_dict
 from ..data.shards import StreamPlan
+from ..models.registry import kind_of
 from . import distributed as D
 from . import state as S
 from .config import OptimConfig, TrainConfig
 from .logger import RunLogger
-from .optim import LayerIdFn, ParamGroupFn, build_optimizer, set_schedule
+from .optim import OptimizerFactory, build_optimizer, set_schedule
 from .precision import autocast, grad_scaler, resolve_precision
 from .sampler import ResumableSampler
 from .schedule import cosine_schedule, lr_schedule, warmup_iterations
@@ -150,13 +152,20 @@ class _DeviceMetrics:
 
 
 class Trainer:
+    """Trains ``task.model``; its kind and config (`beitv2.models.registry`) are what checkpoints record.
+
+    Hooks instead of patching from outside: ``optimizer(model, optim_cfg)`` builds the optimizer (default: AdamW
+    over `build_optimizer`'s groups; its groups may carry ``lr_scale`` / ``apply_wd`` for the schedules), and every
+    callable in ``after_step`` runs after each applied optimizer step (e.g. an EMA update).
+    """
+
     def __init__(self, task: nn.Module, train_set: Dataset, cfg: TrainConfig, optim_cfg: OptimConfig, *,
-                 dist: D.DistInfo, model_kind: str, model_config: Any, run_config: Any = None,
-                 val_set: Dataset | None = None, collate_fn=None, layer_id_fn: LayerIdFn | None = None,
-                 num_layers: int | None = None, param_group_fn: ParamGroupFn | None = None, num_workers: int = 0):
+                 dist: D.DistInfo, run_config: Any = None, val_set: Dataset | None = None, collate_fn=None,
+                 num_workers: int = 0, optimizer: OptimizerFactory | None = None,
+                 after_step: Sequence[Callable[[], None]] = ()):
         self.task, self.cfg, self.ocfg, self.dist = task, cfg, optim_cfg, dist
         self.train_set, self.val_set, self.collate_fn = train_set, val_set, collate_fn
-        self.model_kind, self.model_config, self.run_config = model_kind, model_config, run_config
+        self.model_kind, self.run_config = kind_of(task.model).name, run_config
         self.out = Path(cfg.output_dir)
         self.num_workers = num_workers
         self.device = dist.device
@@ -196,8 +205,9 @@ class Trainer:
                                        optim_cfg.poly_power, optim_cfg.warmup_ratio)
         wd_end = optim_cfg.weight_decay if optim_cfg.weight_decay_end is None else optim_cfg.weight_decay_end
         self.wd_schedule = cosine_schedule(optim_cfg.weight_decay, wd_end, self.total_steps, 0)
-        self.optimizer = build_optimizer(task.model, optim_cfg, layer_id_fn=layer_id_fn, num_layers=num_layers,
-                                         param_group_fn=param_group_fn)
+        self.optimizer = (optimizer or build_optimizer)(task.model, optim_cfg)
+        for hook in after_step:  # runs only when the step was applied (a GradScaler may skip one)
+            self.optimizer.register_step_post_hook(lambda *_, hook=hook: hook())
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.scaler = grad_scaler(self.device, self.precision)
         self.global_step = 0
@@ -299,8 +309,7 @@ class Trainer:
                   "total_steps": self.total_steps, "world_size": self.dist.world_size,
                   "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(), "rng": rngs,
                   "config": to_dict(self.run_config) if self.run_config is not None else {}}
-            path = S.save_checkpoint(self.out, self.global_step, self.task.model, self.model_kind, self.model_config,
-                                     st, self.cfg.keep_last)
+            path = S.save_checkpoint(self.out, self.global_step, self.task.model, st, self.cfg.keep_last)
         D.barrier()
         return path
 
@@ -334,7 +343,7 @@ class Trainer:
         if result.status == "finished" and self.dist.is_main:
             from ..checkpoint import save_model
 
-            save_model(self.out / "model.safetensors", self.task.model, self.model_kind, self.model_config)
+            save_model(self.out / "model.safetensors", self.task.model)
         D.barrier()
         result.checkpoint = last_ckpt
         return result

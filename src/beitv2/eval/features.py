@@ -31,6 +31,7 @@ from ..data.mim_dataset import TransformDataset, for_loader
 from ..engine import distributed as D
 from ..engine.precision import autocast, resolve_precision
 from ..models.backbone import BEiTViT, ViTConfig
+from ..models.registry import ModelKind, get_kind, kinds
 
 log = logging.getLogger("beitv2.eval")
 
@@ -67,27 +68,24 @@ class ModelSource:
             check(os.path.exists(self.checkpoint), prefix + "checkpoint", f"not found: {self.checkpoint}")
 
 
-def _strip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+def _with_backbone(kind: str, field: str, where: str) -> ModelKind:
+    spec = get_kind(kind) if kind in kinds() else None
+    if spec is None or spec.backbone is None:
+        known = ", ".join(k for k in kinds() if get_kind(k).backbone is not None)
+        raise ConfigError(f"{field}: {where} is a {kind!r} model; expected one with a ViT backbone ({known})")
+    return spec
 
 
 def backbone_from_kind(kind: str, cfg_dict: dict, state: dict[str, torch.Tensor], filt: str, where: str
                        ) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
-    """(ViT config, ViT state dict) of a beitv2 model file of any kind."""
+    """(ViT config, ViT state dict) of a beitv2 model file of any kind with a ViT backbone (the registry says where
+    it sits: a VQ-KD's encoder, a MIM model without its pre-training head, ...)."""
     from ..config import from_dict
-    from ..models.mim import MIMConfig
-    from ..models.vqkd import VQKDConfig
 
-    if filt == "encoder" or kind == "vqkd":
-        if kind != "vqkd":
-            raise ConfigError(f"model.filter: 'encoder' needs a vqkd checkpoint, {where} is a {kind!r} model")
-        return from_dict(VQKDConfig, cfg_dict).encoder, _strip(state, "encoder.")
-    if kind == "mim":
-        drop = ("mask_token", "lm_head.", "cls_pt_layers.", "cls_pt_norm.", "cls_pt_lm_head.")
-        return from_dict(MIMConfig, cfg_dict).backbone, {k: v for k, v in state.items() if not k.startswith(drop)}
-    if kind == "vit":
-        return from_dict(ViTConfig, cfg_dict), dict(state)
-    raise ConfigError(f"model.checkpoint: {where} is a {kind!r} model; expected mim, vit or vqkd")
+    if filt == "encoder" and kind != "vqkd":
+        raise ConfigError(f"model.filter: 'encoder' needs a vqkd checkpoint, {where} is a {kind!r} model")
+    spec = _with_backbone(kind, "model.checkpoint", where)
+    return spec.backbone_config(from_dict(spec.config_class, cfg_dict)), spec.backbone_state(state)
 
 
 def read_source(src: ModelSource) -> tuple[ViTConfig, dict[str, torch.Tensor] | None, str]:
@@ -96,12 +94,7 @@ def read_source(src: ModelSource) -> tuple[ViTConfig, dict[str, torch.Tensor] | 
         from ..models.presets import get_preset
 
         kind, cfg = get_preset(src.preset)
-        if kind == "mim":
-            cfg = cfg.backbone
-        elif kind == "vqkd":
-            cfg = cfg.encoder
-        elif kind != "vit":
-            raise ConfigError(f"model.preset: {src.preset!r} is a {kind!r} preset; expected mim, vit or vqkd")
+        cfg = _with_backbone(kind, "model.preset", f"preset {src.preset!r}").backbone_config(cfg)
         return cfg, None, f"random init of preset {src.preset}"
     from ..checkpoint import load_state_dict, read_metadata, resolve_weights
 

@@ -3,7 +3,7 @@
 Checkpoint remapping follows the official `run_class_finetuning.py --finetune` branch: the pre-training
 parts (``mask_token``, ``lm_head``, ``cls_pt_layers``) are dropped, the shared relative position table is copied
 into every block's own table, ``*relative_position_index`` buffers are rebuilt, position tables and embeddings are
-resized when the resolution changes (geometric interpolation, `beitv2.interop.relpos`), and under mean pooling the
+resized when the resolution changes (geometric interpolation, `beitv2.models.relpos`), and under mean pooling the
 pre-trained final ``norm`` is discarded for a fresh ``fc_norm``. The classifier is initialised at
 scale 0.001.
 """
@@ -24,6 +24,8 @@ from torch import nn
 from ..config import ConfigError, check, opt, reading
 from ..engine import distributed as D
 from ..models.backbone import BEiTViT, ViTConfig, to_2tuple
+from ..models.registry import ModelKind, get_kind, register
+from ..models.relpos import resize_state_dict, shared_table_to_per_layer
 from ..tasks import TrainTask
 from .features import ModelSource, read_source
 from .metrics import confusion_matrix, topk_correct
@@ -134,15 +136,10 @@ def finetune_config(src: ViTConfig, mcfg: FinetuneModelConfig, num_classes: int)
 
 def remap_state_dict(state: dict[str, torch.Tensor], src: ViTConfig, dst: ViTConfig) -> dict[str, torch.Tensor]:
     """Official remapping of a pre-training / other-resolution state dict onto the classifier ``dst``."""
-    from ..interop.relpos import resize_state_dict
-
-    drop = ("mask_token", "lm_head.", "cls_pt_layers.", "cls_pt_norm.", "cls_pt_lm_head.")
+    drop = get_kind("mim").pretrain_only_keys  # a pre-training state dict may still hold the MIM head
     out = {k: v for k, v in state.items() if not k.startswith(drop) and not k.endswith("relative_position_index")}
-    shared_key = "rel_pos_bias.relative_position_bias_table"
-    if dst.use_rel_pos_bias and shared_key in out:
-        table = out.pop(shared_key)
-        for i in range(dst.depth):
-            out[f"blocks.{i}.attn.relative_position_bias_table"] = table.clone()
+    if dst.use_rel_pos_bias:
+        out = shared_table_to_per_layer(out, dst.depth)
     src_grid, dst_grid = src.grid_size, dst.grid_size
     if src_grid != dst_grid:
         out = resize_state_dict(out, src_grid, dst_grid)
@@ -191,11 +188,12 @@ class WithEMA(nn.Module):
     """The trained classifier ``net`` plus its exponential moving average (timm `ModelEmaV3`) as one module, so
     both land in the engine's checkpoints and a resumed run keeps its EMA. Only ``net`` is trained."""
 
-    def __init__(self, net: nn.Module, decay: float):
+    def __init__(self, net: nn.Module, decay: float = 0.9999):
         super().__init__()
         from timm.utils import ModelEmaV3
 
         self.net = net
+        self.config = net.config
         self.ema = ModelEmaV3(net, decay=decay)
         self.ema.requires_grad_(False)
 
@@ -208,6 +206,11 @@ class WithEMA(nn.Module):
     @torch.no_grad()
     def update_ema(self) -> None:
         self.ema.update(self.net)
+
+
+# kind of the engine's checkpoints of a fine-tuning run with EMA (the final files are plain `vit` ones)
+register(ModelKind("vit_with_ema", ViTConfig, WithEMA, constructor=lambda c: WithEMA(BEiTViT(c)),
+                   backbone=lambda c: c, backbone_prefix="net."))
 
 
 def classifier_of(model: nn.Module) -> nn.Module:
@@ -315,7 +318,7 @@ class ClassificationTask(TrainTask):
         from .metrics import write_metrics
 
         net = classifier_of(self.model)
-        save_model(self.out / "best" / "model.safetensors", net, "vit", net.cfg)
+        save_model(self.out / "best" / "model.safetensors", net)
         write_metrics(self.out / "best" / "metrics.json", self.best)
 
 

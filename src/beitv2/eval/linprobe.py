@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,8 +21,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..config import check, opt
-from ..engine import OptimConfig, TrainConfig, Trainer
+from ..engine import OptimConfig, TrainConfig, Trainer, param_groups
 from ..engine import distributed as D
+from ..models.registry import ModelKind, register
 from ..tasks import TrainTask
 from .features import layer_features
 from .metrics import accuracy, confusion_matrix, topk_correct, write_metrics
@@ -79,7 +81,7 @@ class ProbeHeads(nn.Module):
 
     def __init__(self, cfg: ProbeHeadsConfig, init_std: float = 0.01):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = self.config = cfg
         self.layers = tuple(int(x) for x in cfg.layers)
         self.heads = nn.ModuleDict()
         for x, dim in zip(self.layers, cfg.in_dims):
@@ -91,6 +93,9 @@ class ProbeHeads(nn.Module):
 
     def forward(self, feats: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
         return {x: self.heads[str(x)](feats[x].float()) for x in self.layers}
+
+
+register(ModelKind("linprobe", ProbeHeadsConfig, ProbeHeads))
 
 
 class FeatureDataset(Dataset):
@@ -165,12 +170,10 @@ class LinearProbeTask(TrainTask):
         return out
 
 
-def _use_sgd(trainer: Trainer, momentum: float) -> None:
-    """Swap the engine's AdamW for SGD over the same parameter groups (lr_scale / apply_wd kept)."""
-    keep = ("params", "param_names", "weight_decay", "apply_wd", "lr_scale", "layer_id")
-    groups = [{k: g[k] for k in keep if k in g} for g in trainer.optimizer.param_groups]
-    trainer.optimizer = torch.optim.SGD(groups, lr=trainer.ocfg.lr, momentum=momentum)
-    trainer.params = [p for g in trainer.optimizer.param_groups for p in g["params"]]
+def sgd_optimizer(model: nn.Module, cfg: OptimConfig, momentum: float = 0.9) -> torch.optim.SGD:
+    """SGD with momentum (DINO's linear probe) over the engine's decay / no-decay groups (the Trainer's optimizer
+    hook)."""
+    return torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=momentum)
 
 
 @torch.no_grad()
@@ -212,10 +215,9 @@ def fit_probe(train_feats: dict[int, torch.Tensor], train_labels: torch.Tensor, 
         train.batch_size = max(per_rank, 1)
     task = LinearProbeTask(heads, backbone if image_train_set is not None else None, feature, final_norm)
     val_set = FeatureDataset(val_feats, val_labels)
-    trainer = Trainer(task, train_set, train, optim, dist=dist, model_kind="linprobe", model_config=heads.cfg,
-                      run_config=run_config, val_set=val_set, collate_fn=collate_fn, num_workers=num_workers)
-    if probe.optimizer == "sgd":
-        _use_sgd(trainer, probe.momentum)
+    factory = partial(sgd_optimizer, momentum=probe.momentum) if probe.optimizer == "sgd" else None
+    trainer = Trainer(task, train_set, train, optim, dist=dist, run_config=run_config, val_set=val_set,
+                      collate_fn=collate_fn, num_workers=num_workers, optimizer=factory)
     result = trainer.fit()
     metrics: dict[str, Any] = {"status": result.status, "global_step": result.global_step,
                                "num_train": n_train, "num_val": int(len(val_labels)), "num_classes": num_classes}

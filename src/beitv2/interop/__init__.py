@@ -1,5 +1,6 @@
 """Checkpoint interoperability: official microsoft/unilm BEiT v2 / VQ-KD `.pth` in, timm and HF transformers out."""
 
+from ..models.relpos import resize_pos_embed, resize_rel_pos_table, resize_state_dict
 from .hf_export import build_hf_model, export_hf, hf_config, to_hf_state_dict
 from .official import (
     CheckpointMismatchError,
@@ -9,7 +10,6 @@ from .official import (
     read_official_state_dict,
     resize_model,
 )
-from .relpos import resize_pos_embed, resize_rel_pos_table, resize_state_dict
 from .timm_export import build_timm_model, export_timm, timm_model_args, to_timm_state_dict
 
 __all__ = [

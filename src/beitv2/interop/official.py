@@ -28,14 +28,13 @@ from ..models.backbone import BEiTViT, ViTConfig, to_2tuple
 from ..models.mim import BEiTv2ForMIM, MIMConfig
 from ..models.presets import get_preset
 from ..models.quantizer import QuantizerConfig
+from ..models.registry import get_kind
+from ..models.relpos import SHARED_TABLE, resize_state_dict, shared_table_to_per_layer, square_window_from_rows
 from ..models.vqkd import VQKD, VQKDConfig, vqkd_encoder_config
-from .relpos import resize_state_dict, square_window_from_rows
 
 WRAPPER_KEYS = ("model", "module", "state_dict")
 VQKD_DROP_PREFIXES = ("teacher_model.", "scaling_layer.", "loss")
 VQKD_DEAD_KEYS = ("quantize.embedding.cluster_size", "quantize.embedding.embed_avg")
-MIM_ONLY_PREFIXES = ("mask_token", "lm_head.", "cls_pt_layers.", "cls_pt_norm.", "cls_pt_lm_head.")
-SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 
 
 class CheckpointMismatchError(ValueError):
@@ -270,13 +269,9 @@ def load_official_pretrain(path: str | Path, target: str = "mim", img_size: int 
         model: BEiTViT = BEiTv2ForMIM(cfg)
         allow: tuple[str, ...] = ()
     else:
-        state = {k: v for k, v in state.items() if not k.startswith(MIM_ONLY_PREFIXES)}
+        state = shared_table_to_per_layer(get_kind("mim").backbone_state(state), fields["depth"])
         if use_mean_pooling:
             state = {k: v for k, v in state.items() if not k.startswith("norm.")}
-        if SHARED_TABLE in state:
-            table = state.pop(SHARED_TABLE)
-            for i in range(fields["depth"]):
-                state[f"blocks.{i}.attn.relative_position_bias_table"] = table.clone()
         fields.update(use_rel_pos_bias=True, use_shared_rel_pos_bias=False, use_mean_pooling=use_mean_pooling,
                       num_classes=num_classes)
         model = BEiTViT(ViTConfig(**{**fields, **overrides}))
@@ -307,11 +302,11 @@ def load_official_classifier(path: str | Path, img_size: int | Sequence[int] | N
 def resize_model(model: BEiTViT, img_size: int | Sequence[int]) -> BEiTViT:
     """A copy of ``model`` (BEiTViT or BEiTv2ForMIM) at another resolution, with the official cubic table remap
     (`BEiTViT.set_input_size` does the same in place)."""
-    cfg = model.mim_cfg if isinstance(model, BEiTv2ForMIM) else model.cfg
-    vit = cfg.backbone if isinstance(model, BEiTv2ForMIM) else cfg
+    vit = model.cfg  # the ViT config of either (a MIM model's backbone)
     h, w = to_2tuple(img_size)
     new_vit = replace(vit, img_size=(h,) if h == w else (h, w))
-    new = BEiTv2ForMIM(replace(cfg, backbone=new_vit)) if isinstance(model, BEiTv2ForMIM) else BEiTViT(new_vit)
+    new = BEiTv2ForMIM(replace(model.config, backbone=new_vit)) if isinstance(model, BEiTv2ForMIM) \
+        else BEiTViT(new_vit)
     state = resize_state_dict(model.state_dict(), vit.grid_size, new_vit.grid_size)
     load_strict(new, state, f"{type(model).__name__} resized to {new_vit.img_hw}")
     return new.train(model.training)

@@ -18,25 +18,25 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..models.backbone import BEiTViT, ViTConfig
-from ..models.mim import BEiTv2ForMIM
+from ..models.backbone import ViTConfig
+from ..models.registry import backbone_config, backbone_state_dict, kind_of
 from ..models.vqkd import VQKD
 
 REL_POS_CHOICES = ("per_layer", "shared")
 
 
 def backbone_of(model: nn.Module) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
-    """(config, state dict) of the exportable ViT: a BEiTViT, the backbone of a BEiTv2ForMIM, or a VQ-KD encoder."""
-    if isinstance(model, VQKD):
-        model = model.encoder
-    if isinstance(model, BEiTv2ForMIM):
-        state = model.backbone_state_dict()
-    elif isinstance(model, BEiTViT):
-        state = model.state_dict()
-    else:
-        raise TypeError(f"cannot export a {type(model).__name__}: expected BEiTViT, BEiTv2ForMIM or VQKD")
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items() if not k.endswith("relative_position_index")}
-    return model.cfg, state
+    """(config, state dict) of the exportable ViT of a model of any kind with a ViT backbone (a BEiTViT, the
+    backbone of a BEiTv2ForMIM, a VQ-KD encoder; `beitv2.models.registry`)."""
+    try:
+        spec = kind_of(model)
+    except TypeError:
+        spec = None
+    if spec is None or spec.backbone is None:
+        raise TypeError(f"cannot export a {type(model).__name__}: it has no ViT backbone")
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone_state_dict(model).items()
+             if not k.endswith("relative_position_index")}
+    return backbone_config(model), state
 
 
 def _img_size(cfg: ViTConfig) -> int | list[int]:

@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ..config import check, opt
+from .relpos import resize_pos_embed, resize_rel_pos_table
 
 
 def to_2tuple(v: int | Sequence[int]) -> tuple[int, int]:
@@ -134,7 +135,7 @@ class BEiTViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         cfg.validate()
-        self.cfg = cfg
+        self.cfg = self.config = cfg
         self.embed_dim = self.num_features = cfg.embed_dim
         self.depth = cfg.depth
         self.num_prefix_tokens = 1
@@ -202,9 +203,7 @@ class BEiTViT(nn.Module):
 
     def set_input_size(self, img_size: int | Sequence[int]) -> None:
         """Change the input resolution in place: position embedding resized bicubically, relative position tables
-        with the official geometric-progression cubic remap (`beitv2.interop.relpos`)."""
-        from ..interop.relpos import resize_pos_embed, resize_rel_pos_table
-
+        with the official geometric-progression cubic remap (`beitv2.models.relpos`)."""
         img_hw = to_2tuple(img_size)
         old_grid = self.grid_size
         self.patch_embed.set_input_size(img_size=img_hw)

@@ -281,7 +281,7 @@ class DiscreteVAE(nn.Module):
     def __init__(self, cfg: DVAEConfig):
         super().__init__()
         cfg.validate("tokenizer.dvae.")
-        self.cfg = cfg
+        self.cfg = self.config = cfg
         self.vocab_size = cfg.vocab_size
         self.img_size = cfg.img_size
         self.grid_size = cfg.grid_size

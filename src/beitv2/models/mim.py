@@ -87,10 +87,15 @@ def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class BEiTv2ForMIM(BEiTViT):
+    """``config`` is the `MIMConfig`; ``cfg`` (inherited from `BEiTViT`) is its ViT backbone's."""
+
+    # state-dict prefixes that exist only for pre-training (dropped when the backbone is evaluated or fine-tuned)
+    pretrain_only_keys = ("mask_token", "lm_head.", "cls_pt_layers.", "cls_pt_norm.", "cls_pt_lm_head.")
+
     def __init__(self, cfg: MIMConfig):
         cfg.validate()
         super().__init__(cfg.backbone)
-        self.mim_cfg = cfg
+        self.config = cfg
         d = cfg.backbone.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         self.lm_head = nn.Linear(d, cfg.out_dim)
@@ -117,7 +122,12 @@ class BEiTv2ForMIM(BEiTViT):
             m.apply(self._init_module)
         if self.cls_pt_layers is not None:
             for j, blk in enumerate(self.cls_pt_layers):
-                rescale_block(blk, self.mim_cfg.early_layers + j + 1)
+                rescale_block(blk, self.config.early_layers + j + 1)
+
+    @property
+    def mim_cfg(self) -> MIMConfig:
+        """Former name of ``config``."""
+        return self.config
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}
@@ -130,7 +140,7 @@ class BEiTv2ForMIM(BEiTViT):
         selects the masked tokens by a gather of static shape; without it they are picked by boolean indexing
         (a host sync and a data-dependent shape; the eager baseline of benchmarks/bench_train_step.py)."""
         bool_masked_pos = bool_masked_pos.reshape(images.shape[0], -1).bool()
-        cfg = self.mim_cfg
+        cfg = self.config
         layers = (cfg.early_layers,) if cfg.patch_aggregation else ()
         x, saved = self.forward_features(images, bool_masked_pos, self.mask_token, return_layers=layers)
         if masked_index is not None:
@@ -156,10 +166,10 @@ class BEiTv2ForMIM(BEiTViT):
         total = 0.0
         for i, out in enumerate(outputs, start=1):
             out = out.float()
-            if self.mim_cfg.target == "tokens":
+            if self.config.target == "tokens":
                 loss = F.cross_entropy(out, targets)
                 metrics[f"mlm_acc_{i}"] = (out.argmax(-1) == targets).float().mean().detach()
-            elif self.mim_cfg.target == "pixels":
+            elif self.config.target == "pixels":
                 loss = F.mse_loss(out, targets.float())
             else:
                 loss = (1.0 - F.cosine_similarity(out, targets.float(), dim=-1)).mean()
@@ -169,5 +179,4 @@ class BEiTv2ForMIM(BEiTViT):
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights without the pre-training-only parts (mask token, MIM head, aggregation blocks)."""
-        drop = ("mask_token", "lm_head.", "cls_pt_layers.", "cls_pt_norm.", "cls_pt_lm_head.")
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(drop)}
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(self.pretrain_only_keys)}

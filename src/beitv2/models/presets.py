@@ -1,22 +1,25 @@
 """Named architectures: the paper's models and small ones for 28-64 px images on a CPU.
 
-`get_preset(name)` returns (kind, config); `build_model(name, **overrides)` builds it, with config fields replaced.
-Paper presets reproduce the official registered models (microsoft/unilm beit2: `vqkd_encoder_base_decoder_*`,
-`beit_*_patch16_224_8k_vocab`); their learnable parameter counts are tested against the official numbers.
+`PRESETS` is the one table of named architectures (the dVAE's, defined beside the dVAE in `DVAE_PRESETS`, are part of
+it). `get_preset(name)` returns (kind, config); `build_model(name, **overrides)` builds it through the model registry,
+with config fields replaced. Paper presets reproduce the official registered models (microsoft/unilm beit2:
+`vqkd_encoder_base_decoder_*`, `beit_*_patch16_224_8k_vocab`); their learnable parameter counts are tested against the
+official numbers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import torch.nn as nn
 
-from .backbone import BEiTViT, ViTConfig
-from .mim import BEiTv2ForMIM, MIMConfig
+from .backbone import ViTConfig
+from .dvae import DVAE_PRESETS
+from .mim import MIMConfig
 from .quantizer import QuantizerConfig
-from .vqkd import VQKD, VQKDConfig, vqkd_encoder_config
+from .registry import build
+from .vqkd import VQKDConfig, vqkd_encoder_config
 
 
 def _vit(size: str, **kw) -> ViTConfig:
@@ -67,6 +70,8 @@ PRESETS: dict[str, Callable[[], tuple[str, Any]]] = {
         backbone=ViTConfig(**_small_vit(64, 256, 12, 8, init_values=0.1, drop_path_rate=0.1)), vocab_size=8192,
         early_layers=9, head_layers=2)),
     "vit_tiny": lambda: ("vit", ViTConfig(**_small_vit(28, 128, 6, 4, init_values=0.1, use_mean_pooling=True))),
+    # --- BEiT v1's dVAE tokenizers (models/dvae.py)
+    **{name: (lambda f=f: ("dvae", f())) for name, f in DVAE_PRESETS.items()},
 }
 
 
@@ -75,16 +80,8 @@ def list_presets() -> list[str]:
 
 
 def get_preset(name: str) -> tuple[str, Any]:
-    """(kind, a fresh config) for a preset name; kind is 'vit', 'vqkd', 'mim' or 'dvae'."""
+    """(kind, a fresh config) for a preset name; kind is a `beitv2.models.registry` kind."""
     if name not in PRESETS:
-        try:  # dVAE presets live with the dVAE
-            from .dvae import DVAE_PRESETS
-
-            if name in DVAE_PRESETS:
-                cfg = DVAE_PRESETS[name]
-                return "dvae", (cfg() if callable(cfg) else replace(cfg))
-        except ImportError:
-            pass
         raise KeyError(f"unknown preset {name!r}; known: {', '.join(list_presets())}")
     return PRESETS[name]()
 
@@ -98,15 +95,7 @@ def build_model(name: str, **overrides: Any) -> nn.Module:
 
         cfg = from_dict(type(cfg), overrides, base=cfg)
         validate_config(cfg)
-    if kind == "vit":
-        return BEiTViT(cfg)
-    if kind == "vqkd":
-        return VQKD(cfg)
-    if kind == "mim":
-        return BEiTv2ForMIM(cfg)
-    from .dvae import DiscreteVAE
-
-    return DiscreteVAE(cfg)
+    return build(kind, cfg)
 
 
 def count_learnable(model: nn.Module) -> int:

@@ -127,7 +127,7 @@ class Segmenter(nn.Module):
         from transformers.models.upernet.modeling_upernet import UperNetFCNHead, UperNetHead
 
         cfg.validate()
-        self.cfg = cfg
+        self.cfg = self.config = cfg
         bcfg = cfg.backbone
         self.backbone = BEiTViT(bcfg)
         # no final norm, pooling or classifier: the block outputs are the features (official)

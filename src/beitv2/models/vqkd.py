@@ -72,7 +72,7 @@ class VQKD(nn.Module):
     def __init__(self, cfg: VQKDConfig):
         super().__init__()
         cfg.validate()
-        self.cfg = cfg
+        self.cfg = self.config = cfg
         self.encoder = BEiTViT(cfg.encoder)
         dec_cfg = cfg.decoder_config()
         self.decoder = BEiTViT(dec_cfg)

@@ -154,3 +154,17 @@ def resize_state_dict(state: dict[str, torch.Tensor], src_grid: Sequence[int], d
         elif k.split(".")[-1] == "pos_embed" and v.shape[1] == src_grid[0] * src_grid[1] + 1:
             out[k] = resize_pos_embed(v, src_grid, dst_grid)
     return out
+
+
+SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
+
+
+def shared_table_to_per_layer(state: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """The pre-training layout's one shared table copied into every block (official fine-tuning: each block then
+    learns its own); a state dict without a shared table is returned unchanged."""
+    out = dict(state)
+    if SHARED_TABLE in out:
+        table = out.pop(SHARED_TABLE)
+        for i in range(depth):
+            out[f"blocks.{i}.attn.relative_position_bias_table"] = table.clone()
+    return out

@@ -1,0 +1,110 @@
+"""The one place that knows each model kind.
+
+A *kind* is the name a model file carries in its metadata (``kind`` beside ``config``). Each kind declares once:
+
+* ``config_class`` and ``model_class`` (how a file is rebuilt: ``model_class(config_class(**config))``);
+* ``backbone``: how to get its ViT backbone config from its config, and ``backbone_prefix``, where the backbone's
+  weights sit in its state dict (``encoder.`` for VQ-KD); ``None`` for kinds without a ViT (dVAE);
+* ``pretrain_only_keys``: state-dict prefixes that exist only for pre-training (the MIM head) and are dropped when the
+  backbone is reused for evaluation, fine-tuning or export.
+
+Every model exposes ``model.config``: the config of its own kind (`MIMConfig` for `BEiTv2ForMIM`, whose ``cfg`` is its
+ViT backbone's). Checkpoint files, presets, evaluation, fine-tuning, interop and the trainer read from here, so a new
+kind (e.g. a segmenter) is one `register` call::
+
+    register(ModelKind("segmenter", SegmenterConfig, Segmenter, backbone=lambda c: c.backbone,
+                       backbone_prefix="backbone."))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .backbone import BEiTViT, ViTConfig
+from .dvae import DiscreteVAE, DVAEConfig
+from .mim import BEiTv2ForMIM, MIMConfig
+from .segmenter import Segmenter, SegmenterConfig
+from .vqkd import VQKD, VQKDConfig
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    name: str
+    config_class: type
+    model_class: type[nn.Module]
+    constructor: Callable[[Any], nn.Module] | None = None  # config -> model (default: model_class(config))
+    backbone: Callable[[Any], ViTConfig] | None = None  # config -> its ViT backbone's config
+    backbone_prefix: str = ""  # where the backbone's weights sit in the state dict
+    pretrain_only_keys: tuple[str, ...] = ()  # state-dict prefixes dropped when reusing the backbone
+
+    def build(self, config: Any) -> nn.Module:
+        return (self.constructor or self.model_class)(config)
+
+    def backbone_config(self, config: Any) -> ViTConfig:
+        if self.backbone is None:
+            raise ValueError(f"a {self.name} model has no ViT backbone")
+        return self.backbone(config)
+
+    def backbone_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The backbone's weights out of a full state dict of this kind: under ``backbone_prefix`` (stripped),
+        without the pre-training-only keys."""
+        p = self.backbone_prefix
+        return {k[len(p):]: v for k, v in state.items()
+                if k.startswith(p) and not k[len(p):].startswith(self.pretrain_only_keys)}
+
+
+_KINDS: dict[str, ModelKind] = {}
+
+
+def register(kind: ModelKind) -> ModelKind:
+    old = _KINDS.get(kind.name)
+    if old is not None and old.model_class.__qualname__ != kind.model_class.__qualname__:
+        raise ValueError(f"model kind {kind.name!r} is already registered for {old.model_class.__name__}")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def kinds() -> list[str]:
+    return list(_KINDS)
+
+
+def get_kind(name: str) -> ModelKind:
+    if name not in _KINDS:
+        raise KeyError(f"unknown model kind {name!r} (known: {', '.join(_KINDS)})")
+    return _KINDS[name]
+
+
+def kind_of(model: nn.Module) -> ModelKind:
+    """The kind whose model class is exactly ``type(model)``."""
+    for kind in _KINDS.values():
+        if type(model) is kind.model_class:
+            return kind
+    raise TypeError(f"no model kind registered for {type(model).__name__}")
+
+
+def build(kind: str, config: Any) -> nn.Module:
+    return get_kind(kind).build(config)
+
+
+def backbone_config(model: nn.Module) -> ViTConfig:
+    """The ViT backbone config of a model of any registered kind."""
+    return kind_of(model).backbone_config(model.config)
+
+
+def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The ViT backbone's weights of a model of any registered kind (no pre-training-only keys)."""
+    return kind_of(model).backbone_state(model.state_dict())
+
+
+register(ModelKind("vit", ViTConfig, BEiTViT, backbone=lambda c: c))
+register(ModelKind("mim", MIMConfig, BEiTv2ForMIM, backbone=lambda c: c.backbone,
+                   pretrain_only_keys=BEiTv2ForMIM.pretrain_only_keys))
+register(ModelKind("vqkd", VQKDConfig, VQKD, backbone=lambda c: c.encoder, backbone_prefix="encoder."))
+register(ModelKind("dvae", DVAEConfig, DiscreteVAE))
+register(ModelKind("segmenter", SegmenterConfig, Segmenter, backbone=lambda c: c.backbone,
+                   backbone_prefix="backbone."))
