@@ -22,7 +22,6 @@ from beitv2.data import (
     IDXFormatError,
     ImageFolderDataset,
     MIMDataset,
-    StreamPlan,
     TokenizerTrainDataset,
     TokenizerTrainTransform,
     TwoViewTransform,
@@ -35,6 +34,7 @@ from beitv2.data import (
     scan_images,
     stratified_subset,
 )
+from beitv2.engine.sampler import StreamPlan
 from beitv2.masking import build_mask_generator
 
 

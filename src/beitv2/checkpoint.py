@@ -7,9 +7,6 @@ folder, flushed and fsync'ed, then renamed over the target, so a crash never lea
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,27 +17,10 @@ from safetensors.torch import save_file
 
 from .config import from_dict, to_dict
 from .models.registry import get_kind, kind_of, kinds
+from .utils.files import atomic_write
 
 FORMAT = "beitv2"
 WEIGHTS_NAME = "model.safetensors"
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` then atomically rename the temporary file to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def save_model(path: str | Path, model: nn.Module, kind: str | None = None, config: Any = None,

@@ -37,17 +37,11 @@ from .data.transforms import (
     INCEPTION_MEAN,
     INCEPTION_STD,
 )
+from .utils.sizes import to_2tuple
 
 logger = logging.getLogger("beitv2.teachers")
 
 Stats = tuple[Sequence[float], Sequence[float]]
-
-
-def _hw(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return (size, size)
-    size = tuple(int(s) for s in size)
-    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
 
 
 def infer_grid(num_tokens: int, input_hw: tuple[int, int]) -> tuple[int, int]:
@@ -69,8 +63,8 @@ class Teacher(nn.Module):
     def __init__(self, grid_size: int | Sequence[int], input_size: int | Sequence[int], mean: Sequence[float],
                  std: Sequence[float], feature_dim: int, bf16: bool = True, resample_mode: str = "bicubic"):
         super().__init__()
-        self.grid_size = _hw(grid_size)
-        self.input_size = _hw(input_size)
+        self.grid_size = to_2tuple(grid_size)
+        self.input_size = to_2tuple(input_size)
         self.feature_dim = int(feature_dim)
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.register_buffer("_mean", torch.tensor(self.mean).view(1, -1, 1, 1), persistent=False)
@@ -247,7 +241,7 @@ class HFTeacher(Teacher):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         kwargs = {"interpolate_pos_encoding": True} if self.family in ("clip", "vit", "siglip") and \
-            tuple(x.shape[-2:]) != _hw(self.vision.config.image_size) else {}
+            tuple(x.shape[-2:]) != to_2tuple(self.vision.config.image_size) else {}
         hidden = self.vision(pixel_values=x, **kwargs).last_hidden_state
         return self.proj(self.post_norm(hidden)[:, self.num_prefix_tokens:])
 

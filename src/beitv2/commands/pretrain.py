@@ -20,7 +20,7 @@ from typing import Any, Literal
 from ..checkpoint import load_model, read_metadata
 from ..config import ConfigError, check, opt, reading
 from ..data import DataConfig, MIMDataset, TwoViewTransform, build_dataset, collate_skip_bad
-from ..data.mim_dataset import for_loader
+from ..data.samples import for_loader
 from ..engine import NonFiniteLossError, OptimConfig, TrainConfig, Trainer, cleanup, init_distributed, seed_everything
 from ..masking import build_mask_generator
 from ..mim_targets import regression_target

@@ -133,10 +133,10 @@ def resolve_data_path(path: str) -> str:
 
     Raises FileNotFoundError with instructions when none is available."""
     from ..data import FASHION_MNIST_ROOT
-    from ..data.datasets import _find_idx
+    from ..data.fmnist import find_idx
 
     def ok(root: str) -> bool:
-        return all(_find_idx(root, f"{s}-{k}") for s in ("train", "t10k")
+        return all(find_idx(root, f"{s}-{k}") for s in ("train", "t10k")
                    for k in ("images-idx3-ubyte", "labels-idx1-ubyte"))
 
     if path:
@@ -164,16 +164,6 @@ def resolve_data_path(path: str) -> str:
         f"{FASHION_MNIST_ROOT}), or pass --data-path to a folder holding train-images-idx3-ubyte.gz, "
         "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz, or run once online "
         f"(torchvision downloads them to {cache}).")
-
-
-def load_split(root: str, train: bool, subset: float, seed: int):
-    """(images [N, 1, 28, 28] float in [0, 1], labels [N], class names) of a split, the same subset the stages use."""
-    import torch
-
-    from ..data import FashionMNIST
-
-    ds = FashionMNIST(root, train=train, channels=1, subset=subset, seed=seed)
-    return torch.from_numpy(ds.images).float().div(255.0)[:, None], torch.from_numpy(ds.labels), list(ds.classes)
 
 
 # --------------------------------------------------------------------------------------------------- configs

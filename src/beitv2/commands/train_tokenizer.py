@@ -23,7 +23,7 @@ from ..data import (
     build_dataset,
     collate_skip_bad,
 )
-from ..data.mim_dataset import for_loader
+from ..data.samples import for_loader
 from ..engine import NonFiniteLossError, OptimConfig, TrainConfig, Trainer, cleanup, init_distributed, seed_everything
 from ..models.dvae import DiscreteVAE, DVAEConfig
 from ..models.vqkd import VQKD, VQKDConfig

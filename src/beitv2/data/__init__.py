@@ -1,21 +1,20 @@
 """Data: image sources, augmentations and per-sample training wrappers (see docs/data.md)."""
 
-from .datasets import (
+from .collate import collate_skip_bad
+from .datasets import DataConfig, build_dataset
+from .fmnist import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ROOT,
-    DataConfig,
     FashionMNIST,
     IDXFormatError,
-    ImageFolderDataset,
-    build_dataset,
-    collate_skip_bad,
+    fashion_mnist_tensors,
     read_idx,
-    scan_images,
     stratified_subset,
 )
+from .folders import ImageFolderDataset, scan_images
 from .images import IMG_EXTENSIONS, BadImageError, convert_image, load_image
-from .mim_dataset import IterableView, MIMDataset, SeededDataset, TokenizerTrainDataset, TransformDataset, for_loader
-from .shards import StreamPlan, WebDatasetShards, count_samples, expand_shards
+from .samples import IterableView, MIMDataset, SeededDataset, TokenizerTrainDataset, TransformDataset, for_loader
+from .shards import WebDatasetShards, count_samples, expand_shards
 from .transforms import EvalTransform, TokenizerTrainTransform, TwoViewTransform, resolve_norm
 
 __all__ = [
@@ -26,12 +25,12 @@ __all__ = [
     "DataConfig",
     "EvalTransform",
     "FashionMNIST",
+    "fashion_mnist_tensors",
     "IDXFormatError",
     "ImageFolderDataset",
     "IterableView",
     "MIMDataset",
     "SeededDataset",
-    "StreamPlan",
     "TokenizerTrainDataset",
     "TokenizerTrainTransform",
     "TransformDataset",

@@ -1,258 +1,24 @@
-"""Image sources: any folder of images, Fashion-MNIST IDX files, and WebDataset tar shards.
+"""The data section of every command (`DataConfig`) and the factory of its source (`build_dataset`).
 
-Every source yields ``(PIL image, label)`` (label -1 when unknown; WebDataset adds a stable sample id as a third item).
-A file that cannot be decoded is never replaced by another image (the official code silently substitutes a random
-sample, facts §7.21): ``__getitem__`` returns ``None``, logs ``skipping unreadable image <path>: <reason>`` on the
-"beitv2.data" logger and records ``(path, reason)`` in ``bad_files``; `collate_skip_bad` then drops it and counts it.
+Sources: any folder of images (`folders`), Fashion-MNIST IDX files (`fmnist`) and WebDataset tar shards (`shards`).
+Every source yields ``(PIL image, label)`` (label -1 when unknown; WebDataset adds a stable sample id as a third
+item); an unreadable file yields ``None`` and is dropped by `collate_skip_bad`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import os
-import zlib
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
-from torch.utils.data import Dataset
-from torch.utils.data._utils.collate import default_collate
 
 from ..config import ConfigError, check, opt
-from .images import IMG_EXTENSIONS, BadFileLog, BadImageError, load_image, report_bad
+from .fmnist import FASHION_MNIST_ROOT, FashionMNIST, find_idx, stratified_subset
+from .folders import ImageFolderDataset
 from .shards import WebDatasetShards, count_samples, expand_shards
 
-FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                         "Ankle boot")
-
-
-# ----------------------------------------------------------------------------------------------------- folders
-
-def scan_images(root: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENSIONS) -> list[str]:
-    """Relative paths of all image files under ``root`` (recursive, sorted, hidden entries skipped).
-
-    Uses ``os.scandir`` only: no file is opened, so scanning a million files costs one directory walk.
-    """
-    exts = tuple(e.lower() for e in extensions)
-    root = os.fspath(root)
-    found: list[str] = []
-    stack = [""]
-    seen_dirs: set[tuple[int, int]] = set()
-    while stack:
-        rel = stack.pop()
-        try:
-            with os.scandir(os.path.join(root, rel)) as it:
-                entries = list(it)
-        except OSError as e:
-            report_bad(os.path.join(root, rel), f"cannot list directory: {e}")
-            continue
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            child = os.path.join(rel, entry.name) if rel else entry.name
-            try:
-                if entry.is_dir():
-                    st = entry.stat()
-                    if (st.st_dev, st.st_ino) not in seen_dirs:  # symlink loops
-                        seen_dirs.add((st.st_dev, st.st_ino))
-                        stack.append(child)
-                elif entry.name.lower().endswith(exts) and entry.is_file():
-                    found.append(child)
-            except OSError:
-                continue
-    found.sort()
-    return found
-
-
-class ImageFolderDataset(BadFileLog, Dataset):
-    """All images under ``root``; class labels from first-level sub-folders when every image lies in one.
-
-    Unlike torchvision's ``ImageFolder`` no class sub-folders are needed (unlabeled pre-training collections): if any
-    image sits directly in ``root``, ``classes`` is empty and every label is -1.
-    """
-
-    def __init__(self, root: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENSIONS, channels: int = 3,
-                 transform: Callable | None = None, _files: list[str] | None = None):
-        self.root = os.fspath(root)
-        if not os.path.isdir(self.root):
-            raise FileNotFoundError(f"image folder not found: {self.root}")
-        self.channels = channels
-        self.transform = transform
-        self.extensions = tuple(extensions)
-        files = scan_images(self.root, extensions) if _files is None else _files
-        if _files is None and not files:
-            raise FileNotFoundError(f"no images with extensions {', '.join(self.extensions)} under {self.root}")
-        all_in_dirs = all(os.sep in f for f in files)
-        self.classes: list[str] = sorted({f.split(os.sep, 1)[0] for f in files}) if all_in_dirs else []
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self.files = files
-        self.labels = np.array([self.class_to_idx[f.split(os.sep, 1)[0]] for f in files] if all_in_dirs
-                               else [-1] * len(files), dtype=np.int64)
-        self._init_bad()
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def path(self, index: int) -> str:
-        return os.path.join(self.root, self.files[index])
-
-    def subset(self, indices: Sequence[int]) -> ImageFolderDataset:
-        """A view on some of the files, keeping the class list of the whole folder."""
-        sub = ImageFolderDataset.__new__(ImageFolderDataset)
-        sub.__dict__.update(self.__dict__)
-        sub.files = [self.files[i] for i in indices]
-        sub.labels = self.labels[np.asarray(indices, dtype=np.int64)]
-        sub._init_bad()
-        return sub
-
-    def __getitem__(self, index: int) -> tuple[Any, int] | None:
-        path = self.path(index)
-        try:
-            img = load_image(path, self.channels)
-        except BadImageError as e:
-            self._record_bad(path, str(e))
-            return None
-        return (self.transform(img) if self.transform else img), int(self.labels[index])
-
-
-# ------------------------------------------------------------------------------------------------ Fashion-MNIST
-
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
-
-class IDXFormatError(ValueError):
-    """A file is not a well-formed IDX file."""
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Parse an IDX file (gzip-compressed or raw) into a numpy array, checking magic number and size."""
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-        if data[:2] == b"\x1f\x8b":
-            data = gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as e:
-        raise IDXFormatError(f"{path}: cannot read: {e}") from e
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES or data[3] == 0:
-        raise IDXFormatError(f"{path}: not an IDX file (bad magic number {data[:4].hex() or 'empty'})")
-    ndim = data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise IDXFormatError(f"{path}: truncated IDX header")
-    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(data) - header != expected:
-        raise IDXFormatError(f"{path}: IDX header says shape {shape} ({expected} bytes) but the file holds "
-                             f"{len(data) - header} bytes of data")
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
-
-
-def _find_idx(root: str, name: str) -> str | None:
-    for folder in (root, os.path.join(root, "FashionMNIST", "raw"), os.path.join(root, "raw")):
-        for suffix in (".gz", ""):
-            p = os.path.join(folder, name + suffix)
-            if os.path.isfile(p):
-                return p
-    return None
-
-
-def stratified_subset(labels: np.ndarray, subset: float, seed: int) -> np.ndarray:
-    """Sorted indices of a class-stratified random subset: ``subset`` in (0, 1) is a fraction, >= 1 a count."""
-    n = len(labels)
-    if subset <= 0:
-        return np.arange(n)
-    count = round(subset * n) if subset < 1 else min(int(subset), n)
-    rng = np.random.default_rng(seed)
-    classes, inverse = np.unique(labels, return_inverse=True)
-    per_class = [np.flatnonzero(inverse == c) for c in range(len(classes))]
-    share = np.array([len(ix) for ix in per_class], dtype=np.float64) * count / n
-    take = np.floor(share).astype(int)
-    for c in np.argsort(-(share - take), kind="stable")[: count - int(take.sum())]:  # largest remainders
-        take[c] += 1
-    chosen = [rng.permutation(ix)[:k] for ix, k in zip(per_class, take)]
-    return np.sort(np.concatenate(chosen)) if chosen else np.arange(0)
-
-
-class FashionMNIST(Dataset):
-    """Fashion-MNIST from its IDX files; yields PIL 'L' images (or 'RGB' with ``channels=3``) and labels."""
-
-    classes: ClassVar[list[str]] = list(FASHION_MNIST_CLASSES)
-
-    def __init__(self, root: str | os.PathLike | None = None, train: bool = True, channels: int = 3,
-                 subset: float = 0, seed: int = 0, download: bool = False, transform: Callable | None = None):
-        self.root = os.fspath(root) if root is not None else FASHION_MNIST_ROOT
-        self.train = train
-        self.channels = channels
-        self.transform = transform
-        prefix = "train" if train else "t10k"
-        img_path = _find_idx(self.root, f"{prefix}-images-idx3-ubyte")
-        lbl_path = _find_idx(self.root, f"{prefix}-labels-idx1-ubyte")
-        if (img_path is None or lbl_path is None) and download:
-            import torchvision
-
-            torchvision.datasets.FashionMNIST(self.root, train=train, download=True)
-            img_path = _find_idx(self.root, f"{prefix}-images-idx3-ubyte")
-            lbl_path = _find_idx(self.root, f"{prefix}-labels-idx1-ubyte")
-        if img_path is None or lbl_path is None:
-            raise FileNotFoundError(
-                f"Fashion-MNIST {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz] not found in "
-                f"{self.root}: install them with `apt-get install dataset-fashion-mnist` (to {FASHION_MNIST_ROOT}), "
-                "pass the folder holding them, or ask for download=True")
-        images, labels = read_idx(img_path), read_idx(lbl_path)
-        if images.ndim != 3 or images.dtype != np.uint8:
-            raise IDXFormatError(f"{img_path}: expected uint8 images [N, H, W], got {images.dtype} {images.shape}")
-        if labels.ndim != 1 or len(labels) != len(images):
-            raise IDXFormatError(f"{lbl_path}: expected {len(images)} labels, got shape {labels.shape}")
-        if labels.size and (labels.min() < 0 or labels.max() >= len(self.classes)):
-            raise IDXFormatError(f"{lbl_path}: labels outside [0, {len(self.classes) - 1}]")
-        keep = stratified_subset(labels, subset, seed)
-        self.images = images[keep]
-        self.labels = labels[keep].astype(np.int64)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def subset(self, indices: Sequence[int]) -> FashionMNIST:
-        sub = FashionMNIST.__new__(FashionMNIST)
-        sub.__dict__.update(self.__dict__)
-        idx = np.asarray(indices, dtype=np.int64)
-        sub.images, sub.labels = self.images[idx], self.labels[idx]
-        return sub
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        img = Image.fromarray(self.images[index])
-        if self.channels == 3:
-            img = img.convert("RGB")
-        return (self.transform(img) if self.transform else img), int(self.labels[index])
-
-
-# ------------------------------------------------------------------------------------------------------ collate
-
-def collate_skip_bad(batch: list[Any]) -> dict[str, Any]:
-    """Drop ``None`` samples, collate the rest with torch's default collate and add ``num_skipped``.
-
-    Tuple samples become ``{'image', 'label'}`` (plus ``'index'``, a stream's sample id, for 3-tuples).
-    A batch made only of bad samples is ``{'num_skipped': n}``.
-    """
-    good = [s for s in batch if s is not None]
-    skipped = len(batch) - len(good)
-    if not good:
-        return {"num_skipped": skipped}
-    if not isinstance(good[0], dict):
-        good = [{"image": s[0], "label": s[1], **({"index": s[2]} if len(s) > 2 else {})} for s in good]
-    out = default_collate(good)
-    out["num_skipped"] = skipped
-    return out
-
-
-
-# ------------------------------------------------------------------------------------------------ config / build
 
 def default_num_workers(max_workers: int = 16) -> int:
     """Loader workers for one training process: its usable CPUs shared with the other processes on the node
@@ -312,7 +78,7 @@ class DataConfig:
             check(os.path.isdir(path), name, f"image folder not found: {path}")
         elif self.kind == "fmnist":
             root = path or FASHION_MNIST_ROOT
-            found = _find_idx(root, "train-images-idx3-ubyte") or _find_idx(root, "t10k-images-idx3-ubyte")
+            found = find_idx(root, "train-images-idx3-ubyte") or find_idx(root, "t10k-images-idx3-ubyte")
             check(found is not None or self.download, name,
                   f"no Fashion-MNIST IDX files in {root} (`apt-get install dataset-fashion-mnist`, pass their folder "
                   "or set data.download true)")
@@ -360,20 +126,6 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "val"], transform: Ca
             base = base.subset(stratified_subset(base.labels, subset, cfg.seed + 1))
     if transform is None:
         return base
-    from .mim_dataset import TransformDataset
+    from .samples import TransformDataset
 
     return TransformDataset(base, transform, seed=cfg.seed)
-
-__all__ = [
-    "FASHION_MNIST_CLASSES",
-    "FASHION_MNIST_ROOT",
-    "DataConfig",
-    "FashionMNIST",
-    "IDXFormatError",
-    "ImageFolderDataset",
-    "build_dataset",
-    "collate_skip_bad",
-    "read_idx",
-    "scan_images",
-    "stratified_subset",
-]

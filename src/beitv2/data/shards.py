@@ -1,10 +1,11 @@
 """WebDataset tar shards: a stream of ``(PIL image, label, sample_id)`` for collections too large to scan.
 
 A stream has no length and no random access, so the training engine cannot use a sampler on it. Instead it gives the
-stream a `StreamPlan` per epoch: how many batches this rank must produce and how many of them an interrupted run has
-already consumed. Every (rank, data-loader worker) *slot* then reads a fixed share of the data and yields exactly its
-share of the planned batches (the loader takes batches from its workers in turn), cycling over its share if the
-epoch is longer than the data and skipping, without decoding, the samples of the batches already consumed. The order
+stream a `StreamPlan` (`beitv2.engine.sampler`) per epoch: how many batches this rank must produce and how many of
+them an interrupted run has already consumed. Every (rank, data-loader worker) *slot* then reads a fixed share of the
+data and yields exactly its share of the planned batches (the loader takes batches from its workers in turn), cycling
+over its share if the epoch is longer than the data and skipping, without decoding, the samples of the batches
+already consumed. The order
 is a function of (seed, epoch) only, so a resumed epoch replays the batches an uninterrupted run would have seen.
 
 Shares: with at least as many shards as slots, slot ``g`` of ``G`` reads shards ``g, g + G, ...`` of the epoch's
@@ -20,13 +21,13 @@ import os
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..utils.distributed import rank_and_world
 from .images import BadFileLog, BadImageError, load_image
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")
@@ -86,41 +87,6 @@ def count_samples(urls: Sequence[str]) -> int:
     return total
 
 
-@dataclass(frozen=True)
-class StreamPlan:
-    """One epoch of one rank: ``num_batches`` batches of ``batch_size`` samples, the first ``skip_batches`` of
-    which were consumed before an interruption.
-
-    Batch ``i`` of the epoch is drawn from data *lane* ``i % W`` (W data-loader workers, at least 1). The loader takes
-    batches from its workers in turn starting with worker 0 at ``skip_batches``, so worker ``w`` serves lane
-    ``(w + skip_batches) % W``: the resumed epoch's batches are those of the uninterrupted one (same W).
-    """
-
-    rank: int
-    world_size: int
-    batch_size: int
-    num_batches: int
-    skip_batches: int = 0
-
-    def lane(self, worker: int, num_workers: int) -> int:
-        return (worker + self.skip_batches) % num_workers
-
-    def worker_quota(self, worker: int, num_workers: int) -> tuple[int, int]:
-        """(samples of its lane to skip, samples to yield) of one data-loader worker."""
-        lane = self.lane(worker, num_workers)
-        mine = len(range(lane, self.num_batches, num_workers))
-        done = len(range(lane, min(self.skip_batches, self.num_batches), num_workers))
-        return done * self.batch_size, (mine - done) * self.batch_size
-
-
-def _distributed() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class WebDatasetShards(BadFileLog, IterableDataset):
     """Samples of WebDataset ``.tar`` shards (webdataset reads the tars; the split over slots is ours).
 
@@ -141,13 +107,13 @@ class WebDatasetShards(BadFileLog, IterableDataset):
         self.seed = seed
         self.num_samples = int(num_samples)
         self.epoch = 0
-        self.plan: StreamPlan | None = None
+        self.plan: Any = None  # a `beitv2.engine.sampler.StreamPlan` (the data layer does not import the engine)
         self._init_bad()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def set_plan(self, plan: StreamPlan | None) -> None:
+    def set_plan(self, plan: Any) -> None:
         self.plan = plan
 
     def _tar_error(self, exn: Exception) -> bool:
@@ -157,7 +123,7 @@ class WebDatasetShards(BadFileLog, IterableDataset):
     def _slot(self, worker: int, workers: int) -> tuple[int, int]:
         """(slot, slots): this process's share of the data among ranks x data-loader workers (lanes)."""
         if self.plan is None:
-            rank, world = _distributed()
+            rank, world = rank_and_world()
             return rank * workers + worker, world * workers
         return self.plan.rank * workers + self.plan.lane(worker, workers), self.plan.world_size * workers
 

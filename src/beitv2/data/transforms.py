@@ -1,7 +1,7 @@
 """Augmentations: BEiT's two-view pre-training pipeline, the VQ-KD tokenizer view and evaluation resizing.
 
 All random draws go through torch's global CPU generator (torchvision v2 ops), so wrapping a call in
-``torch.random.fork_rng`` after seeding (see `beitv2.data.mim_dataset`) makes it a pure function of that seed.
+``torch.random.fork_rng`` after seeding (see `beitv2.data.samples`) makes it a pure function of that seed.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
+
+from ..utils.sizes import to_2tuple
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -59,10 +61,6 @@ def interpolation(name: str) -> InterpolationMode:
     return INTERPOLATIONS[name]
 
 
-def _size2(size: int | Sequence[int]) -> list[int]:
-    return [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
-
-
 def to_tensor(img: Image.Image, norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> torch.Tensor:
     """PIL -> float [C, H, W] in [0, 1], then normalised when ``norm`` is given."""
     x = TF.to_dtype(TF.to_image(img), torch.float32, scale=True)
@@ -90,8 +88,8 @@ class TwoViewTransform:
                  normalize: Norm = "imagenet", channels: int = 3):
         if not 0 < min_crop_scale <= max_crop_scale <= 1:
             raise ValueError(f"need 0 < min_crop_scale <= max_crop_scale <= 1, got {min_crop_scale}, {max_crop_scale}")
-        self.input_size = _size2(input_size)
-        self.second_input_size = _size2(second_input_size)
+        self.input_size = list(to_2tuple(input_size))
+        self.second_input_size = list(to_2tuple(second_input_size))
         self.jitter = _jitter(color_jitter)
         self.flip = v2.RandomHorizontalFlip(hflip) if hflip > 0 else None
         self.crop = v2.RandomResizedCrop(self.input_size, scale=(min_crop_scale, max_crop_scale), ratio=ratio)
@@ -127,7 +125,7 @@ class TokenizerTrainTransform:
 
     def __init__(self, size: int | Sequence[int] = 224, min_crop_scale: float = 0.08, color_jitter: float = 0.0,
                  hflip: float = 0.5, interpolation_name: str = "bicubic"):
-        self.size = _size2(size)
+        self.size = list(to_2tuple(size))
         self.jitter = _jitter(color_jitter)
         self.crop = v2.RandomResizedCrop(self.size, scale=(min_crop_scale, 1.0), ratio=(3 / 4, 4 / 3),
                                          interpolation=interpolation(interpolation_name), antialias=True)
@@ -151,7 +149,7 @@ class EvalTransform:
                  interpolation_name: str = "bicubic", normalize: Norm = "imagenet", channels: int = 3,
                  resize: bool = True):
         self.resize = resize
-        self.crop_size = _size2(crop_size)
+        self.crop_size = list(to_2tuple(crop_size))
         self.resize_size = int(resize_size) if resize_size else round(max(self.crop_size) / 0.875)
         self.interp = interpolation(interpolation_name)
         self.norm = resolve_norm(normalize, channels)

@@ -1,12 +1,15 @@
-"""A `DistributedSampler` that can skip the samples already consumed in an epoch (step-granular resume).
+"""What each rank reads in an epoch, resumable at any step.
 
-The permutation depends only on (seed, epoch), so the same seed on every rank and the same epoch give the same
-order; skipping the first ``n`` of this rank's indices replays exactly the batches an uninterrupted run would see.
+* Map-style data sets: `ResumableSampler`, a `DistributedSampler` that can skip the samples already consumed in an
+  epoch. The permutation depends only on (seed, epoch), so the same seed on every rank and the same epoch give the
+  same order; skipping the first ``n`` of this rank's indices replays exactly the batches an uninterrupted run sees.
+* Streams (no length, no random access; `beitv2.data.shards`): a `StreamPlan` handed to ``set_plan`` every epoch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from torch.utils.data import DistributedSampler
 
@@ -32,3 +35,30 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.skip
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """One epoch of one rank: ``num_batches`` batches of ``batch_size`` samples, the first ``skip_batches`` of
+    which were consumed before an interruption.
+
+    Batch ``i`` of the epoch is drawn from data *lane* ``i % W`` (W data-loader workers, at least 1). The loader takes
+    batches from its workers in turn starting with worker 0 at ``skip_batches``, so worker ``w`` serves lane
+    ``(w + skip_batches) % W``: the resumed epoch's batches are those of the uninterrupted one (same W).
+    """
+
+    rank: int
+    world_size: int
+    batch_size: int
+    num_batches: int
+    skip_batches: int = 0
+
+    def lane(self, worker: int, num_workers: int) -> int:
+        return (worker + self.skip_batches) % num_workers
+
+    def worker_quota(self, worker: int, num_workers: int) -> tuple[int, int]:
+        """(samples of its lane to skip, samples to yield) of one data-loader worker."""
+        lane = self.lane(worker, num_workers)
+        mine = len(range(lane, self.num_batches, num_workers))
+        done = len(range(lane, min(self.skip_batches, self.num_batches), num_workers))
+        return done * self.batch_size, (mine - done) * self.batch_size

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..utils.files import atomic_write_text
+
 WEIGHTS = "model.safetensors"
 STATE = "train_state.pt"
 LATEST = "latest"
@@ -59,12 +61,6 @@ def find_resume(out_dir: Path, resume: str) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, train_state: dict, keep_last: int) -> Path:
     """Write ``ckpt-<step>`` atomically, point ``latest`` at it and delete all but the newest ``keep_last``."""
     from ..checkpoint import save_model
@@ -81,7 +77,7 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, train_state: dic
     if final.exists():  # re-saving the same step (e.g. epoch end right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _atomic_write_text(out_dir / LATEST, final.name + "\n")
+    atomic_write_text(out_dir / LATEST, final.name + "\n")
     for _, old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in out_dir.glob(".tmp-ckpt-*"):  # debris of crashed writers

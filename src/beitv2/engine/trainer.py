@@ -27,7 +27,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from ..config import ConfigError, save_yaml, to_dict
-from ..data.shards import StreamPlan
 from ..models.registry import kind_of
 from . import distributed as D
 from . import state as S
@@ -35,7 +34,7 @@ from .config import OptimConfig, TrainConfig
 from .logger import RunLogger
 from .optim import OptimizerFactory, build_optimizer, set_schedule
 from .precision import autocast, grad_scaler, resolve_precision
-from .sampler import ResumableSampler
+from .sampler import ResumableSampler, StreamPlan
 from .schedule import cosine_schedule, lr_schedule, warmup_iterations
 
 log = logging.getLogger("beitv2.engine")

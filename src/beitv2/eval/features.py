@@ -27,11 +27,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from ..config import ConfigError, check, opt, reading, to_dict
 from ..data import DataConfig, EvalTransform, build_dataset, collate_skip_bad
-from ..data.mim_dataset import TransformDataset, for_loader
+from ..data.samples import TransformDataset, for_loader
 from ..engine import distributed as D
 from ..engine.precision import autocast, resolve_precision
 from ..models.backbone import BEiTViT, ViTConfig
 from ..models.registry import ModelKind, get_kind, kinds
+from ..utils.distributed import rank_and_world
 
 log = logging.getLogger("beitv2.eval")
 
@@ -297,8 +298,7 @@ def extract(model: BEiTViT, dataset: Dataset, layers: Sequence[int], feature: st
     gathered as tensors in chunks (`beitv2.engine.distributed.gather_rows`), ordered by rank.
     """
     device = device or torch.device("cpu")
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-        if torch.distributed.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     if world > 1 and not isinstance(dataset, IterableDataset):
         dataset = Subset(dataset, range(rank, len(dataset), world))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -342,7 +342,7 @@ def cached_extract(cache_dir: str, key: dict, compute) -> tuple[dict[int, torch.
         return compute()
     from safetensors.torch import load_file, save_file
 
-    from ..checkpoint import atomic_write
+    from ..utils.files import atomic_write
 
     path = Path(cache_dir) / f"features-{key.get('split', 'x')}-{_fingerprint(key)}.safetensors"
     if path.is_file():
@@ -350,7 +350,7 @@ def cached_extract(cache_dir: str, key: dict, compute) -> tuple[dict[int, torch.
         t = load_file(str(path))
         return {int(k[6:]): v for k, v in t.items() if k.startswith("layer_")}, t["labels"]
     feats, labels = compute()
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+    if rank_and_world()[0] == 0:
         tensors = {f"layer_{x}": v.contiguous() for x, v in feats.items()}
         tensors["labels"] = labels.contiguous()
         meta = {"key": json.dumps(key, sort_keys=True, default=str)}

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from ..utils.files import atomic_write_text
+
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
     """Number of samples whose label is among the top-k scores, for each k (k capped at the class count)."""
@@ -45,11 +47,4 @@ def _clean(v: Any) -> Any:
 
 def write_metrics(path: str | Path, metrics: dict) -> Path:
     """Write ``metrics.json`` atomically."""
-    from ..checkpoint import atomic_write
-
-    text = json.dumps(_clean(metrics), indent=2)
-
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(text + "\n")
-
-    return atomic_write(path, write)
+    return atomic_write_text(path, json.dumps(_clean(metrics), indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Confusion-matrix figure (matplotlib, Agg backend: no display needed)."""
+"""Confusion-matrix figure (a matplotlib `Figure`, no pyplot: no display needed, the global backend untouched)."""
 
 from __future__ import annotations
 
@@ -7,21 +7,18 @@ from pathlib import Path
 
 import numpy as np
 
+from ..utils.figures import figure, save_figure
+
 
 def save_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str | Path, title: str = "") -> Path:
     """Row-normalised confusion matrix as a PNG; counts are printed in the cells for up to 20 classes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cm = np.asarray(cm, dtype=np.int64)
     n = cm.shape[0]
     names = list(class_names) if len(class_names) == n else [str(i) for i in range(n)]
     rows = cm.sum(axis=1, keepdims=True)
     frac = np.divide(cm, np.maximum(rows, 1), dtype=np.float64)
     size = min(4 + 0.45 * n, 30)
-    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    fig, ax = figure(figsize=(size, size * 0.9))
     im = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="fraction of the true class")
     if n <= 50:
@@ -38,10 +35,4 @@ def save_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str 
     acc = 100.0 * np.trace(cm) / max(cm.sum(), 1)
     ax.set_title(f"{title} (top-1 {acc:.2f}%)" if title else f"top-1 {acc:.2f}%")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path)

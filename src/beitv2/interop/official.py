@@ -24,13 +24,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..models.backbone import BEiTViT, ViTConfig, to_2tuple
+from ..models.backbone import BEiTViT, ViTConfig
 from ..models.mim import BEiTv2ForMIM, MIMConfig
 from ..models.presets import get_preset
 from ..models.quantizer import QuantizerConfig
 from ..models.registry import get_kind
 from ..models.relpos import SHARED_TABLE, resize_state_dict, shared_table_to_per_layer, square_window_from_rows
 from ..models.vqkd import VQKD, VQKDConfig, vqkd_encoder_config
+from ..utils.sizes import size_field, to_2tuple
 
 WRAPPER_KEYS = ("model", "module", "state_dict")
 VQKD_DROP_PREFIXES = ("teacher_model.", "scaling_layer.", "loss")
@@ -161,14 +162,8 @@ def infer_vit_fields(state: dict[str, torch.Tensor], what: str, prefix: str = ""
         num_classes=int(state[prefix + "head.weight"].shape[0]) if prefix + "head.weight" in state else 0,
     )
     if grid is not None:
-        fields["img_size"] = _img(grid, fields["patch_size"])
+        fields["img_size"] = size_field((grid[0] * fields["patch_size"], grid[1] * fields["patch_size"]))
     return fields, grid
-
-
-def _img(grid: tuple[int, int], patch: int) -> tuple[int, ...]:
-    """ViTConfig.img_size of a patch grid: (S,) when square (the config's own convention), else (H, W)."""
-    h, w = grid[0] * patch, grid[1] * patch
-    return (h,) if h == w else (h, w)
 
 
 def _target_grid(img_size: int | Sequence[int] | None, patch: int, src_grid: tuple[int, int] | None,
@@ -259,7 +254,7 @@ def load_official_pretrain(path: str | Path, target: str = "mim", img_size: int 
     fields, src_grid = infer_vit_fields(state, what, "", num_heads)
     lm = _require(state, "lm_head.weight", what)
     dst_grid = _target_grid(img_size, fields["patch_size"], src_grid, what)
-    fields["img_size"] = _img(dst_grid, fields["patch_size"])
+    fields["img_size"] = size_field((dst_grid[0] * fields["patch_size"], dst_grid[1] * fields["patch_size"]))
     if target == "mim":
         head_layers = _num_blocks(state, "cls_pt_layers.")
         backbone = ViTConfig(**{**fields, **overrides})
@@ -290,7 +285,7 @@ def load_official_classifier(path: str | Path, img_size: int | Sequence[int] | N
     state = _drop_index(read_official_state_dict(path))
     fields, src_grid = infer_vit_fields(state, what, "", num_heads)
     dst_grid = _target_grid(img_size, fields["patch_size"], src_grid, what)
-    fields["img_size"] = _img(dst_grid, fields["patch_size"])
+    fields["img_size"] = size_field((dst_grid[0] * fields["patch_size"], dst_grid[1] * fields["patch_size"]))
     model = BEiTViT(ViTConfig(**{**fields, **overrides}))
     if src_grid is not None and src_grid != dst_grid:
         state = resize_state_dict(state, src_grid, dst_grid)
@@ -303,8 +298,7 @@ def resize_model(model: BEiTViT, img_size: int | Sequence[int]) -> BEiTViT:
     """A copy of ``model`` (BEiTViT or BEiTv2ForMIM) at another resolution, with the official cubic table remap
     (`BEiTViT.set_input_size` does the same in place)."""
     vit = model.cfg  # the ViT config of either (a MIM model's backbone)
-    h, w = to_2tuple(img_size)
-    new_vit = replace(vit, img_size=(h,) if h == w else (h, w))
+    new_vit = replace(vit, img_size=size_field(img_size))
     new = BEiTv2ForMIM(replace(model.config, backbone=new_vit)) if isinstance(model, BEiTv2ForMIM) \
         else BEiTViT(new_vit)
     state = resize_state_dict(model.state_dict(), vit.grid_size, new_vit.grid_size)

@@ -21,6 +21,7 @@ import torch.nn as nn
 from ..models.backbone import ViTConfig
 from ..models.registry import backbone_config, backbone_state_dict, kind_of
 from ..models.vqkd import VQKD
+from ..utils.sizes import size_field
 
 REL_POS_CHOICES = ("per_layer", "shared")
 
@@ -40,8 +41,9 @@ def backbone_of(model: nn.Module) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
 
 
 def _img_size(cfg: ViTConfig) -> int | list[int]:
-    h, w = cfg.img_hw
-    return h if h == w else [h, w]
+    """timm's form of the input size: an int when square, else [H, W]."""
+    s = size_field(cfg.img_hw)
+    return s[0] if len(s) == 1 else list(s)
 
 
 def timm_model_args(cfg: ViTConfig, rel_pos: str = "per_layer") -> dict[str, Any]:

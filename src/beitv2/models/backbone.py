@@ -25,15 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from ..config import check, opt
+from ..utils.sizes import to_2tuple
 from .relpos import resize_pos_embed, resize_rel_pos_table
-
-
-def to_2tuple(v: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(int(x) for x in v)
-    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
-
 
 # Below this many tokens, CPU training uses SDPA's math kernel: the CPU flash kernel's backward is 3-7x slower there
 # (50-65 tokens), about even at 197 and faster beyond; forward-only passes keep flash, which wins at every length.

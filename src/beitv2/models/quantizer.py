@@ -21,11 +21,11 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import check, opt
+from ..utils.distributed import all_gather_cat, all_reduce_sum, broadcast
 
 
 @dataclass
@@ -65,37 +65,6 @@ def exact_fp32_matmul():
 def _nearest_exact(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     with exact_fp32_matmul():
         return (z @ codebook.t()).argmax(dim=-1)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def broadcast(t: torch.Tensor) -> torch.Tensor:
-    if _distributed():
-        dist.broadcast(t, src=0)
-    return t
-
-
-def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``t`` [n, D] from every rank (sizes may differ)."""
-    if not _distributed():
-        return t
-    n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    m = int(max(s.item() for s in sizes))
-    padded = torch.zeros(m, t.shape[1], device=t.device, dtype=t.dtype)
-    padded[: t.shape[0]] = t
-    out = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(out, padded)
-    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
 
 
 @torch.no_grad()

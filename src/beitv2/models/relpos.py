@@ -25,19 +25,14 @@ from collections.abc import Sequence
 import torch
 from timm.layers import resample_abs_pos_embed
 
+from ..utils.sizes import to_2tuple
+
 NUM_EXTRA = 3  # CLS->patch, patch->CLS, CLS->CLS
-
-
-def _pair(v: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(v, int):
-        return (v, v)
-    v = tuple(int(x) for x in v)
-    return (v[0], v[0]) if len(v) == 1 else (v[0], v[1])
 
 
 def table_rows(window: int | Sequence[int]) -> int:
     """Rows of the relative position table of a (Wh, Ww) window: (2Wh-1)(2Ww-1) + 3."""
-    h, w = _pair(window)
+    h, w = to_2tuple(window)
     return (2 * h - 1) * (2 * w - 1) + NUM_EXTRA
 
 
@@ -118,7 +113,7 @@ def resize_rel_pos_table(table: torch.Tensor, src_window: int | Sequence[int],
 
     Windows are patch grids (Wh, Ww) (an int means square). Equal windows return the table unchanged.
     """
-    src, dst = _pair(src_window), _pair(dst_window)
+    src, dst = to_2tuple(src_window), to_2tuple(dst_window)
     if table.dim() != 2 or table.shape[0] != table_rows(src):
         raise ValueError(f"table of shape {tuple(table.shape)} does not belong to a {src[0]}x{src[1]} window "
                          f"({table_rows(src)} rows expected)")
@@ -137,7 +132,7 @@ def resize_rel_pos_table(table: torch.Tensor, src_window: int | Sequence[int],
 
 def resize_pos_embed(pos_embed: torch.Tensor, src_grid: Sequence[int], dst_grid: Sequence[int]) -> torch.Tensor:
     """Absolute position embedding [1, 1+N, D]: CLS kept, patch grid bicubic (align_corners=False), as official."""
-    src, dst = _pair(src_grid), _pair(dst_grid)
+    src, dst = to_2tuple(src_grid), to_2tuple(dst_grid)
     if src == dst:
         return pos_embed
     return resample_abs_pos_embed(pos_embed, new_size=list(dst), old_size=list(src), num_prefix_tokens=1,

@@ -1,6 +1,7 @@
 """Figures and the Markdown report of a run (used by `beitv2 quickstart`, usable on their own).
 
-Every function draws with matplotlib's Agg backend (no display needed) and writes its PNG atomically:
+Every function draws on a matplotlib `Figure` without pyplot (no display needed, the global backend untouched)
+and writes its PNG atomically:
 
 * `plot_training_curves` - losses, MIM accuracy, codebook usage/perplexity from ``metrics.jsonl`` files;
 * `codebook_atlas` - image patches grouped by their VQ-KD code (the paper's "same code, same meaning" figure);

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._fig import pyplot, save
+from ..utils.figures import figure, save_figure
 
 
 @torch.no_grad()
@@ -84,10 +84,9 @@ def codebook_atlas(tokenizer, images: torch.Tensor, out_png: str | Path, top_k: 
     scale = max(1, 48 // (p + 2 * margin))
     info = {"codes": [], "counts": [], "top_class": [], "top_class_share": [],
             "codes_used": int((counts > 0).sum()), "num_patches": int(flat.numel())}
-    plt = pyplot()
     cols = math.ceil(math.sqrt(len(top)))
     rows = math.ceil(len(top) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.55 * rows), squeeze=False)
+    fig, axes = figure(rows, cols, figsize=(2.3 * cols, 2.55 * rows), squeeze=False)
     for ax, code in zip(axes.flat, top.tolist()):
         where = (flat == code).nonzero().squeeze(1)
         pick = where[torch.randperm(len(where), generator=gen)[:per_code]]
@@ -114,7 +113,7 @@ def codebook_atlas(tokenizer, images: torch.Tensor, out_png: str | Path, top_k: 
     fig.suptitle(f"codebook atlas: the {len(top)} most used of {info['codes_used']} used codes "
                  f"(red frame = the patch, with {margin} px of context)", fontsize=10)
     fig.tight_layout()
-    save(fig, out_png)
+    save_figure(fig, out_png)
     if info["top_class_share"]:
         info["class_purity"] = float(np.mean(info["top_class_share"]))
     return info

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._fig import pyplot, save
+from ..utils.figures import figure, save_figure
 
 
 def _query_index(query: int | tuple[int, int] | str | None, grid: tuple[int, int]) -> tuple[int, str]:
@@ -64,10 +64,11 @@ def attention_figure(model, images: torch.Tensor, out_png: str | Path, layer: in
     heads = min(max_heads, attn.shape[1])
     heads_up = [up(per_head[:, h]) for h in range(heads)]
     shown = _display(display_images if display_images is not None else images)
-    plt = pyplot()
+    from matplotlib.patches import Rectangle
+
     B = images.shape[0]
     cols = 2 + heads
-    fig, axes = plt.subplots(B, cols, figsize=(1.9 * cols, 2.0 * B), squeeze=False)
+    fig, axes = figure(B, cols, figsize=(1.9 * cols, 2.0 * B), squeeze=False)
     depth = getattr(model, "depth", None)
     layer_no = (layer % depth) + 1 if depth else layer
     for i in range(B):
@@ -75,7 +76,7 @@ def attention_figure(model, images: torch.Tensor, out_png: str | Path, layer: in
         ax.imshow(shown[i])
         if q > 0:
             r, c = divmod(q - 1, grid[1])
-            ax.add_patch(plt.Rectangle((c * pw - 0.5, r * ph - 0.5), pw, ph, fill=False, edgecolor="red",
+            ax.add_patch(Rectangle((c * pw - 0.5, r * ph - 0.5), pw, ph, fill=False, edgecolor="red",
                                        linewidth=1.5))
         ax.set_title("image, query" if i == 0 else "", fontsize=8)
         ax = axes[i, 1]
@@ -90,7 +91,7 @@ def attention_figure(model, images: torch.Tensor, out_png: str | Path, layer: in
             ax.set_yticks([])
     fig.suptitle(title or f"attention of the {qlabel} query over the patches, block {layer_no}", fontsize=9)
     fig.tight_layout()
-    save(fig, out_png)
+    save_figure(fig, out_png)
     p = mean.flatten(1)
     p = p / p.sum(dim=1, keepdim=True)
     entropy = float((-(p * p.clamp_min(1e-12).log()).sum(dim=1)).mean())

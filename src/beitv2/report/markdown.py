@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..utils.files import atomic_write_text
+
 
 def _fmt(v: Any) -> str:
     if v is None:
@@ -68,9 +70,4 @@ def write_report(out_md: str | Path, *, results: Mapping[str, Mapping[str, Any]]
         for caption, path in dict(figures).items():
             parts += [f"### {caption}", "", f"![{caption}]({path})", ""]
     parts += ["## Settings", ""] + _settings_lines(settings) + [""]
-    out = Path(out_md)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(parts))
-    tmp.replace(out)
-    return out
+    return atomic_write_text(out_md, "\n".join(parts))

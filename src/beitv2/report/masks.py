@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..masking import count_blocks
-from ._fig import pyplot, save
+from ..utils.figures import figure, save_figure
 
 
 def mask_examples(generator, out_png: str | Path, n: int = 8, images: torch.Tensor | None = None, seed: int = 0,
@@ -19,10 +19,9 @@ def mask_examples(generator, out_png: str | Path, n: int = 8, images: torch.Tens
     rng = np.random.default_rng(seed)
     masks = [np.asarray(generator(rng), dtype=bool) for _ in range(n)]
     gh, gw = masks[0].shape
-    plt = pyplot()
     cols = min(n, 8)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 1.95 * rows), squeeze=False)
+    fig, axes = figure(rows, cols, figsize=(1.7 * cols, 1.95 * rows), squeeze=False)
     blocks = []
     for i, (ax, m) in enumerate(zip(axes.flat, masks)):
         blocks.append(count_blocks(m))
@@ -46,5 +45,5 @@ def mask_examples(generator, out_png: str | Path, n: int = 8, images: torch.Tens
         ax.axis("off")
     fig.suptitle(title or repr(generator), fontsize=8)
     fig.tight_layout()
-    save(fig, out_png)
+    save_figure(fig, out_png)
     return {"n": n, "grid": [gh, gw], "masked_per_image": [int(m.sum()) for m in masks], "blocks": blocks}

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from ._fig import pyplot, save
+from ..utils.figures import figure, save_figure
 
 log = logging.getLogger("beitv2.report")
 
@@ -70,10 +70,9 @@ def plot_training_curves(metrics_jsonl_paths: Mapping[str, str | Path] | Sequenc
             panels.append((ptitle, lines, logy))
     if not panels:
         raise ValueError(f"no plottable metrics in {[str(p) for p in runs.values()]}")
-    plt = pyplot()
     cols = min(3, len(panels))
     rows_n = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 3.6 * rows_n), squeeze=False)
+    fig, axes = figure(rows_n, cols, figsize=(5.2 * cols, 3.6 * rows_n), squeeze=False)
     for ax, (ptitle, lines, logy) in zip(axes.flat, panels):
         for label, xs, ys, markers in lines:
             ax.plot(xs, ys, label=label, marker="o" if markers or len(xs) < 4 else None, markersize=3, linewidth=1.2)
@@ -88,5 +87,5 @@ def plot_training_curves(metrics_jsonl_paths: Mapping[str, str | Path] | Sequenc
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    save(fig, out_png)
+    save_figure(fig, out_png)
     return [p[0] for p in panels]

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..checkpoint import load_model
+from ..data.fmnist import fashion_mnist_tensors
 from ..data.transforms import resolve_norm
 from ..masking import BlockwiseMaskGenerator
 from .atlas import codebook_atlas
@@ -36,11 +37,10 @@ def build_report(out: Path, plan, root: str, args, results: dict[str, dict[str, 
                  teacher_spec: dict, stand_in: bool, tok_dir: Path, mim_dir: Path) -> dict[str, Any]:
     """Draw the figures, write report.md and return the content of metrics.json (``timer``: the stages so far)."""
     timings, cpu = dict(timer.stages), dict(timer.cpu)
-    from ..commands.quickstart import load_split
 
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
-    x_test, y_test, classes = load_split(root, train=False, subset=plan.test_subset, seed=args.seed)
+    x_test, y_test, classes = fashion_mnist_tensors(root, train=False, subset=plan.test_subset, seed=args.seed)
 
     runs = {"tokenizer": tok_dir / "metrics.jsonl", "pre-training": mim_dir / "metrics.jsonl"}
     if stand_in:

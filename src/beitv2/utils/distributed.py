@@ -31,6 +31,28 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast(t: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """``t`` of rank ``src`` on every rank (in place)."""
+    if is_distributed():
+        dist.broadcast(t, src=src)
+    return t
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` [n, D] from every rank (sizes may differ)."""
+    if not is_distributed():
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    m = int(max(s.item() for s in sizes))
+    padded = torch.zeros(m, t.shape[1], device=t.device, dtype=t.dtype)
+    padded[: t.shape[0]] = t
+    out = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     if not (dist.is_available() and dist.is_initialized()):
         return [obj]
