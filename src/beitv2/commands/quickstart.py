@@ -385,6 +385,7 @@ def raw_pixel_scores(root: str, train_subset: float, test_subset: float, data_se
     """
     from ..commands.knn import evaluate_knn
     from ..config import from_dict
+    from ..data.fmnist import fashion_mnist_tensors
     from ..data.transforms import resolve_norm
     from ..engine import OptimConfig, TrainConfig
     from ..engine.distributed import init_distributed
@@ -397,7 +398,7 @@ def raw_pixel_scores(root: str, train_subset: float, test_subset: float, data_se
     norm = resolve_norm(pcfg.normalize if pcfg.normalize != "auto" else NORM, 1)
 
     def pixels(is_train: bool, subset: float) -> tuple[Any, Any, list[str]]:
-        x, y, classes = load_split(root, train=is_train, subset=subset, seed=data_seed)
+        x, y, classes = fashion_mnist_tensors(root, train=is_train, subset=subset, seed=data_seed)
         if norm is not None:
             x = (x - norm[0][0]) / norm[1][0]
         return x.flatten(1), y, classes
