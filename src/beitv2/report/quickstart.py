@@ -37,39 +37,8 @@ def build_report(out: Path, plan, root: str, args, results: dict[str, dict[str, 
                  teacher_spec: dict, stand_in: bool, tok_dir: Path, mim_dir: Path) -> dict[str, Any]:
     """Draw the figures, write report.md and return the content of metrics.json (``timer``: the stages so far)."""
     timings, cpu = dict(timer.stages), dict(timer.cpu)
-
-    figs = out / "figures"
-    figs.mkdir(parents=True, exist_ok=True)
     x_test, y_test, classes = fashion_mnist_tensors(root, train=False, subset=plan.test_subset, seed=args.seed)
-
-    runs = {"tokenizer": tok_dir / "metrics.jsonl", "pre-training": mim_dir / "metrics.jsonl"}
-    if stand_in:
-        runs = {"teacher (supervised)": out / "teacher" / "metrics.jsonl", **runs}
-    panels = plot_training_curves(runs, figs / "training_curves.png", title="training curves")
-
-    tokenizer, _, _ = load_model(tok_dir / "model.safetensors")
-    atlas = codebook_atlas(tokenizer, x_test, figs / "codebook_atlas.png", top_k=16, per_code=16, labels=y_test,
-                           class_names=classes, seed=args.seed)
-
-    mean, std = resolve_norm("imagenet", 1)
-    model, _, _ = load_model(mim_dir / "model.safetensors")
-    pick = torch.stack([torch.nonzero(y_test == c)[0, 0] for c in (0, 1, 5, 7, 8, 9) if (y_test == c).any()])
-    shown = x_test[pick]
-    normed = (shown - mean[0]) / std[0]
-    attn = attention_figure(model, normed, figs / "attention.png", layer=-1, display_images=shown,
-                            title="pre-trained BEiT v2: attention of the centre patch (red) over the patches, "
-                                  "last block")
-    attn_cls = attention_figure(model, normed, figs / "attention_cls.png", layer=-1, query="cls",
-                                display_images=shown, title="pre-trained BEiT v2: attention of the CLS token, "
-                                                            "last block")
-    gen = BlockwiseMaskGenerator((7, 7), plan.mask_patches, min_num_patches=plan.mask_min_block)
-    masks = mask_examples(gen, figs / "masks.png", n=8, images=x_test[:8], seed=args.seed,
-                          title=f"blockwise masks: {plan.mask_patches} of 49 patches, blocks of at least "
-                                f"{plan.mask_min_block} patches")
-    cm = out / "eval" / "beitv2" / "linprobe" / "confusion_matrix.png"
-    if cm.is_file():
-        shutil.copyfile(cm, figs / "confusion_matrix_beitv2.png")
-
+    drawn = _draw_figures(out, plan, args.seed, x_test, y_test, classes, stand_in, tok_dir, mim_dir)
     tok_val = _last(tok_dir / "metrics.jsonl", "val")
     tok_epoch = _last(tok_dir / "metrics.jsonl", "epoch")
     mim_epoch = _last(mim_dir / "metrics.jsonl", "epoch")
@@ -77,13 +46,6 @@ def build_report(out: Path, plan, root: str, args, results: dict[str, dict[str, 
     if stand_in:
         ft = json.loads((out / "teacher" / "metrics.json").read_text())
         teacher_ft = {"classifier_acc1": ft.get("acc1"), "num_labelled": _count(out / "teacher")}
-    table: dict[str, dict[str, Any]] = {}
-    for name, r in results.items():
-        table[name] = {"linear probe top-1 (%)": r.get("linprobe_acc1"), "k-NN top-1, k=20 (%)": r.get("knn_acc1")}
-    if teacher_ft:
-        table["teacher"]["its own classifier top-1 (%)"] = teacher_ft["classifier_acc1"]
-    table["chance"] = {"linear probe top-1 (%)": 100.0 / len(classes), "k-NN top-1, k=20 (%)": 100.0 / len(classes)}
-
     bv2 = results["BEiT v2 (pre-trained)"]
     rnd = results["random init (same ViT)"]
     gap = (bv2["linprobe_acc1"] - rnd["linprobe_acc1"]) if None not in (bv2["linprobe_acc1"],
@@ -103,26 +65,64 @@ def build_report(out: Path, plan, root: str, args, results: dict[str, dict[str, 
              f"Both read {_FEATURE_WORDS.get(plan.probe_feature, plan.probe_feature)} after the final LayerNorm of "
              "the last block. The *raw pixels* row fits the same probe and k-NN on the 784 normalised pixels: "
              "the floor a learned feature has to clear.")
-    verdict = ""
-    if gap is not None:
-        verdict = f"BEiT v2 linear probe minus random init: **{gap:+.2f} points**: " + (
-            "pre-training is well above the untrained network of the same shape." if gap >= 5 else
-            "pre-training is only slightly above the untrained network (within what a short run can vary by)."
-            if gap > 0 else "pre-training does not beat the untrained network here (see docs/quickstart.md).")
-    sections = {
-        "What was measured": verdict + "\n\n" + "\n".join([
-            f"- tokenizer (test split): cosine to the teacher features {tok_val.get('teacher_cos', float('nan')):.3f},"
-            f" {tok_val.get('codebook_codes_used', 'n/a')} of {plan.tok_codes} codes used, codebook perplexity "
-            f"{tok_val.get('codebook_perplexity', float('nan')):.1f}",
-            f"- pre-training (last epoch, training batches): masked-token accuracy "
-            f"{100 * mim_epoch.get('mlm_acc_1', float('nan')):.1f}% (final head), "
-            f"{100 * mim_epoch.get('mlm_acc_2', float('nan')):.1f}% (patch aggregation head)",
-            f"- codebook atlas: on average {100 * atlas.get('class_purity', float('nan')):.0f}% of the patches of "
-            f"a shown code come from images of one class (chance ~{100 / len(classes):.0f}%)",
-            f"- attention (last block): entropy of the centre patch's attention {attn['entropy']:.2f} nats "
-            f"(uniform: {attn['uniform_entropy']:.2f})",
-        ]),
+    sections = {"What was measured": _measured(gap, plan, tok_val, mim_epoch, drawn["atlas"], drawn["attn"],
+                                               len(classes))}
+    write_report(out / "report.md", title="beitv2 quickstart: BEiT v2 on Fashion-MNIST", intro=intro, notes=notes,
+                 results=_results_table(results, classes, teacher_ft), timings=timings, cpu_timings=cpu,
+                 settings=_settings(plan, args, root, teacher_spec, stand_in), figures=drawn["figures"],
+                 sections=sections)
+    atlas = drawn["atlas"]
+    return {
+        "mode": "fast" if args.fast else "full",
+        "teacher": {"stand_in": stand_in, "description": teacher_desc, "spec": teacher_spec, **teacher_ft},
+        "results": results,
+        "linprobe_gain_over_random_init": gap,
+        "tokenizer": _round(tok_val, ("teacher_cos", "rec_loss", "codebook_codes_used", "codebook_perplexity",
+                                      "codebook_usage")) | {"train_" + k: v for k, v in _round(
+                                          tok_epoch, ("codebook_codes_used", "codebook_perplexity")).items()},
+        "pretrain": _round(mim_epoch, ("loss", "mlm_acc_1", "mlm_acc_2")),
+        "atlas": {k: atlas[k] for k in ("codes", "counts", "codes_used", "num_patches", "class_purity")
+                  if k in atlas},
+        "attention": {"centre": drawn["attn"], "cls": drawn["attn_cls"]},
+        "masks": drawn["masks"],
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+        "plan": asdict(plan),
     }
+
+
+def _draw_figures(out: Path, plan, seed: int, x_test: torch.Tensor, y_test: torch.Tensor, classes: list[str],
+                  stand_in: bool, tok_dir: Path, mim_dir: Path) -> dict[str, Any]:
+    """Every figure of the report under ``out/figures``; returns their captions -> paths and what they measured."""
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    runs = {"tokenizer": tok_dir / "metrics.jsonl", "pre-training": mim_dir / "metrics.jsonl"}
+    if stand_in:
+        runs = {"teacher (supervised)": out / "teacher" / "metrics.jsonl", **runs}
+    panels = plot_training_curves(runs, figs / "training_curves.png", title="training curves")
+
+    tokenizer, _, _ = load_model(tok_dir / "model.safetensors")
+    atlas = codebook_atlas(tokenizer, x_test, figs / "codebook_atlas.png", top_k=16, per_code=16, labels=y_test,
+                           class_names=classes, seed=seed)
+
+    mean, std = resolve_norm("imagenet", 1)
+    model, _, _ = load_model(mim_dir / "model.safetensors")
+    pick = torch.stack([torch.nonzero(y_test == c)[0, 0] for c in (0, 1, 5, 7, 8, 9) if (y_test == c).any()])
+    shown = x_test[pick]
+    normed = (shown - mean[0]) / std[0]
+    attn = attention_figure(model, normed, figs / "attention.png", layer=-1, display_images=shown,
+                            title="pre-trained BEiT v2: attention of the centre patch (red) over the patches, "
+                                  "last block")
+    attn_cls = attention_figure(model, normed, figs / "attention_cls.png", layer=-1, query="cls",
+                                display_images=shown, title="pre-trained BEiT v2: attention of the CLS token, "
+                                                            "last block")
+    gen = BlockwiseMaskGenerator((7, 7), plan.mask_patches, min_num_patches=plan.mask_min_block)
+    masks = mask_examples(gen, figs / "masks.png", n=8, images=x_test[:8], seed=seed,
+                          title=f"blockwise masks: {plan.mask_patches} of 49 patches, blocks of at least "
+                                f"{plan.mask_min_block} patches")
+    cm = out / "eval" / "beitv2" / "linprobe" / "confusion_matrix.png"
+    if cm.is_file():
+        shutil.copyfile(cm, figs / "confusion_matrix_beitv2.png")
     figures = {"Training curves (" + ", ".join(panels) + ")": "figures/training_curves.png",
                "Codebook atlas: patches assigned to the most used codes": "figures/codebook_atlas.png",
                "Attention of the centre patch (pre-trained model, last block)": "figures/attention.png",
@@ -130,7 +130,45 @@ def build_report(out: Path, plan, root: str, args, results: dict[str, dict[str, 
                "Blockwise masks used in pre-training": "figures/masks.png"}
     if (figs / "confusion_matrix_beitv2.png").is_file():
         figures["Linear probe confusion matrix (BEiT v2)"] = "figures/confusion_matrix_beitv2.png"
-    settings = {
+    return {"figures": figures, "atlas": atlas, "attn": attn, "attn_cls": attn_cls, "masks": masks}
+
+
+def _results_table(results: dict[str, dict[str, Any]], classes: list[str], teacher_ft: dict) -> dict[str, dict]:
+    table: dict[str, dict[str, Any]] = {}
+    for name, r in results.items():
+        table[name] = {"linear probe top-1 (%)": r.get("linprobe_acc1"), "k-NN top-1, k=20 (%)": r.get("knn_acc1")}
+    if teacher_ft:
+        table["teacher"]["its own classifier top-1 (%)"] = teacher_ft["classifier_acc1"]
+    table["chance"] = {"linear probe top-1 (%)": 100.0 / len(classes), "k-NN top-1, k=20 (%)": 100.0 / len(classes)}
+    return table
+
+
+def _measured(gap: float | None, plan, tok_val: dict, mim_epoch: dict, atlas: dict, attn: dict,
+              num_classes: int) -> str:
+    """The report's "What was measured" section: the verdict and one line per stage."""
+    verdict = ""
+    if gap is not None:
+        verdict = f"BEiT v2 linear probe minus random init: **{gap:+.2f} points**: " + (
+            "pre-training is well above the untrained network of the same shape." if gap >= 5 else
+            "pre-training is only slightly above the untrained network (within what a short run can vary by)."
+            if gap > 0 else "pre-training does not beat the untrained network here (see docs/quickstart.md).")
+    return verdict + "\n\n" + "\n".join([
+        f"- tokenizer (test split): cosine to the teacher features {tok_val.get('teacher_cos', float('nan')):.3f},"
+        f" {tok_val.get('codebook_codes_used', 'n/a')} of {plan.tok_codes} codes used, codebook perplexity "
+        f"{tok_val.get('codebook_perplexity', float('nan')):.1f}",
+        f"- pre-training (last epoch, training batches): masked-token accuracy "
+        f"{100 * mim_epoch.get('mlm_acc_1', float('nan')):.1f}% (final head), "
+        f"{100 * mim_epoch.get('mlm_acc_2', float('nan')):.1f}% (patch aggregation head)",
+        f"- codebook atlas: on average {100 * atlas.get('class_purity', float('nan')):.0f}% of the patches of "
+        f"a shown code come from images of one class (chance ~{100 / num_classes:.0f}%)",
+        f"- attention (last block): entropy of the centre patch's attention {attn['entropy']:.2f} nats "
+        f"(uniform: {attn['uniform_entropy']:.2f})",
+    ])
+
+
+def _settings(plan, args, root: str, teacher_spec: dict, stand_in: bool) -> dict[str, Any]:
+    """The report's Settings section: every choice of the run."""
+    return {
         "run": {"mode": "fast" if args.fast else "full", "threads": args.threads, "seed": args.seed,
                 "data": root, "precision": "bf16 autocast"},
         "teacher": teacher_spec | ({"architecture (width, depth, heads)": plan.teacher_vit,
@@ -155,26 +193,6 @@ def build_report(out: Path, plan, root: str, args, results: dict[str, dict[str, 
                        "features": f"{plan.probe_feature}: {_FEATURE_WORDS.get(plan.probe_feature, '')} after the "
                                    "final norm, last block"},
         "configs": "every stage's YAML is in configs/ (rerun one with `beitv2 <command> --config configs/X.yaml`)",
-    }
-    write_report(out / "report.md", title="beitv2 quickstart: BEiT v2 on Fashion-MNIST", intro=intro, notes=notes,
-                 results=table, timings=timings, cpu_timings=cpu, settings=settings, figures=figures,
-                 sections=sections)
-    return {
-        "mode": "fast" if args.fast else "full",
-        "teacher": {"stand_in": stand_in, "description": teacher_desc, "spec": teacher_spec, **teacher_ft},
-        "results": results,
-        "linprobe_gain_over_random_init": gap,
-        "tokenizer": _round(tok_val, ("teacher_cos", "rec_loss", "codebook_codes_used", "codebook_perplexity",
-                                      "codebook_usage")) | {"train_" + k: v for k, v in _round(
-                                          tok_epoch, ("codebook_codes_used", "codebook_perplexity")).items()},
-        "pretrain": _round(mim_epoch, ("loss", "mlm_acc_1", "mlm_acc_2")),
-        "atlas": {k: atlas[k] for k in ("codes", "counts", "codes_used", "num_patches", "class_purity")
-                  if k in atlas},
-        "attention": {"centre": attn, "cls": attn_cls},
-        "masks": masks,
-        "timings_s": {k: round(v, 2) for k, v in timings.items()},
-        "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
-        "plan": asdict(plan),
     }
 
 
