@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..checkpoint import load_model, read_metadata
-from ..config import ConfigError, check, opt, reading
+from ..config import ConfigError, check, from_dict, opt, reading
 from ..data import DataConfig, MIMDataset, TwoViewTransform, build_dataset, collate_skip_bad
 from ..data.samples import for_loader
 from ..engine import NonFiniteLossError, OptimConfig, TrainConfig, Trainer, cleanup, init_distributed, seed_everything
 from ..masking import build_mask_generator
 from ..mim_targets import regression_target
-from ..models.backbone import to_2tuple
 from ..models.mim import BEiTv2ForMIM, MIMConfig
 from ..models.presets import get_preset
+from ..models.registry import get_kind, kinds
 from ..tasks import MIMTask
 from ..teachers import TeacherConfig
 from ._training import configure_parser, quiet_other_ranks, resolve_config
@@ -76,20 +76,15 @@ class TokenizerRef:
                 if isinstance(e, ConfigError):
                     raise
                 raise ConfigError(f"tokenizer.checkpoint: {e}") from e
-            return "dvae", c.grid_size, c.vocab_size, (c.img_size, c.img_size), c.in_chans
+            return ("dvae", *get_kind("dvae").tokens(c))
         with reading("tokenizer.checkpoint"):
             meta = read_metadata(self.checkpoint)
         kind = meta.get("kind", "")
-        check(kind in ("vqkd", "dvae"), "tokenizer.checkpoint",
-              f"{self.checkpoint} holds a {kind or 'non-beitv2'} model, not a vqkd or dvae tokenizer")
-        c = json.loads(meta["config"])
-        if kind == "vqkd":
-            enc = c["encoder"]
-            hw = to_2tuple(enc["img_size"])
-            p = enc["patch_size"]
-            return kind, (hw[0] // p, hw[1] // p), c["quantizer"]["num_codes"], hw, enc["in_chans"]
-        g = c["img_size"] // c["downsample"]
-        return kind, (g, g), c["vocab_size"], (c["img_size"], c["img_size"]), c["in_chans"]
+        spec = get_kind(kind) if kind in kinds() else None
+        tokenizers = [k for k in kinds() if get_kind(k).tokens is not None]
+        check(spec is not None and spec.tokens is not None, "tokenizer.checkpoint",
+              f"{self.checkpoint} holds a {kind or 'non-beitv2'} model, not a tokenizer ({' or '.join(tokenizers)})")
+        return (kind, *spec.tokens(from_dict(spec.config_class, json.loads(meta["config"]))))
 
 
 @dataclass

@@ -6,7 +6,8 @@ A *kind* is the name a model file carries in its metadata (``kind`` beside ``con
 * ``backbone``: how to get its ViT backbone config from its config, and ``backbone_prefix``, where the backbone's
   weights sit in its state dict (``encoder.`` for VQ-KD); ``None`` for kinds without a ViT (dVAE);
 * ``pretrain_only_keys``: state-dict prefixes that exist only for pre-training (the MIM head) and are dropped when the
-  backbone is reused for evaluation, fine-tuning or export.
+  backbone is reused for evaluation, fine-tuning or export;
+* ``tokens``: for tokenizers (VQ-KD, dVAE), the `TokenGrid` their codes form, read from the config alone.
 
 Every model exposes ``model.config``: the config of its own kind (`MIMConfig` for `BEiTv2ForMIM`, whose ``cfg`` is its
 ViT backbone's). Checkpoint files, presets, evaluation, fine-tuning, interop and the trainer read from here, so a new
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -32,6 +33,16 @@ from .segmenter import Segmenter, SegmenterConfig
 from .vqkd import VQKD, VQKDConfig
 
 
+class TokenGrid(NamedTuple):
+    """What a tokenizer's codes are: a ``grid`` of codes out of ``vocab_size``, for ``img_size`` images of
+    ``in_chans`` channels."""
+
+    grid: tuple[int, int]
+    vocab_size: int
+    img_size: tuple[int, int]
+    in_chans: int
+
+
 @dataclass(frozen=True)
 class ModelKind:
     name: str
@@ -41,6 +52,7 @@ class ModelKind:
     backbone: Callable[[Any], ViTConfig] | None = None  # config -> its ViT backbone's config
     backbone_prefix: str = ""  # where the backbone's weights sit in the state dict
     pretrain_only_keys: tuple[str, ...] = ()  # state-dict prefixes dropped when reusing the backbone
+    tokens: Callable[[Any], TokenGrid] | None = None  # tokenizers: config -> the grid of codes they make
 
     def build(self, config: Any) -> nn.Module:
         return (self.constructor or self.model_class)(config)
@@ -104,7 +116,10 @@ def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 register(ModelKind("vit", ViTConfig, BEiTViT, backbone=lambda c: c))
 register(ModelKind("mim", MIMConfig, BEiTv2ForMIM, backbone=lambda c: c.backbone,
                    pretrain_only_keys=BEiTv2ForMIM.pretrain_only_keys))
-register(ModelKind("vqkd", VQKDConfig, VQKD, backbone=lambda c: c.encoder, backbone_prefix="encoder."))
-register(ModelKind("dvae", DVAEConfig, DiscreteVAE))
+register(ModelKind("vqkd", VQKDConfig, VQKD, backbone=lambda c: c.encoder, backbone_prefix="encoder.",
+                   tokens=lambda c: TokenGrid(c.encoder.grid_size, c.quantizer.num_codes, c.encoder.img_hw,
+                                              c.encoder.in_chans)))
+register(ModelKind("dvae", DVAEConfig, DiscreteVAE,
+                   tokens=lambda c: TokenGrid(c.grid_size, c.vocab_size, (c.img_size, c.img_size), c.in_chans)))
 register(ModelKind("segmenter", SegmenterConfig, Segmenter, backbone=lambda c: c.backbone,
                    backbone_prefix="backbone."))
