@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from beitv2.checkpoint import load_state_dict, save_model
 from beitv2.cli import main
 from beitv2.data import collate_skip_bad
-from beitv2.data.mim_dataset import TransformDataset
+from beitv2.data.samples import TransformDataset
 from beitv2.engine.sampler import ResumableSampler
 from beitv2.models.backbone import BEiTViT, ViTConfig
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
