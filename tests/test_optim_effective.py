@@ -13,12 +13,13 @@ and the decay / no-decay split are written out here from the official recipe, no
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
 from torch.utils.data import Dataset
 
-from beitv2.engine import OptimConfig, TrainConfig, Trainer, init_distributed
+from beitv2.engine import OptimConfig, TrainConfig, Trainer, build_optimizer, init_distributed
 from beitv2.models.backbone import BEiTViT, ViTConfig
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
 from beitv2.tasks import TrainTask
@@ -75,8 +76,7 @@ def run(tmp_path, model, ocfg: OptimConfig, *, batch: int, accum: int, epochs: i
     task = LinearLoss(model)
     cfg = TrainConfig(output_dir=str(tmp_path), epochs=epochs, batch_size=batch, accum_steps=accum, precision="fp32",
                       progress=False, tensorboard=False, log_every_steps=100, keep_last=1)
-    tr = Trainer(task, Eight(), cfg, ocfg, dist=init_distributed("cpu"), model_kind="vit", model_config=None,
-                 **trainer_kw)
+    tr = Trainer(task, Eight(), cfg, ocfg, dist=init_distributed("cpu"), **trainer_kw)
     res = tr.fit()
     assert res.status == "finished"
     task.snapshots[res.global_step] = {n: p.detach().double().clone() for n, p in model.named_parameters()}
@@ -143,8 +143,8 @@ def test_finetune_layer_decay_lr_scale_per_group(tmp_path):
     depth, decay = 2, 0.5
     model = BEiTViT(tiny(num_classes=3, use_rel_pos_bias=True, use_shared_rel_pos_bias=False))
     ocfg = OptimConfig(lr=0.02, min_lr=0.001, weight_decay=0.1, warmup_steps=1, layer_decay=decay)
-    task = run(tmp_path, model, ocfg, batch=4, accum=1, epochs=2, layer_id_fn=layer_id_fn(depth),
-               num_layers=depth + 2)
+    task = run(tmp_path, model, ocfg, batch=4, accum=1, epochs=2,
+               optimizer=partial(build_optimizer, layer_id_fn=layer_id_fn(depth), num_layers=depth + 2))
 
     def scale(n: str) -> float:  # official get_num_layer_for_vit: embeddings 0, block k -> k + 1, the rest depth + 1
         if n in ("cls_token", "pos_embed") or n.startswith("patch_embed"):

@@ -181,7 +181,7 @@ def scipy_resize(table: np.ndarray, src: tuple[int, int], dst: tuple[int, int]) 
 @pytest.mark.parametrize("src,dst", [((14, 14), (24, 24)), ((4, 4), (6, 6)), ((7, 7), (12, 12)), ((8, 8), (5, 5)),
                                      ((5, 7), (8, 9))])
 def test_rel_pos_resize_matches_scipy_fitpack_on_documented_windows(src, dst):
-    from beitv2.interop.relpos import resize_rel_pos_table
+    from beitv2.models.relpos import resize_rel_pos_table
 
     rows = (2 * src[0] - 1) * (2 * src[1] - 1) + 3
     table = torch.randn(rows, 3, generator=torch.Generator().manual_seed(src[0] * 31 + dst[1]), dtype=torch.float64)
@@ -215,7 +215,7 @@ def hand_resize_pos(pe: torch.Tensor, src: tuple[int, int], dst: tuple[int, int]
 
 @pytest.mark.parametrize("src,dst", [((4, 4), (6, 6)), ((3, 5), (6, 4)), ((6, 6), (4, 4))])
 def test_abs_pos_embed_resize_matches_timm_and_by_hand(src, dst):
-    from beitv2.interop.relpos import resize_pos_embed
+    from beitv2.models.relpos import resize_pos_embed
 
     pe = torch.randn(1, 1 + src[0] * src[1], 8, generator=torch.Generator().manual_seed(6))
     got = resize_pos_embed(pe, src, dst)

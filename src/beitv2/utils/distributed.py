@@ -1,9 +1,8 @@
-"""Collectives that are no-ops in a single process, usable from any layer (the model code's codebook statistics as
-well as the training engine). `beitv2.engine.distributed` adds the process-group set-up."""
+"""Tensor collectives that are no-ops in a single process, for the layers below the engine (the quantizer's codebook
+statistics, the stream's share of the shards). `beitv2.engine.distributed` holds the process-group set-up and the
+engine's own collectives."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -17,11 +16,6 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -51,19 +45,3 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     out = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
     return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
-
-
-def all_gather_object(obj: Any) -> list[Any]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
