@@ -176,7 +176,7 @@ def test_trainer_hooks_build_the_optimizer_and_run_after_each_step(tmp_path):
 
 LAYER = {"config": 0, "utils": 0, "models": 1, "data": 1, "masking": 1, "checkpoint": 2, "interop": 2, "engine": 3,
          "tasks": 4, "mim_targets": 4, "teachers": 4, "eval": 5, "report": 6, "commands": 7, "cli": 7,
-         "__init__": 7}
+         "__init__": 7, "__main__": 7}
 SIBLINGS = {"models", "data", "masking"}  # layer 1: independent of each other
 
 
