@@ -140,8 +140,7 @@ def sync_check(size: str) -> dict:
     task.on_step_start = on_step_start
     cfg = TrainConfig(output_dir="/tmp/beitv2_sync_check", epochs=1, batch_size=bs, log_every_steps=1000,
                       progress=False, tensorboard=False, compile=False, resume="none")
-    tr = Trainer(task, Synthetic(), cfg, OptimConfig(lr=1e-4, warmup_epochs=0), dist=init_distributed("cuda"),
-                 model_kind="mim", model_config=task.model.mim_cfg)
+    tr = Trainer(task, Synthetic(), cfg, OptimConfig(lr=1e-4, warmup_epochs=0), dist=init_distributed("cuda"))
     real_check = tr._check
 
     def check(*a):

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from beitv2.models.relpos import resize_rel_pos_table
 from PIL import Image
 
 from beitv2.checkpoint import save_model
@@ -26,7 +27,6 @@ from beitv2.data.segmentation import (
 from beitv2.engine.schedule import poly_schedule
 from beitv2.eval.seg_finetune import SegModelConfig, build_segmenter
 from beitv2.eval.segmentation import confusion_matrix, metrics_from_confusion, slide_inference, whole_inference
-from beitv2.interop.relpos import resize_rel_pos_table
 from beitv2.models.backbone import BEiTViT, ViTConfig
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
 from beitv2.models.segmenter import Segmenter, SegmenterConfig, layer_id_for_segmenter

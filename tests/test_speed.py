@@ -199,7 +199,7 @@ def mim_trainer(out: Path, data: Dataset | None = None, **kw) -> Trainer:
     cfg = TrainConfig(output_dir=str(out), epochs=1, batch_size=2, precision="fp32", progress=False,
                       tensorboard=False, **kw)
     return Trainer(MIMTask(mim, vq), data or MIMBlobs(), cfg, OptimConfig(lr=1e-3, warmup_epochs=0),
-                   dist=init_distributed("cpu"), model_kind="beitv2_mim", model_config=mim.mim_cfg)
+                   dist=init_distributed("cpu"))
 
 
 def step_records(out: Path) -> dict[int, dict]:

@@ -118,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(cfg: SegmentConfig, dist) -> int:
+    from functools import partial
+
     from ..data.segmentation import (
         IterationEpochs,
         SegEvalTransform,
@@ -127,8 +129,6 @@ def _run(cfg: SegmentConfig, dist) -> int:
         class_names,
         collate_segmentation,
     )
-    from functools import partial
-
     from ..engine import Trainer, build_optimizer, seed_everything
     from ..eval.features import resolve_normalize
     from ..eval.seg_finetune import SegInference, SegmentationTask, build_segmenter

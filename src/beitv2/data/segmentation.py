@@ -42,7 +42,7 @@ from torchvision.transforms.v2 import functional as TF
 from ..config import check, opt
 from .datasets import FASHION_MNIST_CLASSES, FashionMNIST
 from .images import BadFileLog, BadImageError, load_image
-from .mim_dataset import sample_seed
+from .samples import sample_seed
 
 IGNORE_INDEX = 255
 
