@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from beitv2.models.relpos import resize_rel_pos_table
 from PIL import Image
 
 from beitv2.checkpoint import save_model
@@ -29,6 +28,7 @@ from beitv2.eval.seg_finetune import SegModelConfig, build_segmenter
 from beitv2.eval.segmentation import confusion_matrix, metrics_from_confusion, slide_inference, whole_inference
 from beitv2.models.backbone import BEiTViT, ViTConfig
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
+from beitv2.models.relpos import resize_rel_pos_table
 from beitv2.models.segmenter import Segmenter, SegmenterConfig, layer_id_for_segmenter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
