@@ -40,7 +40,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ..config import check, opt
-from .datasets import FASHION_MNIST_CLASSES, FashionMNIST
+from .fmnist import FASHION_MNIST_CLASSES, FashionMNIST
 from .images import BadFileLog, BadImageError, load_image
 from .samples import sample_seed
 
@@ -103,7 +103,7 @@ class SegmentationFolder(BadFileLog, Dataset):
 
     def __init__(self, image_dir: str, mask_dir: str, classes: Sequence[str], channels: int = 3,
                  reduce_zero: bool = False, mask_suffix: str = ".png"):
-        from .datasets import scan_images
+        from .folders import scan_images
 
         for d in (image_dir, mask_dir):
             if not os.path.isdir(d):
