@@ -123,10 +123,7 @@ def save_prediction_figure(path: str | Path, images: list[torch.Tensor], labels:
                            preds: list[torch.Tensor], num_classes: int, mean: list[float], std: list[float],
                            ignore_index: int = 255) -> Path:
     """A PNG with one row per sample: image, ground truth, prediction (ignored pixels white)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..utils.figures import figure, save_figure
 
     pal = palette(num_classes)
 
@@ -136,7 +133,7 @@ def save_prediction_figure(path: str | Path, images: list[torch.Tensor], labels:
         return out
 
     n = len(images)
-    fig, axes = plt.subplots(n, 3, figsize=(6, 2 * n), squeeze=False)
+    fig, axes = figure(n, 3, figsize=(6, 2 * n), squeeze=False)
     for i in range(n):
         img = images[i].float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
         img = img.clamp(0, 1).permute(1, 2, 0)
@@ -151,7 +148,4 @@ def save_prediction_figure(path: str | Path, images: list[torch.Tensor], labels:
             if i == 0:
                 ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
