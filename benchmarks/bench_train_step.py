@@ -42,7 +42,7 @@ from beitv2.models.vqkd import VQKD
 from beitv2.tasks import MIMTask, TokenizerTask
 from beitv2.teachers import TimmTeacher
 
-USE_COMPILE = True  # --no-compile: the default path without torch.compile
+USE_COMPILE: bool | None = None  # the trainer's auto rule; --compile / --no-compile force it on the default path
 CPU_TIME = True  # --wall-clock: time CPU runs by the wall clock instead of the process's CPU time
 
 # (MIM preset, VQ-KD preset, teacher timm kwargs, masked patches, batch on cpu, batch on cuda)
@@ -82,7 +82,7 @@ def batch_for(parts: dict, bs: int, device: torch.device) -> dict:
 def make_inference(task, device: torch.device, precision: str, path: str):
     """The frozen tokenizer's `tokenize` alone (what pre-training and `beitv2 tokenize` run), no gradients."""
     fn = task.tokenizer.tokenize
-    if path == "default" and USE_COMPILE and resolve_compile(None, device, COMPILE_AUTO_MIN_STEPS):
+    if path == "default" and resolve_compile(USE_COMPILE, device, COMPILE_AUTO_MIN_STEPS):
         fn = torch.compile(fn)
 
     @torch.no_grad()
@@ -100,7 +100,7 @@ def make_step(task, device: torch.device, precision: str, path: str, name: str =
     opt = build_optimizer(task.model, OptimConfig(lr=1e-4, clip_grad=3.0), fused=False if path == "eager" else None)
     scaler = grad_scaler(device, precision)
     params = [p for g in opt.param_groups for p in g["params"]]
-    if path == "default" and USE_COMPILE and resolve_compile(None, device, COMPILE_AUTO_MIN_STEPS):
+    if path == "default" and resolve_compile(USE_COMPILE, device, COMPILE_AUTO_MIN_STEPS):
         net = compile_task(task, task.model, device)
         helpers = dict(task._helpers)
     else:
@@ -223,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps-only", nargs="+", default=["mim", "tokenizer"], choices=["mim", "tokenizer", "tokenize"],
                     help="which steps to time: the pre-training step, the tokenizer-training step, the frozen "
                          "tokenizer's inference (images/s of `tokenize`)")
-    ap.add_argument("--no-compile", action="store_true",
-                    help="the default path without torch.compile (fused AdamW and the index gather only)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile on the default path: --compile forces it (e.g. on a CPU, where the "
+                         "trainer's auto rule stays eager), --no-compile drops it; unset = the trainer's auto rule "
+                         "(compile on CUDA)")
     ap.add_argument("--wall-clock", action="store_true",
                     help="on a CPU, time by the wall clock (default: the process's CPU time, see `clock`)")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
@@ -232,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     paths = ["eager", "default"] if args.compare else args.path
     global USE_COMPILE, CPU_TIME
-    USE_COMPILE, CPU_TIME = not args.no_compile, not args.wall_clock
+    USE_COMPILE, CPU_TIME = args.compile, not args.wall_clock
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.threads:
         torch.set_num_threads(args.threads)

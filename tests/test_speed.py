@@ -104,8 +104,10 @@ def test_fused_adamw_found_inf_skips_the_step():
 def test_resolve_compile_auto():
     cpu = torch.device("cpu")
     assert resolve_compile(True, cpu, 1) and not resolve_compile(False, cpu, 10**6)
-    assert not resolve_compile(None, cpu, COMPILE_AUTO_MIN_STEPS - 1)
-    assert resolve_compile(None, cpu, COMPILE_AUTO_MIN_STEPS)  # this machine has a C++ compiler for Inductor
+    assert not resolve_compile(None, cpu, 10**6)  # auto leaves CPU runs eager
+    cuda = torch.device("cuda")
+    assert not resolve_compile(None, cuda, COMPILE_AUTO_MIN_STEPS - 1)
+    assert resolve_compile(None, cuda, COMPILE_AUTO_MIN_STEPS)
     assert not resolve_compile(None, torch.device("meta"), 10**6)
 
 

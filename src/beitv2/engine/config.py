@@ -68,8 +68,8 @@ class TrainConfig:
     precision: Literal["bf16", "fp16", "fp32"] = opt("bf16", "autocast dtype; fp16 uses a GradScaler; bf16 falls "
                                                              "back to fp16 where the device lacks it")
     compile: bool | None = opt(None, "torch.compile the model and its frozen tokenizer/teacher: true, false, or "
-                                     "none = auto (on when the run has >= 200 steps left; falls back to eager if "
-                                     "compiling fails)")
+                                     "none = auto (on CUDA when the run has >= 200 steps left, off on CPU; falls "
+                                     "back to eager if compiling fails)")
     tf32: bool = opt(True, "allow TF32 for fp32 matmuls on CUDA (the quantizer's nearest-code search stays exact "
                            "fp32)")
     device: str = opt("auto", "auto (cuda if available), cpu, cuda or cuda:N (under torchrun: LOCAL_RANK)")
