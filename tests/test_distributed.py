@@ -125,6 +125,15 @@ def test_device_follows_local_rank_under_several_processes():
     assert D.select_device("auto", 2, 4, False, 0) == ("cpu", None)
 
 
+def test_cpu_checkpoint_resumed_on_gpu_seeds_each_rank():
+    cpu_written = S.rng_state()
+    cpu_written.pop("cuda", None)
+    seeds = [D.cuda_seed_for_resume(cpu_written, "cuda", 7, r, 100) for r in range(4)]
+    assert None not in seeds and len(set(seeds)) == 4
+    assert D.cuda_seed_for_resume({**cpu_written, "cuda": torch.zeros(1)}, "cuda", 7, 0, 100) is None  # restored
+    assert D.cuda_seed_for_resume(cpu_written, "cpu", 7, 0, 100) is None
+
+
 def test_bf16_only_where_native():
     assert choose_precision("bf16", "cuda", bf16_native=False) == "fp16"  # pre-Ampere: emulated bf16
     assert choose_precision("bf16", "cuda", bf16_native=True) == "bf16"

@@ -245,3 +245,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
+
+
+def cuda_seed_for_resume(rng_state: dict, device_type: str, seed: int, rank: int, step: int) -> int | None:
+    """The CUDA seed a resumed rank needs when its checkpoint has no CUDA RNG state (written on a CPU run), else None.
+
+    Without it every rank would keep the CUDA seed the command set before building the models, the same on all
+    ranks, and draw the same drop-path / Gumbel noise on every GPU.
+    """
+    if device_type != "cuda" or "cuda" in rng_state:
+        return None
+    return seed + rank + step

@@ -243,9 +243,10 @@ class Trainer:
         rngs = st.get("rng", [])
         if len(rngs) == self.dist.world_size:
             S.set_rng_state(rngs[self.dist.rank])
-            if self.device.type == "cuda" and "cuda" not in rngs[self.dist.rank]:
-                # written on CPU: without this every rank would keep the command's common CUDA seed
-                torch.cuda.manual_seed(self.cfg.seed + self.dist.rank + self.global_step)
+            cuda_seed = D.cuda_seed_for_resume(rngs[self.dist.rank], self.device.type, self.cfg.seed,
+                                               self.dist.rank, self.global_step)
+            if cuda_seed is not None:
+                torch.cuda.manual_seed(cuda_seed)
         else:
             log.warning("world size changed (%d -> %d): re-seeding instead of restoring RNG states", len(rngs),
                         self.dist.world_size)
