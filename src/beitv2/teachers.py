@@ -2,7 +2,7 @@
 
 A `Teacher` takes the tokenizer's own [0, 1] view and returns features on the tokenizer's patch grid, so any
 teacher fits any tokenizer: it resizes the input to its own resolution (the official code has no such step: its
-``--teacher_input_size`` is never used, facts §1.2/§7.4), applies its own normalisation, and resamples its feature
+``--teacher_input_size`` is never used), applies its own normalisation, and resamples its feature
 map to the tokenizer grid when the two differ. It runs frozen, in eval mode, without gradients, in bf16 autocast when
 asked (the official teacher runs inside fp16 autocast).
 

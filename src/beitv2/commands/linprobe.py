@@ -1,6 +1,6 @@
 """`beitv2 linprobe`: linear classifiers on a frozen backbone, one per chosen block, reporting each and the best.
 
-Protocol (the official beit2 code has none, facts §3.7; defaults follow BEiT v1's `run_linear_eval`): features =
+Protocol (the official beit2 code has none; defaults follow BEiT v1's `run_linear_eval`): features =
 concat(CLS, mean of patch tokens) after the final LayerNorm; AdamW, lr 1e-3 x total_batch / 256, weight decay 1e-4,
 cosine schedule, 100 epochs. Unlike BEiT v1 the default trains on features computed once without augmentation
 (``--probe.augment true`` restores RandomResizedCrop + flip). Writes metrics.json and confusion_matrix.png.

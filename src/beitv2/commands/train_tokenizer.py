@@ -1,6 +1,6 @@
 """`beitv2 train-tokenizer`: train a VQ-KD tokenizer against a frozen teacher (BEiT v2), or a dVAE (BEiT v1).
 
-Defaults reproduce the official VQ-KD recipe (TOKENIZER.md, facts §1.6): ViT-B/16 encoder, 3-layer decoder,
+Defaults reproduce the official VQ-KD recipe (TOKENIZER.md): ViT-B/16 encoder, 3-layer decoder,
 8192 x 32 codebook with k-means init, CLIP ViT-B/16 teacher, AdamW betas (0.9, 0.99), lr 5e-5 scaled by
 total_batch / 128, min_lr 1e-5, 10 warmup epochs, weight decay 1e-4 (constant), 100 epochs of 64 images per GPU.
 """

@@ -2,7 +2,7 @@
 
 The official formula is kept exactly (warmup = ``linspace(0, base, warmup_iters)``, then
 ``final + (base - final) * (1 + cos(pi * i / n)) / 2`` over the remaining ``n`` iterations), with its bug fixed:
-``warmup_steps > 0`` together with ``warmup_epochs == 0`` no longer fails (facts §7.7). timm's schedulers use a
+``warmup_steps > 0`` together with ``warmup_epochs == 0`` no longer fails. timm's schedulers use a
 different warmup formula and cannot schedule weight decay per group, hence this small function.
 """
 

@@ -1,6 +1,6 @@
 """Import of the official microsoft/unilm `beit2` checkpoints (`.pth`) into our models.
 
-Three formats (facts §4): (a) VQ-KD tokenizers, (b) BEiT v2 pre-training checkpoints with patch aggregation,
+Three formats: (a) VQ-KD tokenizers, (b) BEiT v2 pre-training checkpoints with patch aggregation,
 (c) fine-tuned classifiers. Our key names are the official ones, so the import is: unwrap, drop what our models do not
 keep (training-only and dead keys, `relative_position_index` buffers, which are rebuilt), infer the architecture from
 tensor shapes, resize position tables if the resolution changes, and load strictly. A file that does not fit fails

@@ -1,13 +1,13 @@
 """VQ-KD's vector quantizer: l2-normalised codebook, cosine nearest code, straight-through, EMA codebook.
 
-Follows the official `NormEMAVectorQuantizer` (facts §1.3): codes are learned by an exponential moving average of the
+Follows the official `NormEMAVectorQuantizer`: codes are learned by an exponential moving average of the
 normalised mean of the vectors assigned to them (decay 0.99, re-normalised after each update; codes with no assignment
 keep their value), the only loss is the commitment term ``beta * mse(sg[z_q], z)``, and the codebook is initialised
 lazily by cosine k-means on the first training batch.
 
 Deliberate departures, each fixing a documented problem of the official code:
 * k-means runs on the vectors of *all* ranks and its result is broadcast, so every rank starts with the same codebook
-  (the official init is per-rank, facts §7.10).
+  (the official init is per-rank).
 * Distances, k-means and EMA statistics run in fp32 even under autocast (the official code used fp16 there).
 * Usage statistics are explicit: an EMA of counts (`cluster_size`, as in the official code), raw counts since the last
   `reset_usage()`, and `usage_stats()` giving codes used, dead codes and perplexity.

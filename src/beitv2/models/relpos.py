@@ -1,6 +1,6 @@
 """Resizing relative position bias tables and absolute position embeddings to another input resolution.
 
-The relative table follows the official BEiT fine-tuning remap (`run_class_finetuning.py`, facts §3.2 item 6):
+The relative table follows the official BEiT fine-tuning remap (`run_class_finetuning.py`):
 
 1. The last 3 rows (CLS->patch, patch->CLS, CLS->CLS) are split off and re-appended unchanged.
 2. The remaining (2Wh-1)(2Ww-1) rows form one src_h x src_w grid per head (row-major, Δh major).
