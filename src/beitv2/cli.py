@@ -20,6 +20,9 @@ COMMANDS = {
     "knn": "knn",
     "finetune": "finetune",
     "convert": "convert",
+    "tokenize": "tokenize",
+    "atlas": "atlas",
+    "report": "report",
     "quickstart": "quickstart",
     "segment": "segment",
 }
