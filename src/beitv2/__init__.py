@@ -23,7 +23,7 @@ def _tag(model: nn.Module, kind: str) -> nn.Module:
     """Make ``kind`` and ``config`` reachable from the model (kept when the model class already defines them)."""
     if not hasattr(model, "kind"):
         model.kind = kind
-    if not hasattr(model, "config"):
+    if not hasattr(model, "config"):  # every registered model class defines ``config``; kept for safety
         model.config = getattr(model, "mim_cfg", None) or model.cfg
     return model
 

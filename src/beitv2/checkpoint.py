@@ -37,7 +37,11 @@ def save_model(path: str | Path, model: nn.Module, kind: str | None = None, conf
 
 
 def resolve_weights(path: str | Path) -> Path:
-    """A weights file, or a folder holding `model.safetensors` (a checkpoint directory)."""
+    """A weights file, a folder holding `model.safetensors` (a checkpoint directory), or ``hf-hub:ORG/NAME``."""
+    from .interop.hub import hub_weights, is_hub_ref
+
+    if is_hub_ref(path):
+        return hub_weights(str(path))
     p = Path(path)
     if p.is_dir():
         if (p / WEIGHTS_NAME).is_file():

@@ -410,7 +410,8 @@ class TeacherConfig:
                               f"{prefix}checkpoint, an 'hf-hub:ID' or 'local-dir:PATH' name, or {prefix}random_init "
                               "true for random weights")
         if self.kind == "beitv2":
-            check(os.path.exists(self.name_or_path), f"{prefix}name_or_path", f"not found: {self.name_or_path}")
+            check(os.path.exists(self.name_or_path) or self.name_or_path.startswith("hf-hub:"),
+                  f"{prefix}name_or_path", f"not found: {self.name_or_path}")
         if self.kind == "hf" and self.name_or_path.startswith(("/", "./", "../", "~")):
             check(os.path.isdir(os.path.expanduser(self.name_or_path)), f"{prefix}name_or_path",
                   f"directory not found: {self.name_or_path}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
 import sys
 from pathlib import Path
@@ -24,7 +25,13 @@ Convert checkpoints between formats.
   --to beitv2               our safetensors model file (OUTPUT is a file)
   --to timm                 folder for timm.create_model('local-dir:OUTPUT', pretrained=True)
   --to hf                   folder for transformers BeitModel / BeitForImageClassification.from_pretrained(OUTPUT)
-                            (a `beitv2 segment` model: BeitForSemanticSegmentation)
+                            (a `beitv2 segment` model: BeitForSemanticSegmentation), with preprocessor_config.json
+                            (AutoImageProcessor, pipeline), id2label and a model card
+  --to hub                  folder to upload to the HF hub as is (our model.safetensors, config.json, README.md);
+                            read back with hf-hub:ORG/NAME wherever a checkpoint path is taken
+
+INPUT may be hf-hub:ORG/NAME[@REVISION] (through huggingface_hub: its cache and HF_HUB_OFFLINE=1 apply). Class
+names and input normalisation recorded by `beitv2 finetune` go into the timm / HF exports.
 
 Examples:
   beitv2 convert --from official-vqkd --to beitv2 vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth vqkd.safetensors
@@ -38,7 +45,7 @@ spellings (--img-size, --num-classes, --num-heads, --decoder-num-heads, --early-
 """
 
 SOURCES = ("official-vqkd", "official-pretrain", "official-finetune", "dalle", "beitv2")
-TARGETS = ("beitv2", "timm", "hf")
+TARGETS = ("beitv2", "timm", "hf", "hub")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +71,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rel-pos", "--rel_pos", dest="rel_pos", choices=("per_layer", "shared"), default=None,
                         help="timm/hf: relative position layout (default: timm per_layer, hf as in the model)")
     add_print_config(parser)
-    parser.add_argument("input", type=Path, help="input checkpoint")
+    parser.add_argument("input", type=Path, help="input checkpoint (or hf-hub:ORG/NAME for --from beitv2)")
     parser.add_argument("output", type=Path, help="output file (beitv2) or folder (timm, hf)")
 
 
@@ -126,6 +133,15 @@ def load_input(args: argparse.Namespace):
     return model
 
 
+def _recorded(args: argparse.Namespace) -> dict[str, str]:
+    """What a beitv2 model file records besides the weights (class names, normalisation); {} for other inputs."""
+    if args.source != "beitv2":
+        return {}
+    from ..checkpoint import read_metadata
+
+    return read_metadata(args.input)
+
+
 def resolved_options(args: argparse.Namespace) -> dict:
     """What ``--print-config`` prints: every option, as the command will use it."""
     img = _img_size(args)
@@ -151,16 +167,27 @@ def run(args: argparse.Namespace) -> int:
     try:
         with reading("input"):
             model = load_input(args)
+            meta = _recorded(args)
+        names = json.loads(meta["class_names"]) if "class_names" in meta else None
+        if names is not None and len(names) != getattr(getattr(model, "cfg", None), "num_classes", -1):
+            names = None  # recorded for another head (e.g. the backbone of a resized model)
         if args.dest == "beitv2":
-            out = save_model(args.output, model, extra={"converted_from": f"{args.source}:{args.input.name}"})
+            out = save_model(args.output, model, extra={"converted_from": f"{args.source}:{args.input.name}",
+                                                        **{k: meta[k] for k in ("class_names", "normalize")
+                                                           if k in meta}})
+        elif args.dest == "hub":
+            from ..interop.hub import save_for_hub
+
+            out = save_for_hub(model, args.output, {k: meta[k] for k in ("class_names", "normalize") if k in meta})
         elif kind_name(model) == "segmenter":
             from ..interop.hf_segmentation import export_hf_segmentation, run_class_names
 
             out = export_hf_segmentation(model, args.output, run_class_names(args.input))
         elif args.dest == "timm":
-            out = export_timm(model, args.output, rel_pos=args.rel_pos or "per_layer")
+            out = export_timm(model, args.output, rel_pos=args.rel_pos or "per_layer", class_names=names)
         else:
-            out = export_hf(model, args.output, rel_pos="per_layer" if args.rel_pos == "per_layer" else "keep")
+            out = export_hf(model, args.output, rel_pos="per_layer" if args.rel_pos == "per_layer" else "keep",
+                            class_names=names, normalize=meta.get("normalize", "imagenet"))
     except ConfigError:
         raise
     except (CheckpointMismatchError, ValueError, FileNotFoundError, KeyError, TypeError, pickle.UnpicklingError) as e:

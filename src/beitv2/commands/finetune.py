@@ -264,10 +264,11 @@ def _write_outputs(out: Path, task: ClassificationTask, net, model, report: dict
     from ..eval.finetune import ema_of
     from ..eval.plots import save_confusion_matrix
 
-    save_model(out / "model.safetensors", classifier_of(model))  # a plain `vit` file
+    recorded = {"class_names": json.dumps(list(classes)), "normalize": norm}  # for the timm / HF exports
+    save_model(out / "model.safetensors", classifier_of(model), extra=recorded)  # a plain `vit` file
     ema = ema_of(model)
     if ema is not None:
-        save_model(out / "model_ema.safetensors", ema)
+        save_model(out / "model_ema.safetensors", ema, extra=recorded)
     metrics = {"global_step": global_step, "num_classes": num_classes, "classes": classes, "normalize": norm,
                "model": {k: v for k, v in report.items() if k not in ("missing", "unexpected")},
                "freshly_initialised": sorted({k.rsplit(".", 1)[0] for k in report.get("missing", [])})}

@@ -66,7 +66,8 @@ class ModelSource:
             check(not self.preset, prefix + "preset", "only used with random_init true (an untrained baseline)")
             check(bool(self.checkpoint), prefix + "checkpoint",
                   "required (or set random_init true with a preset for an untrained baseline)")
-            check(os.path.exists(self.checkpoint), prefix + "checkpoint", f"not found: {self.checkpoint}")
+            check(os.path.exists(self.checkpoint) or self.checkpoint.startswith("hf-hub:"), prefix + "checkpoint",
+                  f"not found: {self.checkpoint}")
 
 
 def _with_backbone(kind: str, field: str, where: str) -> ModelKind:

@@ -128,14 +128,51 @@ def build_hf_model(model: nn.Module, rel_pos: str = "keep") -> nn.Module:
     return hf.eval()
 
 
-def export_hf(model: nn.Module, out_dir: str | Path, rel_pos: str = "keep") -> Path:
-    """Write a transformers model folder (`config.json` + `model.safetensors`) via `save_pretrained`."""
+def image_processor(model: nn.Module, normalize: str = "imagenet") -> Any:
+    """A `BeitImageProcessor` giving the model's input: bicubic resize to its size, [0, 1], then ``normalize``
+    (a VQ-KD encoder always sees 2x - 1)."""
+    from transformers import BeitImageProcessor
+
+    from ..data.transforms import resolve_norm
+    from ..models.vqkd import VQKD
+
+    cfg, _ = backbone_of(model)
+    h, w = cfg.img_hw
+    if isinstance(model, VQKD) and model.cfg.input_norm == "default":
+        norm: Any = ((0.5,) * cfg.in_chans, (0.5,) * cfg.in_chans)
+    else:
+        norm = resolve_norm(normalize, cfg.in_chans)
+    return BeitImageProcessor(do_resize=True, size={"height": h, "width": w}, resample=3, do_center_crop=False,
+                              do_rescale=True, rescale_factor=1 / 255, do_normalize=norm is not None,
+                              image_mean=list(norm[0]) if norm else None, image_std=list(norm[1]) if norm else None,
+                              do_reduce_labels=False)
+
+
+def export_hf(model: nn.Module, out_dir: str | Path, rel_pos: str = "keep", class_names: list[str] | None = None,
+              normalize: str = "imagenet") -> Path:
+    """Write a transformers model folder: `config.json` (with ``id2label`` from ``class_names`` when known) +
+    `model.safetensors` via `save_pretrained`, `preprocessor_config.json` (so `AutoImageProcessor` and
+    ``pipeline("image-classification", model=out_dir)`` work) and a README.md model card: a folder
+    `huggingface_hub.upload_folder` publishes as is."""
+    from .hub import model_card
+
     out = Path(out_dir)
     hf = build_hf_model(model, rel_pos)
+    n = getattr(hf.config, "num_labels", 0) if "classifier" in dict(hf.named_children()) else 0
+    if class_names and n:
+        if len(class_names) != n:
+            raise ValueError(f"{len(class_names)} class names for a {n}-class head")
+        hf.config.id2label = {i: str(c) for i, c in enumerate(class_names)}
+        hf.config.label2id = {str(c): i for i, c in enumerate(class_names)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         hf.save_pretrained(str(tmp))
+        image_processor(model, normalize).save_pretrained(str(tmp))
+        usage = ("## Usage\n\n```python\nfrom transformers import pipeline\n\n"
+                 f"classify = pipeline(\"{'image-classification' if n else 'image-feature-extraction'}\", "
+                 "model=\"ORG/NAME\")\n```\n\n")
+        (tmp / "README.md").write_text(model_card(type(hf).__name__, hf.config.to_diff_dict(), "transformers", usage))
         return move_into(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

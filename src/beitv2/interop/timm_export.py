@@ -111,8 +111,10 @@ def pretrained_cfg_of(model: nn.Module) -> dict[str, Any]:
     return cfg
 
 
-def export_timm(model: nn.Module, out_dir: str | Path, rel_pos: str = "per_layer") -> Path:
-    """Write a timm model folder (`config.json` + `model.safetensors`) for ``model``'s backbone."""
+def export_timm(model: nn.Module, out_dir: str | Path, rel_pos: str = "per_layer",
+                class_names: list[str] | None = None) -> Path:
+    """Write a timm model folder (`config.json` + `model.safetensors`) for ``model``'s backbone; ``class_names``
+    become timm's ``label_names`` (``pretrained_cfg["label_names"]`` once loaded)."""
     from timm.models import save_for_hf
 
     out = Path(out_dir)
@@ -122,7 +124,8 @@ def export_timm(model: nn.Module, out_dir: str | Path, rel_pos: str = "per_layer
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_for_hf(tm, str(tmp), model_args=args, safe_serialization=True,
-                    model_config={"pretrained_cfg": pretrained_cfg_of(model)})
+                    model_config={"pretrained_cfg": pretrained_cfg_of(model),
+                                  **({"label_names": [str(c) for c in class_names]} if class_names else {})})
         return move_into(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
