@@ -13,8 +13,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 def _make(*args: str) -> subprocess.CompletedProcess:
+    # Under `make test ALLOW_NO_TESTS=1` (CI) the outer make's command-line variables reach a child make through
+    # MAKEFLAGS and the environment; each call here must see only its own arguments.
+    drop = ("MAKEFLAGS", "MFLAGS", "MAKEOVERRIDES", "MAKELEVEL", "ALLOW_NO_TESTS", "PYTEST_ARGS")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
     return subprocess.run(["make", "--no-print-directory", "-C", str(ROOT), *args], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=env)
 
 
 def _fake_apt(tmp_path: Path, creates: Path | None) -> tuple[Path, Path]:
