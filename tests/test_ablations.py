@@ -3,11 +3,9 @@ separate head, dVAE tokenizer) and the Fashion-MNIST reproduction script, on tin
 
 from __future__ import annotations
 
-import gzip
 import importlib.util
 import json
 import math
-import struct
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from idx_files import write_idx_split
 from PIL import Image
 
 from beitv2.checkpoint import load_model, load_state_dict, save_model
@@ -49,10 +48,7 @@ def write_idx(root: Path, n_train: int = 60, n_test: int = 30) -> Path:
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         labels = (np.arange(n) % 10).astype(np.uint8)
         imgs = (rng.integers(0, 60, (n, 28, 28)) + labels[:, None, None] * 19).astype(np.uint8)
-        with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">IIII", 0x803, n, 28, 28) + imgs.tobytes())
-        with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">II", 0x801, n) + labels.tobytes())
+        write_idx_split(root, prefix, imgs, labels)
     return root
 
 
@@ -232,10 +228,7 @@ def test_reproduce_script_raw_pixels_row_and_seeds(tmp_path):
         imgs = rng.integers(0, 40, (n, 28, 28)).astype(np.uint8)
         for i, c in enumerate(labels):
             imgs[i, 2 * c + 4: 2 * c + 8, 4:24] = 230
-        with gzip.open(idx / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">IIII", 0x803, n, 28, 28) + imgs.tobytes())
-        with gzip.open(idx / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">II", 0x801, n) + labels.tobytes())
+        write_idx_split(idx, prefix, imgs, labels)
     out = tmp_path / "res"
     argv = ["--budget", "tiny", "--subset", "600", "--rows", "raw_pixels,random", "--seeds", "2", "--out", str(out),
             "--data-path", str(idx), "--device", "cpu", "--workers", "0"]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from idx_files import write_idx_split
 from PIL import Image
 
 from beitv2.cli import main
@@ -27,10 +26,7 @@ def _write_idx(folder: Path, prefix: str, n: int, rng: np.random.Generator) -> N
     images = (rng.random((n, 28, 28)) * 40).astype(np.uint8)
     for i, c in enumerate(labels):
         images[i, 2 * c + 4: 2 * c + 8, 4:24] = 230
-    with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-        f.write(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
-    with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(struct.pack(">II", 0x801, n) + labels.tobytes())
+    write_idx_split(folder, prefix, images, labels)
 
 
 @pytest.fixture(scope="module")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import logging
 import math
 import os
-import struct
 import subprocess
 import sys
 import tarfile
@@ -18,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from idx_files import write_idx_split
 from PIL import Image
 
 from beitv2.checkpoint import load_model, load_state_dict
@@ -66,10 +65,7 @@ def write_idx(root: Path, n_train: int = 48, n_test: int = 16) -> Path:
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         imgs = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
         labels = (np.arange(n) % 10).astype(np.uint8)
-        with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">IIII", 0x803, n, 28, 28) + imgs.tobytes())
-        with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">II", 0x801, n) + labels.tobytes())
+        write_idx_split(root, prefix, imgs, labels)
     return root
 
 
