@@ -33,11 +33,12 @@ PKG = ROOT / "src" / "beitv2"
 # module (relative to src/beitv2) -> the fast test files that exercise it
 TARGETS: dict[str, list[str]] = {
     "models/backbone.py": ["tests/test_backbone.py", "tests/test_references.py"],
-    "models/mim.py": ["tests/test_models.py", "tests/test_references.py"],
+    "models/mim.py": ["tests/test_models.py", "tests/test_references.py", "tests/test_task_references.py"],
     "models/vqkd.py": ["tests/test_models.py", "tests/test_references.py"],
     "models/quantizer.py": ["tests/test_quantizer.py", "tests/test_models.py"],
     "masking.py": ["tests/test_masking.py"],
-    "tasks.py": ["tests/test_references.py", "tests/test_ablations.py"],
+    "tasks.py": ["tests/test_references.py", "tests/test_task_references.py", "tests/test_ablations.py"],
+    "mim_targets.py": ["tests/test_task_references.py", "tests/test_ablations.py"],
     "engine/optim.py": ["tests/test_optim_effective.py", "tests/test_engine.py"],
     "engine/schedule.py": ["tests/test_optim_effective.py", "tests/test_engine.py"],
     "interop/relpos.py": ["tests/test_references.py", "tests/test_interop.py"],
