@@ -137,8 +137,25 @@ def test_cpu_checkpoint_resumed_on_gpu_seeds_each_rank():
 def test_bf16_only_where_native():
     assert choose_precision("bf16", "cuda", bf16_native=False) == "fp16"  # pre-Ampere: emulated bf16
     assert choose_precision("bf16", "cuda", bf16_native=True) == "bf16"
-    assert choose_precision("bf16", "cpu", bf16_native=False) == "bf16"
+    assert choose_precision("bf16", "cpu", bf16_native=False) == "fp32"  # AVX2-only x86: bf16 is a scalar fallback
+    assert choose_precision("bf16", "cpu", bf16_native=True) == "bf16"  # AVX512-BF16 / AMX
     assert choose_precision("fp32", "cuda", bf16_native=False) == "fp32"
+    assert choose_precision("fp16", "cpu", bf16_native=False) == "fp16"  # asked for explicitly: kept
+
+
+def test_cpu_bf16_probe_matches_the_cpu_flags():
+    """The probe reads what the kernel reports: on x86 it says native exactly when /proc/cpuinfo lists avx512_bf16 or
+    amx_bf16 (an independent reading of the same hardware)."""
+    import platform
+
+    from beitv2.engine.precision import cpu_bf16_native
+
+    info = Path("/proc/cpuinfo")
+    if platform.machine() != "x86_64" or not info.is_file():
+        assert cpu_bf16_native() is True
+        return
+    flags = set(info.read_text().split())
+    assert cpu_bf16_native() == bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
 def test_mixup_gets_an_even_batch():

@@ -37,6 +37,7 @@ from .data.transforms import (
     INCEPTION_MEAN,
     INCEPTION_STD,
 )
+from .engine.precision import bf16_autocast
 from .utils.sizes import to_2tuple
 
 logger = logging.getLogger("beitv2.teachers")
@@ -113,7 +114,7 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def forward(self, images01: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(images01)
-        with torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+        with bf16_autocast(x.device, self.bf16):
             tokens = self.encode(x)
         return self.resample(tokens.float()).contiguous()
 

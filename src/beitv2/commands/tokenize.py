@@ -23,6 +23,7 @@ import torch
 
 from ..config import check, opt, reading
 from ..data import DataConfig
+from ..engine.precision import bf16_autocast
 from ._training import configure_parser, resolve_config
 from .pretrain import TokenizerRef
 
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     with torch.no_grad():
         for images, labels, ids in image_batches(cfg.data, o.split, tokenizer, o.batch_size, o.progress,
                                                  "tokenize"):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=o.precision == "bf16"):
+            with bf16_autocast(device, o.precision == "bf16"):
                 codes = tokenizer.tokenize(images.to(device))
             all_codes.append(codes.cpu().to(torch.int32).reshape(-1, *grid))
             all_labels.append(labels.to(torch.int64))

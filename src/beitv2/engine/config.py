@@ -66,7 +66,8 @@ class TrainConfig:
     batch_size: int = opt(64, "images per process per micro-batch")
     accum_steps: int = opt(1, "micro-batches per optimizer step (gradient accumulation)")
     precision: Literal["bf16", "fp16", "fp32"] = opt("bf16", "autocast dtype; fp16 uses a GradScaler; bf16 falls "
-                                                             "back to fp16 where the device lacks it")
+                                                             "back to fp16 on a GPU without native bf16 and to fp32 "
+                                                             "on a CPU without it (x86 without AVX512-BF16 / AMX)")
     compile: bool | None = opt(None, "torch.compile the model and its frozen tokenizer/teacher: true, false, or "
                                      "none = auto (on CUDA when the run has >= 200 steps left, off on CPU; falls "
                                      "back to eager if compiling fails)")

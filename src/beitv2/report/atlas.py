@@ -12,17 +12,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..engine.precision import bf16_autocast
 from ..utils.figures import figure, save_figure
 
 
 @torch.no_grad()
 def tokenize_all(tokenizer, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-    """Codes [B, N] of ``images`` ([B, C, H, W] in [0, 1] at the tokenizer's size), in batches, under bf16."""
+    """Codes [B, N] of ``images`` ([B, C, H, W] in [0, 1] at the tokenizer's size), in batches (bf16 where native)."""
     out = []
     dev = next(tokenizer.parameters()).device
     for s in range(0, len(images), batch_size):
         x = images[s:s + batch_size].to(dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16):
+        with bf16_autocast(dev):
             out.append(tokenizer.tokenize(x).cpu())
     return torch.cat(out)
 

@@ -166,11 +166,21 @@ def _measured(gap: float | None, plan, tok_val: dict, mim_epoch: dict, atlas: di
     ])
 
 
+def _precision_words() -> str:
+    """What the stages' ``precision: bf16`` became on this CPU (fp32 where bf16 is only emulated)."""
+    import torch
+
+    from ..engine.precision import resolve_precision
+
+    p = resolve_precision("bf16", torch.device("cpu"))
+    return "bf16 autocast" if p == "bf16" else f"{p} (this CPU has no native bf16)"
+
+
 def _settings(plan, args, root: str, teacher_spec: dict, stand_in: bool) -> dict[str, Any]:
     """The report's Settings section: every choice of the run."""
     return {
         "run": {"mode": "fast" if args.fast else "full", "threads": args.threads, "seed": args.seed,
-                "data": root, "precision": "bf16 autocast"},
+                "data": root, "precision": _precision_words()},
         "teacher": teacher_spec | ({"architecture (width, depth, heads)": plan.teacher_vit,
                                     "labelled images": _subset_words_n(plan.teacher_labels),
                                     "epochs": plan.teacher_epochs} if stand_in else {}),
