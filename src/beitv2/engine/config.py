@@ -88,6 +88,11 @@ class TrainConfig:
     eval_every_epochs: int = opt(1, "run the validation pass every N epochs (0 = never)")
     progress: bool = opt(True, "show a tqdm progress bar (rank 0)")
     tensorboard: bool = opt(True, "write TensorBoard scalars to output_dir/tb when tensorboard is installed")
+    wandb: str = opt("", "Weights & Biases project to log the same scalars and the config to (rank 0; empty = off; "
+                         "needs pip install wandb); WANDB_MODE=offline writes the run to disk only, under "
+                         "output_dir/wandb unless WANDB_DIR is set; a resumed training continues its W&B run")
+    wandb_entity: str = opt("", "W&B entity (user or team) of the run; empty = wandb's default (WANDB_ENTITY)")
+    wandb_run_name: str = opt("", "W&B display name of the run; empty = wandb's choice (WANDB_NAME)")
 
     def validate(self, prefix: str = "") -> None:
         for name in ("epochs", "batch_size", "accum_steps", "keep_last", "log_every_steps"):
@@ -97,5 +102,9 @@ class TrainConfig:
             check(getattr(self, name) >= 0, f"{prefix}{name}", f"must be >= 0, got {getattr(self, name)}")
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"{prefix}device",
               f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.wandb:
+            from .logger import WANDB_MISSING, wandb_available
+
+            check(wandb_available(), f"{prefix}wandb", WANDB_MISSING)
         if self.resume not in ("auto", "none"):
             check(Path(self.resume).is_dir(), f"{prefix}resume", f"checkpoint directory not found: {self.resume}")

@@ -324,18 +324,25 @@ class Trainer:
         self._wrap()
         loader = self._loader(self.train_set, self.sampler, cfg.batch_size, drop_last=True)
         self.logger = RunLogger(self.out, self.dist.is_main, self.total_steps, self.global_step, cfg.progress,
-                                cfg.tensorboard)
+                                cfg.tensorboard, wandb_project=cfg.wandb, wandb_entity=cfg.wandb_entity,
+                                wandb_run_name=cfg.wandb_run_name, resumed=resumed is not None,
+                                run_config=to_dict(self.run_config) if self.run_config is not None else None)
         self.logger.info(f"training {self.model_kind}: {self.total_steps} steps ({cfg.epochs} epochs x "
                          f"{self.steps_per_epoch}), total batch {self.total_batch}, precision {self.precision}, "
                          f"world size {self.dist.world_size}" + (f", resumed from {resumed}" if resumed else ""))
         last_ckpt = resumed
+        exit_code, preempted = 1, False  # what the W&B run records if the loop raises
         try:
             with _StopFlag() as stop:
                 result = self._run(loader, stop)
                 if result.status == "interrupted":
                     result.exit_code = 128 + (stop.signum or signal.SIGTERM)
+            exit_code, preempted = result.exit_code, result.status == "interrupted"
+        except KeyboardInterrupt:  # a second Ctrl-C: aborted without saving
+            exit_code = 128 + signal.SIGINT
+            raise
         finally:
-            self.logger.close()
+            self.logger.close(exit_code, preempted)
         last_ckpt = result.checkpoint or last_ckpt
         if self.dist.enabled:
             self._check_rank_sync()
