@@ -36,6 +36,7 @@ from beitv2.engine import OptimConfig, build_optimizer, seed_everything
 from beitv2.engine.precision import autocast, grad_scaler, resolve_precision
 from beitv2.engine.trainer import COMPILE_AUTO_MIN_STEPS, compile_task, resolve_compile
 from beitv2.masking import build_mask_generator
+from beitv2.mim_targets import TokenTarget
 from beitv2.models.mim import BEiTv2ForMIM
 from beitv2.models.presets import get_preset
 from beitv2.models.vqkd import VQKD
@@ -64,7 +65,7 @@ def build(size: str, device: torch.device) -> dict:
     vq_cfg = dataclasses.replace(vq_cfg, teacher_dim=teacher.feature_dim,
                                  quantizer=dataclasses.replace(vq_cfg.quantizer, kmeans_init=False))
     mim_cfg = dataclasses.replace(mim_cfg, vocab_size=vq_cfg.quantizer.num_codes)
-    return {"mim": MIMTask(BEiTv2ForMIM(mim_cfg), VQKD(vq_cfg).eval()).to(device),
+    return {"mim": MIMTask(BEiTv2ForMIM(mim_cfg), TokenTarget(VQKD(vq_cfg).eval())).to(device),
             "tokenizer": TokenizerTask(VQKD(vq_cfg), teacher).to(device),
             "img": mim_cfg.backbone.img_hw, "tok_img": vq_cfg.encoder.img_hw, "chans": mim_cfg.backbone.in_chans,
             "grid": mim_cfg.backbone.grid_size, "n_mask": n_mask}
@@ -81,7 +82,7 @@ def batch_for(parts: dict, bs: int, device: torch.device) -> dict:
 
 def make_inference(task, device: torch.device, precision: str, path: str):
     """The frozen tokenizer's `tokenize` alone (what pre-training and `beitv2 tokenize` run), no gradients."""
-    fn = task.tokenizer.tokenize
+    fn = task.target.tokenizer.tokenize
     if path == "default" and resolve_compile(USE_COMPILE, device, COMPILE_AUTO_MIN_STEPS):
         fn = torch.compile(fn)
 

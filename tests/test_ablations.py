@@ -19,10 +19,11 @@ from PIL import Image
 from beitv2.checkpoint import load_model, load_state_dict, save_model
 from beitv2.cli import main
 from beitv2.config import from_dict
-from beitv2.mim_targets import FeatureTargetTask, PixelTargetTask
+from beitv2.mim_targets import FeatureTarget, PixelTarget
 from beitv2.models.backbone import BEiTViT, ViTConfig
 from beitv2.models.dvae import DiscreteVAE, DVAEConfig
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig, pixel_targets
+from beitv2.tasks import MIMTask
 from beitv2.teachers import TeacherConfig, build_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def test_pixel_task_regresses_the_masked_patches_of_the_model_view():
     torch.manual_seed(0)
     cfg = from_dict(MIMConfig, {**MIM, "target": "pixels", "patch_aggregation": False})
     model = BEiTv2ForMIM(cfg)
-    task = PixelTargetTask(model)
+    task = MIMTask(model, PixelTarget(model.config))
     images = torch.randn(3, 3, 16, 16)
     mask = torch.zeros(3, 16, dtype=torch.bool)
     mask[:, [0, 5, 15]] = True
@@ -126,7 +127,7 @@ def test_feature_target_pretrain_and_task(tmp_path, folder, teacher_file):
     assert cfg["target"] == "features" and model.lm_head.out_features == 24
     # the task's loss is 1 - cos(prediction, teacher features of the second view) at the masked patches
     t = build_teacher(from_dict(TeacherConfig, teacher), (4, 4))
-    task = FeatureTargetTask(model, t)
+    task = MIMTask(model, FeatureTarget(t))
     images, view2 = torch.randn(2, 3, 16, 16), torch.rand(2, 3, 16, 16)
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[:, 3:9] = True
@@ -135,7 +136,7 @@ def test_feature_target_pretrain_and_task(tmp_path, folder, teacher_file):
     outs = model(images, mask)
     want = sum((1 - torch.cosine_similarity(o, target, dim=-1)).mean() for o in outs)
     assert torch.allclose(loss, want, atol=1e-4)
-    assert not any(p.requires_grad for p in task.teacher.parameters())
+    assert not any(p.requires_grad for p in task.target.teacher.parameters())
     # a target width that differs from the teacher's is refused, naming the field
     rc, _ = pretrain(tmp_path, folder, {"target": "features", "target_dim": 16}, "feat_bad", teacher=teacher)
     assert rc == 2

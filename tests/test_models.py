@@ -5,6 +5,7 @@ import torch
 from beitv2.checkpoint import load_model, save_model
 from beitv2.config import ConfigError
 from beitv2.masking import BlockwiseMaskGenerator
+from beitv2.mim_targets import FeatureTarget, TokenTarget
 from beitv2.models.backbone import ViTConfig
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig, patchify, pixel_targets
 from beitv2.models.presets import build_model, count_learnable, get_preset, list_presets
@@ -110,7 +111,7 @@ def test_mim_heads_losses_and_keys():
     outs = m(x, mask)
     assert len(outs) == 2 and outs[0].shape == (12, 64)
     labels = torch.randint(0, 64, (12,))
-    loss, met = m.loss(outs, labels)
+    loss, met = TokenTarget.score(outs, labels)
     assert torch.isclose(loss, met["loss_1"] + met["loss_2"])
     assert {"mlm_acc_1", "mlm_acc_2"} <= set(met)
     keys = set(m.state_dict())
@@ -152,7 +153,7 @@ def test_regression_targets():
     outs = m(torch.randn(2, 3, 16, 16), masks(2))
     assert outs[0].shape == (12, 48)
     m = tiny_mim(target="features", target_dim=24)
-    loss, _ = m.loss(m(torch.randn(2, 3, 16, 16), masks(2)), torch.randn(12, 24))
+    loss, _ = FeatureTarget.score(m(torch.randn(2, 3, 16, 16), masks(2)), torch.randn(12, 24))
     assert loss.item() > 0
 
 
@@ -178,7 +179,7 @@ def test_optimizer_steps_lower_both_losses():
     mim = tiny_mim().train()
     mask = masks(8)
     labels = torch.randint(0, 64, (int(mask.sum()),))
-    losses = _steps(lambda: mim.loss(mim(x, mask), labels)[0], mim.parameters())
+    losses = _steps(lambda: TokenTarget.score(mim(x, mask), labels)[0], mim.parameters())
     assert losses[-1] < losses[0] - 0.5
 
 
@@ -191,7 +192,7 @@ def test_bf16_autocast_on_cpu_end_to_end():
         mask = masks(4)
         outs = mim(x, mask)
         assert outs[0].dtype == torch.bfloat16
-        mloss, _ = mim.loss(outs, codes[mask])
+        mloss, _ = TokenTarget.score(outs, codes[mask])
     (loss + mloss).backward()
     assert torch.isfinite(loss) and torch.isfinite(mloss)
     assert mim.mask_token.grad is not None and vq.encoder.cls_token.grad is not None

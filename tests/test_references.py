@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from scipy.interpolate import RectBivariateSpline
 from timm.layers import resample_abs_pos_embed
 
+from beitv2.mim_targets import TokenTarget
 from beitv2.models.backbone import BEiTViT, ViTConfig
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
 from beitv2.models.quantizer import QuantizerConfig
@@ -125,7 +126,7 @@ def tiny_tokenizer() -> VQKD:
 
 def test_mim_task_labels_are_tokenizer_view_codes_at_masked_positions_row_major():
     tok, model = tiny_tokenizer(), tiny_mim(depth=2, early=1, head=1)
-    task = MIMTask(model, tok)
+    task = MIMTask(model, TokenTarget(tok))
     g = torch.Generator().manual_seed(4)
     batch = {"image": torch.randn(2, 3, 16, 16, generator=g), "tokenizer_image": torch.rand(2, 3, 16, 16, generator=g),
              "mask": fixed_mask()}

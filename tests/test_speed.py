@@ -15,6 +15,7 @@ from beitv2.engine import OptimConfig, TrainConfig, Trainer, build_optimizer, in
 from beitv2.engine import state as S
 from beitv2.engine.trainer import COMPILE_AUTO_MIN_STEPS, NonFiniteLossError, resolve_compile
 from beitv2.masking import build_mask_generator
+from beitv2.mim_targets import TokenTarget
 from beitv2.models.backbone import ViTConfig
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig, gather_tokens
 from beitv2.models.quantizer import NormEMAQuantizer, QuantizerConfig
@@ -60,7 +61,7 @@ def test_gather_tokens_matches_boolean_indexing():
 
 def test_mim_step_with_index_gather_equals_boolean_path():
     mim, vq = tiny_parts()
-    task = MIMTask(mim, vq).train()
+    task = MIMTask(mim, TokenTarget(vq)).train()
     batch = mim_batch()
     slow = {k: v for k, v in batch.items() if k != "mask_index"}
     l_bool, m_bool, g_bool = loss_and_grads(task, slow)
@@ -116,12 +117,12 @@ def test_compiled_mim_step_matches_eager():
     eager loss, metrics and gradients. The aot_eager backend traces forward and backward as Inductor's input does,
     in seconds; Inductor's own code generation (a minute of C++ compiles here) is timed by the benchmark instead."""
     mim, vq = tiny_parts()
-    task = MIMTask(mim, vq).train()
+    task = MIMTask(mim, TokenTarget(vq)).train()
     batch = mim_batch()
     l_eager, m_eager, g_eager = loss_and_grads(task, batch)
     torch._dynamo.reset()
     task.wrap(torch.compile(task.model, backend="aot_eager", fullgraph=True),
-              {"tokenizer": torch.compile(vq.tokenize, backend="aot_eager", fullgraph=True)})
+              {"target": torch.compile(vq.tokenize, backend="aot_eager", fullgraph=True)})
     l_comp, m_comp, g_comp = loss_and_grads(task, batch)
     assert torch.allclose(l_eager, l_comp, atol=1e-4)
     for k in m_eager:
@@ -200,7 +201,7 @@ def mim_trainer(out: Path, data: Dataset | None = None, **kw) -> Trainer:
     mim, vq = tiny_parts()
     cfg = TrainConfig(output_dir=str(out), epochs=1, batch_size=2, precision="fp32", progress=False,
                       tensorboard=False, **kw)
-    return Trainer(MIMTask(mim, vq), data or MIMBlobs(), cfg, OptimConfig(lr=1e-3, warmup_epochs=0),
+    return Trainer(MIMTask(mim, TokenTarget(vq)), data or MIMBlobs(), cfg, OptimConfig(lr=1e-3, warmup_epochs=0),
                    dist=init_distributed("cpu"))
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .engine import distributed as D
+from .mim_targets import MIMTarget, at_masked
 
 
 class TrainTask(nn.Module):
@@ -167,24 +168,24 @@ class DVAETask(TrainTask):
 
 
 class MIMTask(TrainTask):
-    """BEiT v2 pre-training: predict the frozen tokenizer's codes of the second view at the masked patches."""
+    """Masked image modeling against a pre-training target (`mim_targets`: tokenizer codes, pixels or teacher
+    features): the target labels the masked patches of the batch and scores the model's predictions there."""
 
-    frozen = ("tokenizer",)
+    frozen = ("target",)
 
-    def __init__(self, mim_model: nn.Module, tokenizer: nn.Module):
+    def __init__(self, mim_model: nn.Module, target: MIMTarget):
         super().__init__(mim_model)
-        self.tokenizer = tokenizer
+        self.target = target
         self.freeze()
 
     def helper_fns(self) -> dict[str, Callable]:
-        return {"tokenizer": self.tokenizer.tokenize}
+        return {"target": self.target.per_patch} if self.target.frozen_net else {}
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
         mask = batch["mask"].flatten(1).bool()
         index = batch.get("mask_index")  # static-shape gather when the data ships it (see BEiTv2ForMIM.forward)
         with torch.no_grad():
-            codes = self.helper("tokenizer")(batch["tokenizer_image"])
-            labels = codes[mask] if index is None else codes.gather(1, index).flatten()
+            per_patch = self.helper("target") if self.target.frozen_net else self.target.per_patch
+            labels = at_masked(per_patch(batch[self.target.view]), mask, index)
         outputs = self.net(batch["image"], mask, index) if index is not None else self.net(batch["image"], mask)
-        return self.model.loss(outputs, labels)
-
+        return self.target.score(outputs, labels)

@@ -23,7 +23,7 @@ from ..data import DataConfig, MIMDataset, TwoViewTransform, build_dataset, coll
 from ..data.samples import for_loader
 from ..engine import NonFiniteLossError, OptimConfig, TrainConfig, Trainer, cleanup, init_distributed, seed_everything
 from ..masking import build_mask_generator
-from ..mim_targets import regression_target
+from ..mim_targets import build_target
 from ..models.mim import BEiTv2ForMIM, MIMConfig
 from ..models.presets import get_preset
 from ..models.registry import get_kind, kinds
@@ -182,16 +182,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         seed_everything(cfg.train.seed)  # identical initial model on every rank
         b = cfg.model.backbone
-        if cfg.model.target == "tokens":
-            with reading("tokenizer.checkpoint"):
-                tokenizer, kind = cfg.tokenizer.load()
-            make_task, second_size = (lambda m: MIMTask(m, tokenizer)), tokenizer.img_size
-            desc = f"{kind} tokenizer {cfg.tokenizer.checkpoint}"
-        else:
-            make_task, second_size, desc = regression_target(cfg.model.target, cfg.teacher, b.grid_size, b.img_hw,
-                                                             cfg.model.target_dim)
+        target = build_target(cfg)  # its frozen part (tokenizer, teacher) before the model, as the seed expects
         a, m = cfg.aug, cfg.mask
-        transform = TwoViewTransform(b.img_hw, second_size, a.min_crop_scale, 1.0, color_jitter=a.color_jitter,
+        transform = TwoViewTransform(b.img_hw, target.second_size, a.min_crop_scale, 1.0, color_jitter=a.color_jitter,
                                      hflip=a.hflip, train_interpolation=a.train_interpolation,
                                      second_interpolation=a.second_interpolation, normalize=a.normalize,
                                      channels=cfg.data.channels)
@@ -201,9 +194,9 @@ def run(args: argparse.Namespace) -> int:
         model = BEiTv2ForMIM(cfg.model)
         if dist.is_main:
             n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            log.info("MIM model: %.2f M learnable parameters; %s", n / 1e6, desc)
-        trainer = Trainer(make_task(model), for_loader(train_set), cfg.train, cfg.optim, dist=dist, run_config=cfg,
-                          collate_fn=collate_skip_bad, num_workers=cfg.data.num_workers)
+            log.info("MIM model: %.2f M learnable parameters; %s", n / 1e6, target.description)
+        trainer = Trainer(MIMTask(model, target), for_loader(train_set), cfg.train, cfg.optim, dist=dist,
+                          run_config=cfg, collate_fn=collate_skip_bad, num_workers=cfg.data.num_workers)
         result = trainer.fit()
         if dist.is_main:
             log.info("%s after %d steps (last: %s)", result.status, result.global_step,

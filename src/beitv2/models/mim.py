@@ -9,8 +9,9 @@ The model *is* the backbone (a `BEiTViT` subclass) so its state dict has the off
 `mask_token`, `patch_embed.*`, `rel_pos_bias.*`, `blocks.*`, `norm.*`, `lm_head.*`, `cls_pt_layers.*` (and
 `cls_pt_norm.*`, `cls_pt_lm_head.*` when the head is not shared).
 
-Targets: discrete tokenizer codes (BEiT v1/v2, cross-entropy), or, as ablations, normalised pixels of the masked
-patches (MSE) and teacher features (1 - cosine). The head width follows the target.
+Targets: discrete tokenizer codes (BEiT v1/v2), or, as ablations, normalised pixels of the masked patches and teacher
+features. The head width follows ``config.target`` (`MIMConfig.out_dim`); labels and losses are the targets' own
+(`beitv2.mim_targets`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import check, opt
 from .backbone import BEiTViT, ViTConfig, make_block, rescale_block
@@ -57,6 +57,7 @@ class MIMConfig:
 
     @property
     def out_dim(self) -> int:
+        """Width of the MIM head: what a file of this config rebuilds without knowing the target object."""
         if self.target == "tokens":
             return self.vocab_size
         if self.target == "pixels":
@@ -159,23 +160,6 @@ class BEiTv2ForMIM(BEiTViT):
             norm, head = (self.norm, self.lm_head) if cfg.shared_lm_head else (self.cls_pt_norm, self.cls_pt_lm_head)
             outs.append(head(norm(select(h))) if masked_index is not None else head(select(norm(h))))
         return outs
-
-    def loss(self, outputs: list[torch.Tensor], targets: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """Sum of the per-head losses. ``targets``: code ids [M] (tokens) or vectors [M, out_dim] (regression)."""
-        metrics: dict[str, torch.Tensor] = {}
-        total = 0.0
-        for i, out in enumerate(outputs, start=1):
-            out = out.float()
-            if self.config.target == "tokens":
-                loss = F.cross_entropy(out, targets)
-                metrics[f"mlm_acc_{i}"] = (out.argmax(-1) == targets).float().mean().detach()
-            elif self.config.target == "pixels":
-                loss = F.mse_loss(out, targets.float())
-            else:
-                loss = (1.0 - F.cosine_similarity(out, targets.float(), dim=-1)).mean()
-            metrics[f"loss_{i}"] = loss.detach()
-            total = total + loss
-        return total, metrics
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights without the pre-training-only parts (mask token, MIM head, aggregation blocks)."""
