@@ -1,8 +1,8 @@
 """Training tasks and the tokenizer's input against values computed by hand here: the pixel-regression target of
 `beitv2 pretrain --model.target pixels`, the tokenizer validation metrics, VQ-KD's ``input_norm: imagenet``.
 
-The tasks are built the way the commands build them (`regression_target`, `build_task`), so a refactor of the task
-classes only changes the construction helpers below. The references never call the library function they check."""
+The tasks are built the way the commands build them (`build_target` + `MIMTask`, `build_task`), so a refactor of the
+task classes only changes the construction helpers below. The references never call the library function they check."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import math
 import pytest
 import torch
 
-from beitv2.mim_targets import regression_target
+from beitv2.commands.pretrain import PretrainConfig
+from beitv2.mim_targets import build_target
 from beitv2.models.backbone import ViTConfig
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
+from beitv2.tasks import MIMTask
 from beitv2.teachers import TeacherConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -31,13 +33,13 @@ def pixel_task(norm_pix_loss: bool, aggregation: bool):
                   init_values=0.5, init_std=0.3)  # large weights: predictions far from zero and from each other
     cfg = MIMConfig(backbone=b, target="pixels", norm_pix_loss=norm_pix_loss, patch_aggregation=aggregation,
                     early_layers=1, head_layers=1)
-    make_task, _, _ = regression_target(cfg.target, TeacherConfig(), b.grid_size, b.img_hw, cfg.target_dim)
+    target = build_target(PretrainConfig(model=cfg, teacher=TeacherConfig()))
     model = BEiTv2ForMIM(cfg)
     with torch.no_grad():  # masked patches all enter as the mask token: random position biases set them apart
         for name, t in model.named_parameters():
             if "relative_position_bias_table" in name:
                 t.normal_(0, 2.0)
-    return make_task(model).eval(), model
+    return MIMTask(model, target).eval(), model
 
 
 def pixel_batch() -> dict[str, torch.Tensor]:
