@@ -18,7 +18,7 @@ from beitv2.cli import main
 from beitv2.engine import OptimConfig, TrainConfig
 from beitv2.engine.distributed import DistInfo
 from beitv2.engine.optim import param_groups
-from beitv2.eval.features import ModelSource, auto_normalize, layer_features, load_backbone
+from beitv2.eval.features import ModelSource, SplitFeatures, auto_normalize, layer_features, load_backbone
 from beitv2.eval.finetune import (
     FinetuneModelConfig,
     build_finetune_model,
@@ -27,7 +27,7 @@ from beitv2.eval.finetune import (
     layer_id_for_vit,
 )
 from beitv2.eval.knn import knn_scores
-from beitv2.eval.linprobe import ProbeConfig, fit_probe
+from beitv2.eval.linprobe import ProbeConfig, ProbeSettings, fit_probe
 from beitv2.models.backbone import BEiTViT, ViTConfig
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
 from beitv2.models.quantizer import QuantizerConfig
@@ -117,7 +117,7 @@ def test_fit_probe_reaches_near_perfect_accuracy_on_separable_features(tmp_path)
     train = TrainConfig(output_dir=str(tmp_path), epochs=15, batch_size=50, progress=False, tensorboard=False,
                         device="cpu", precision="fp32")
     optim = OptimConfig(lr=0.05, min_lr=0.0, weight_decay=1e-4, warmup_epochs=0.0)
-    m = fit_probe(tr, ytr, va, yva, classes, ProbeConfig(), optim, train, cpu(), class_names=list("abcde"))
+    m = fit_probe(SplitFeatures(tr, ytr, va, yva, list("abcde")), ProbeSettings(ProbeConfig(), optim, train), cpu())
     assert m["status"] == "finished"
     assert set(m["layers"]) == {"3", "5"}
     for per in m["layers"].values():
@@ -136,8 +136,8 @@ def test_fit_probe_sgd_and_batchnorm_learn(tmp_path):
     train = TrainConfig(output_dir=str(tmp_path), epochs=10, batch_size=40, progress=False, tensorboard=False,
                         device="cpu", precision="fp32")
     optim = OptimConfig(lr=0.1, min_lr=0.0, weight_decay=0.0, warmup_epochs=0.0)
-    m = fit_probe({4: x}, y, {4: x[:30]}, y[:30], 3, ProbeConfig(optimizer="sgd", batchnorm=True), optim, train,
-                  cpu())
+    m = fit_probe(SplitFeatures({4: x}, y, {4: x[:30]}, y[:30], []),
+                  ProbeSettings(ProbeConfig(optimizer="sgd", batchnorm=True), optim, train), cpu())
     assert m["acc1"] == 100.0
 
 
@@ -157,6 +157,22 @@ def test_linprobe_command_on_class_folders(colour_folder, mim_ckpt, tmp_path):
     assert len(cached) == 2  # train and val, computed once
     val_jsonl = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert any(r["type"] == "val" and "acc1_l2" in r for r in val_jsonl)
+
+
+def test_linprobe_command_with_augment_runs_the_backbone_in_the_loop(colour_folder, mim_ckpt, tmp_path):
+    """``--probe.augment true``: the training features come from the frozen backbone inside the loop (nothing cached
+    for train); a crop of a constant-colour image is the same colour, so the probe still separates the classes."""
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    args = ["linprobe", "--model.checkpoint", str(mim_ckpt), "--data.path", str(colour_folder / "train"),
+            "--data.val_path", str(colour_folder / "val"), "--features.layers", "1 2", "--features.cache_dir",
+            str(cache), "--probe.augment", "true", "--probe.batchnorm", "true", "--probe.crop_pct", "1.0",
+            "--optim.lr", "0.02", "--optim.lr_reference_batch", "0", "--train.epochs", "20", "--train.batch_size",
+            "8", "--train.output_dir", str(out), *COMMON]
+    assert main(args) == 0
+    m = _read(out / "metrics.json")
+    assert m["num_train"] == 24 and m["num_val"] == 12 and set(m["layers"]) == {"1", "2"}
+    assert m["acc1"] >= 95.0, m["layers"]
+    assert [p.name.split("-")[1] for p in cache.glob("features-*.safetensors")] == ["val"]
 
 
 def test_linprobe_random_init_baseline_on_fashion_mnist_idx(idx_folder, tmp_path):

@@ -21,7 +21,8 @@ from beitv2.checkpoint import save_model
 from beitv2.cli import main
 from beitv2.engine import OptimConfig, TrainConfig
 from beitv2.engine.distributed import DistInfo
-from beitv2.eval.linprobe import ProbeConfig, fit_probe
+from beitv2.eval.features import SplitFeatures
+from beitv2.eval.linprobe import ProbeConfig, ProbeSettings, fit_probe
 from beitv2.models.backbone import BEiTViT, ViTConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -116,7 +117,8 @@ def test_probe_batchnorm_option_on_features_where_it_matters(tmp_path, batchnorm
     train = TrainConfig(output_dir=str(tmp_path), epochs=10, batch_size=40, progress=False, tensorboard=False,
                         device="cpu", precision="fp32")
     optim = OptimConfig(lr=0.1, min_lr=0.0, weight_decay=0.0, warmup_epochs=0.0)
-    m = fit_probe({4: x}, y, {4: xv}, yv, 3, ProbeConfig(optimizer="sgd", batchnorm=batchnorm), optim, train,
+    m = fit_probe(SplitFeatures({4: x}, y, {4: xv}, yv, []),
+                  ProbeSettings(ProbeConfig(optimizer="sgd", batchnorm=batchnorm), optim, train),
                   DistInfo(0, 1, 0, torch.device("cpu")))
     if batchnorm:
         assert m["acc1"] == 100.0

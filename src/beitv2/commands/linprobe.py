@@ -27,7 +27,14 @@ from ..eval.features import (
     load_backbone,
     resolve_normalize,
 )
-from ..eval.linprobe import ProbeConfig, fit_probe, probe_optim_defaults, probe_train_defaults
+from ..eval.linprobe import (
+    InLoopFeatures,
+    ProbeConfig,
+    ProbeSettings,
+    fit_probe,
+    probe_optim_defaults,
+    probe_train_defaults,
+)
 from ._training import configure_parser, quiet_other_ranks, resolve_config
 
 HELP = "linear probe of a frozen backbone (one head per chosen block)"
@@ -83,16 +90,16 @@ def run(args: argparse.Namespace) -> int:
         feats = features_for_splits(cfg.model, cfg.features, data, backbone, layers, cfg.probe.crop_pct,
                                     norm, dist.device, cfg.train.precision, cfg.train.progress,
                                     splits=("val",) if cfg.probe.augment else ("train", "val"))
-        image_train = None
+        in_loop = None
         if cfg.probe.augment:
             tf = augment_transform(backbone.cfg.img_hw, cfg.probe.min_crop_scale, norm,
                                    backbone.cfg.in_chans)
-            image_train, _ = build_split(data, "train", tf, feats.class_names)
-        fit_probe(feats.train, feats.train_labels, feats.val, feats.val_labels, feats.num_classes, cfg.probe,
-                  cfg.optim, cfg.train, dist, class_names=feats.class_names, run_config=cfg,
-                  image_train_set=image_train, backbone=backbone, feature=cfg.features.feature,
-                  final_norm=cfg.features.final_norm, collate_fn=collate_skip_bad, num_workers=data.num_workers,
-                  extra_metrics={"source": desc, "feature": cfg.features.feature, "normalize": norm})
+            images, _ = build_split(data, "train", tf, feats.class_names)
+            in_loop = InLoopFeatures(images, backbone, cfg.features.feature, cfg.features.final_norm,
+                                     collate_fn=collate_skip_bad, num_workers=data.num_workers)
+        settings = ProbeSettings(cfg.probe, cfg.optim, cfg.train, run_config=cfg, in_loop=in_loop,
+                                 extra_metrics={"source": desc, "feature": cfg.features.feature, "normalize": norm})
+        fit_probe(feats, settings, dist)
         return 0
     finally:
         cleanup()

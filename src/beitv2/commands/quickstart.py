@@ -391,7 +391,7 @@ def raw_pixel_scores(root: str, train_subset: float, test_subset: float, data_se
     from ..engine.distributed import init_distributed
     from ..eval.features import SplitFeatures
     from ..eval.knn import KNNConfig
-    from ..eval.linprobe import ProbeConfig, fit_probe, probe_optim_defaults, probe_train_defaults
+    from ..eval.linprobe import ProbeConfig, ProbeSettings, fit_probe, probe_optim_defaults, probe_train_defaults
     from ..eval.metrics import write_metrics
 
     pcfg = from_dict(ProbeConfig, probe)
@@ -405,11 +405,11 @@ def raw_pixel_scores(root: str, train_subset: float, test_subset: float, data_se
 
     x_tr, y_tr, classes = pixels(True, train_subset)
     x_te, y_te, _ = pixels(False, test_subset)
-    lp = fit_probe({0: x_tr}, y_tr, {0: x_te}, y_te, len(classes), pcfg,
-                   from_dict(OptimConfig, optim, base=probe_optim_defaults()),
-                   from_dict(TrainConfig, train, base=probe_train_defaults()), init_distributed("cpu"),
-                   class_names=classes, extra_metrics={"source": "raw pixels"})
     feats = SplitFeatures(train={0: x_tr}, train_labels=y_tr, val={0: x_te}, val_labels=y_te, class_names=classes)
+    settings = ProbeSettings(pcfg, from_dict(OptimConfig, optim, base=probe_optim_defaults()),
+                             from_dict(TrainConfig, train, base=probe_train_defaults()),
+                             extra_metrics={"source": "raw pixels"})
+    lp = fit_probe(feats, settings, init_distributed("cpu"))
     knn = evaluate_knn(feats, KNNConfig(k=tuple(ks))) | {"source": "raw pixels"}
     knn_dir.mkdir(parents=True, exist_ok=True)
     write_metrics(knn_dir / "metrics.json", knn)

@@ -11,7 +11,15 @@ from .finetune import (
     remap_state_dict,
 )
 from .knn import KNNConfig, knn_scores
-from .linprobe import FeatureDataset, LinearProbeTask, ProbeConfig, ProbeHeads, fit_probe
+from .linprobe import (
+    FeatureDataset,
+    InLoopFeatures,
+    LinearProbeTask,
+    ProbeConfig,
+    ProbeHeads,
+    ProbeSettings,
+    fit_probe,
+)
 from .metrics import accuracy, confusion_matrix, topk_correct
 from .plots import save_confusion_matrix
 
@@ -20,11 +28,13 @@ __all__ = [
     "FeatureConfig",
     "FeatureDataset",
     "FinetuneModelConfig",
+    "InLoopFeatures",
     "KNNConfig",
     "LinearProbeTask",
     "ModelSource",
     "ProbeConfig",
     "ProbeHeads",
+    "ProbeSettings",
     "WithEMA",
     "accuracy",
     "build_finetune_model",

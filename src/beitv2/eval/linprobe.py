@@ -9,8 +9,8 @@ the per-step cosine schedule, checkpoints with resume, the progress bar, ``metri
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +25,7 @@ from ..engine import OptimConfig, TrainConfig, Trainer, param_groups
 from ..engine import distributed as D
 from ..models.registry import ModelKind, register
 from ..tasks import TrainTask
-from .features import layer_features
+from .features import SplitFeatures, layer_features
 from .metrics import accuracy, confusion_matrix, topk_correct, write_metrics
 
 log = logging.getLogger("beitv2.eval")
@@ -189,34 +189,61 @@ def predict(heads: ProbeHeads, feats: dict[int, torch.Tensor], batch_size: int =
     return {x: torch.cat(v) if v else torch.zeros(0, heads.cfg.num_classes) for x, v in out.items()}
 
 
-def fit_probe(train_feats: dict[int, torch.Tensor], train_labels: torch.Tensor, val_feats: dict[int, torch.Tensor],
-              val_labels: torch.Tensor, num_classes: int, probe: ProbeConfig, optim: OptimConfig, train: TrainConfig,
-              dist: D.DistInfo, *, class_names: Sequence[str] = (), run_config: Any = None,
-              image_train_set: Dataset | None = None, backbone: nn.Module | None = None,
-              feature: str = "cls+mean", final_norm: bool = True, collate_fn=None, num_workers: int = 0,
-              extra_metrics: dict | None = None) -> dict:
-    """Train one linear head per layer of ``train_feats`` and report top-1/top-5 of each on the validation features.
+@dataclass
+class InLoopFeatures:
+    """Augmented probing (``probe.augment``): the training images, and the frozen backbone that computes their
+    features inside the loop every step, as `layer_features` reads them."""
+
+    images: Dataset
+    backbone: nn.Module
+    feature: str = "cls+mean"
+    final_norm: bool = True
+    collate_fn: Callable | None = None
+    num_workers: int = 0
+
+
+@dataclass
+class ProbeSettings:
+    """How one linear probe trains and what it records: the ``linprobe`` command's ``probe`` / ``optim`` / ``train``
+    sections and what the caller adds (the run's config for ``config.yaml``, metrics merged into ``metrics.json``,
+    in-loop features for augmented probing)."""
+
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    optim: OptimConfig = field(default_factory=probe_optim_defaults)
+    train: TrainConfig = field(default_factory=probe_train_defaults)
+    run_config: Any = None
+    extra_metrics: dict[str, Any] = field(default_factory=dict)
+    in_loop: InLoopFeatures | None = None
+
+
+def fit_probe(feats: SplitFeatures, settings: ProbeSettings, dist: D.DistInfo) -> dict:
+    """Train one linear head per layer of ``feats.val`` and report top-1/top-5 of each on the validation features.
 
     Writes ``metrics.json`` and ``confusion_matrix.png`` (best layer) to ``train.output_dir``; returns the metrics.
-    With ``image_train_set`` and ``backbone`` (augmented probing) the training features are computed in the loop.
+    With ``settings.in_loop`` (augmented probing) the training features are computed in the loop and ``feats.train``
+    is not read.
     """
+    probe, optim, train, in_loop = settings.probe, settings.optim, settings.train, settings.in_loop
+    val_feats, val_labels, num_classes = feats.val, feats.val_labels, feats.num_classes
     layers = tuple(sorted(val_feats))
     in_dims = tuple(int(val_feats[x].shape[1]) for x in layers)
     heads = ProbeHeads(ProbeHeadsConfig(layers, in_dims, num_classes, probe.batchnorm), probe.init_std)
-    if image_train_set is not None:
-        train_set, n_train = image_train_set, len(image_train_set)
+    if in_loop is not None:
+        train_set, n_train = in_loop.images, len(in_loop.images)
+        collate_fn, num_workers = in_loop.collate_fn, in_loop.num_workers
     else:
-        train_set, n_train = FeatureDataset(train_feats, train_labels), len(train_labels)
+        train_set, n_train = FeatureDataset(feats.train, feats.train_labels), len(feats.train_labels)
         collate_fn, num_workers = None, 0
     per_rank = n_train // dist.world_size
     if train.batch_size > per_rank:
         log.warning("train.batch_size %d > %d training samples per process: using %d", train.batch_size, per_rank,
                     max(per_rank, 1))
         train.batch_size = max(per_rank, 1)
-    task = LinearProbeTask(heads, backbone if image_train_set is not None else None, feature, final_norm)
+    task = (LinearProbeTask(heads, in_loop.backbone, in_loop.feature, in_loop.final_norm) if in_loop is not None
+            else LinearProbeTask(heads))
     val_set = FeatureDataset(val_feats, val_labels)
     factory = partial(sgd_optimizer, momentum=probe.momentum) if probe.optimizer == "sgd" else None
-    trainer = Trainer(task, train_set, train, optim, dist=dist, run_config=run_config, val_set=val_set,
+    trainer = Trainer(task, train_set, train, optim, dist=dist, run_config=settings.run_config, val_set=val_set,
                       collate_fn=collate_fn, num_workers=num_workers, optimizer=factory)
     result = trainer.fit()
     metrics: dict[str, Any] = {"status": result.status, "global_step": result.global_step,
@@ -228,15 +255,15 @@ def fit_probe(train_feats: dict[int, torch.Tensor], train_labels: torch.Tensor, 
     best = max(layers, key=lambda x: (per_layer[x]["acc1"], x))
     metrics.update({"layers": {str(x): per_layer[x] for x in layers}, "best_layer": best,
                     "acc1": per_layer[best]["acc1"], "acc5": per_layer[best]["acc5"]})
-    if extra_metrics:
-        metrics.update(extra_metrics)
+    metrics.update(settings.extra_metrics)
     if dist.is_main:
         out = Path(train.output_dir)
         cm = confusion_matrix(logits[best].argmax(-1), val_labels, num_classes)
         metrics["confusion_matrix"] = cm.tolist()
         from .plots import save_confusion_matrix
 
-        save_confusion_matrix(cm.numpy(), class_names, out / "confusion_matrix.png", f"linear probe, block {best}")
+        save_confusion_matrix(cm.numpy(), feats.class_names, out / "confusion_matrix.png",
+                              f"linear probe, block {best}")
         write_metrics(out / "metrics.json", metrics)
         log.info("linear probe: " + ", ".join(f"block {x} top-1 {per_layer[x]['acc1']:.2f}%" for x in layers)
                  + f"; best block {best}")
