@@ -7,7 +7,9 @@
   OUT_DIR. ``--size base`` uses ViT-B/16 at 224 px (a GPU), ``tiny`` 32 px models (any machine).
 * ``sync``: `beitv2.engine.Trainer` pre-training steps with ``torch.cuda.set_sync_debug_mode("error")`` around the
   steady-state steps (every step that is not a check point: not the first, not a log / save step, not the epoch's
-  last), so any host sync there raises. CUDA only; on a CPU machine it says so and exits 0.
+  last), so any host sync there raises. The images travel as uint8 with the data set's ``batch_spec``, as
+  `MIMDataset` ships them, so the trainer's conversion to float on the device is watched too. CUDA only; on a CPU
+  machine it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -111,15 +113,21 @@ def sync_check(size: str) -> dict:
     from bench_train_step import SIZES as BENCH
     from bench_train_step import batch_for, build
 
+    from beitv2.data import ImageSpec, resolve_norm
     from beitv2.engine import OptimConfig, TrainConfig, Trainer, init_distributed
 
     preset = "base" if size == "base" else "tiny"
     parts = build(preset, torch.device("cpu"))
     bs = BENCH[preset][5] // 2
     one = batch_for(parts, bs, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    for key in ("image", "tokenizer_image"):  # uint8 views, converted on the device by the trainer
+        one[key] = torch.randint(0, 256, one[key].shape, generator=gen, dtype=torch.uint8)
     steps = 12
 
     class Synthetic(Dataset):
+        batch_spec = {"image": ImageSpec(resolve_norm("imagenet", parts["chans"])), "tokenizer_image": ImageSpec()}
+
         def __len__(self) -> int:
             return bs * steps
 

@@ -390,8 +390,10 @@ def test_tokenizer_dataset_determinism(small_folder):
     ds = TokenizerTrainDataset(small_folder, TokenizerTrainTransform(12), seed=5)
     a, b = ds[1], TokenizerTrainDataset(small_folder, TokenizerTrainTransform(12), seed=5)[1]
     assert set(a) == {"tokenizer_image", "label", "index"}
-    assert a["tokenizer_image"].shape == (3, 12, 12) and 0 <= a["tokenizer_image"].min()
-    assert a["tokenizer_image"].max() <= 1 and torch.equal(a["tokenizer_image"], b["tokenizer_image"])
+    assert a["tokenizer_image"].shape == (3, 12, 12) and a["tokenizer_image"].dtype == torch.uint8
+    assert torch.equal(a["tokenizer_image"], b["tokenizer_image"])
+    x = ds.batch_spec["tokenizer_image"](a["tokenizer_image"])  # what the trainer makes of it on the device
+    assert set(ds.batch_spec) == {"tokenizer_image"} and 0 <= x.min() and x.max() <= 1 and x.dtype == torch.float32
 
 
 def test_mim_over_webdataset_stream(shards):
@@ -404,3 +406,48 @@ def test_mim_over_webdataset_stream(shards):
     assert ds.bad_files  # forwarded from the stream
     view = for_loader(_mim(WebDatasetShards(str(shards / "*.tar"), num_samples=6)))
     assert view.num_samples == 6 and not hasattr(view, "__len__")  # a stream has no length
+
+
+def test_trainer_hands_the_task_float_views_equal_to_the_float_path(small_folder, tmp_path):
+    """The loader ships uint8 views; the trainer converts them on the device (training and validation batches),
+    and the task sees exactly what a worker-side float conversion gives."""
+    import torch.nn.functional as F
+
+    from beitv2.data import EvalTransform, TransformDataset
+    from beitv2.engine import OptimConfig, TrainConfig, Trainer, init_distributed, seed_everything
+    from beitv2.models.backbone import BEiTViT, ViTConfig
+    from beitv2.tasks import TrainTask
+
+    class Record(TrainTask):
+        def __init__(self, model):
+            super().__init__(model)
+            self.seen: list[dict] = []
+
+        def forward(self, batch):
+            self.seen.append({k: v.detach().clone() for k, v in batch.items() if torch.is_tensor(v)})
+            return F.cross_entropy(self.net(batch["image"]).float(), torch.zeros_like(batch["label"]) + 1), {}
+
+    def mim(output):
+        tf = TwoViewTransform(16, 8, min_crop_scale=0.2, color_jitter=0.4, output=output)
+        return MIMDataset(small_folder, tf, build_mask_generator("block", (4, 4), 6, min_num_patches=2), seed=3)
+
+    train, val = mim("uint8"), TransformDataset(small_folder, EvalTransform(16), seed=0)
+    assert set(train.batch_spec) == {"image", "tokenizer_image"} and set(val.batch_spec) == {"image"}
+    seed_everything(0)
+    model = BEiTViT(ViTConfig(img_size=(16,), patch_size=4, embed_dim=32, depth=1, num_heads=2, num_classes=2))
+    cfg = TrainConfig(output_dir=str(tmp_path), epochs=1, batch_size=4, precision="fp32", progress=False,
+                      tensorboard=False)
+    task = Record(model)
+    Trainer(task, train, cfg, OptimConfig(lr=1e-3, warmup_epochs=0), dist=init_distributed("cpu"),
+            val_set=val, collate_fn=collate_skip_bad).fit()
+    ref_train, ref_val = mim("float"), TransformDataset(small_folder, EvalTransform(16, output="float"), seed=0)
+    train_batches, val_batches = task.seen[:2], task.seen[2:]
+    assert len(train_batches) == 2 and len(val_batches) == 2  # 8 images: 2 steps of 4, validation in 6 + 2
+    for b in train_batches:
+        for j, i in enumerate(b["index"].tolist()):
+            ref = ref_train[i]
+            for key in ("image", "tokenizer_image"):
+                assert b[key].dtype == torch.float32 and torch.equal(b[key][j], ref[key]), (key, i)
+    for b in val_batches:
+        for j, i in enumerate(b["index"].tolist()):
+            assert torch.equal(b["image"][j], ref_val[i]["image"]), i

@@ -459,5 +459,6 @@ def test_small_images_use_the_official_random_crop_with_padding_and_no_eval_resi
     assert "RandomResizedCrop" in type(off.transforms[0]).__name__
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28, 3), dtype=np.uint8))
     ev = EvalTransform((28, 28), normalize="none", resize=False)
-    assert torch.equal(ev(img), to_tensor(img))  # no resize, no crop at the model's size
-    assert not torch.equal(EvalTransform((28, 28), normalize="none")(img), to_tensor(img))  # 32 px resize + crop
+    assert torch.equal(ev.specs[0](ev(img)), to_tensor(img))  # no resize, no crop at the model's size
+    resized = EvalTransform((28, 28), normalize="none")
+    assert not torch.equal(resized.specs[0](resized(img)), to_tensor(img))  # 32 px resize + crop

@@ -34,7 +34,7 @@ def test_tokenize_fmnist_to_safetensors_matches_the_model(files, capsys):
     t = load_file(str(out))
     assert t["codes"].shape == (12, 7, 7) and t["codes"].dtype == torch.int32
     ds = FashionMNIST(root, train=True, channels=3)
-    tf = EvalTransform((28, 28), 28, "bicubic", normalize="none")
+    tf = EvalTransform((28, 28), 28, "bicubic", normalize="none", output="float")
     images = torch.stack([tf(ds[i][0]) for i in range(12)])
     with torch.no_grad():
         expected = tok.tokenize(images).reshape(12, 7, 7)

@@ -62,9 +62,10 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(AtlasConfig, args)
     a = cfg.atlas
-    tokenizer, _ = load_tokenizer(cfg.tokenizer, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    tokenizer, _ = load_tokenizer(cfg.tokenizer, cpu)
     images, labels, n = [], [], 0
-    for x, y, _ in image_batches(cfg.data, a.split, tokenizer, a.batch_size, a.progress, "atlas"):
+    for x, y, _ in image_batches(cfg.data, a.split, tokenizer, a.batch_size, a.progress, "atlas", cpu):
         images.append(x)
         labels.append(y)
         n += len(x)

@@ -16,7 +16,7 @@ from torchvision.transforms import v2
 
 from ..config import check
 from ..data import DataConfig, collate_skip_bad
-from ..data.transforms import resolve_norm
+from ..data.transforms import ImageSpec, resolve_norm
 from ..engine import OptimConfig, TrainConfig, cleanup, init_distributed, seed_everything
 from ..eval.features import (
     FeatureConfig,
@@ -63,16 +63,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def augment_transform(img_size: tuple[int, int], min_scale: float, normalize: str, channels: int) -> v2.Compose:
-    """BEiT v1 linear-probe training view: RandomResizedCrop (bicubic) + horizontal flip."""
-    import torch
-
-    norm = resolve_norm(normalize, channels)
+    """BEiT v1 linear-probe training view: RandomResizedCrop (bicubic) + horizontal flip; a uint8 tensor whose
+    normalisation (``specs``) runs on the device."""
     ops = [v2.RandomResizedCrop(list(img_size), scale=(min_scale, 1.0), interpolation=v2.InterpolationMode.BICUBIC,
                                 antialias=True),
-           v2.RandomHorizontalFlip(), v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
-    if norm is not None:
-        ops.append(v2.Normalize(list(norm[0]), list(norm[1])))
-    return v2.Compose(ops)
+           v2.RandomHorizontalFlip(), v2.PILToTensor()]
+    tf = v2.Compose(ops)
+    tf.specs = (ImageSpec(resolve_norm(normalize, channels)),)
+    return tf
 
 
 def run(args: argparse.Namespace) -> int:

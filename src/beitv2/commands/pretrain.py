@@ -91,6 +91,8 @@ class TokenizerRef:
 class PretrainAugConfig:
     min_crop_scale: float = opt(0.2, "RandomResizedCrop minimum scale (PRETRAINING.md: 0.2; code default 0.08)")
     color_jitter: float = opt(0.4, "ColorJitter strength (official: hard-coded 0.4)")
+    color_jitter_after_crop: bool = opt(True, "jitter the resized crop (cheaper: 224 px instead of the full image) "
+                                              "instead of the full image before the crop (official order)")
     hflip: float = opt(0.5, "horizontal flip probability")
     train_interpolation: str = opt("bicubic", "interpolation of the model view")
     second_interpolation: str = opt("bicubic", "interpolation of the tokenizer view (official code default: lanczos)")
@@ -187,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         transform = TwoViewTransform(b.img_hw, target.second_size, a.min_crop_scale, 1.0, color_jitter=a.color_jitter,
                                      hflip=a.hflip, train_interpolation=a.train_interpolation,
                                      second_interpolation=a.second_interpolation, normalize=a.normalize,
-                                     channels=cfg.data.channels)
+                                     channels=cfg.data.channels, jitter_after_crop=a.color_jitter_after_crop)
         masks = build_mask_generator(m.kind, b.grid_size, m.num_masking_patches, m.min_num_patches,
                                      m.max_num_patches, m.min_aspect, top_up=m.top_up)
         train_set = MIMDataset(build_dataset(cfg.data, "train"), transform, masks, seed=cfg.data.seed)

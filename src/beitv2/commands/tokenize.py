@@ -73,12 +73,14 @@ def load_tokenizer(ref: TokenizerRef, device: torch.device) -> tuple[Any, str]:
     return tok.to(device).eval().requires_grad_(False), kind
 
 
-def image_batches(data: DataConfig, split: str, tokenizer: Any, batch_size: int, progress: bool, desc: str):
-    """Yield (images [B, C, H, W] in [0, 1] at the tokenizer's size, labels [B], ids) over a data source."""
+def image_batches(data: DataConfig, split: str, tokenizer: Any, batch_size: int, progress: bool, desc: str,
+                  device: torch.device):
+    """Yield (images [B, C, H, W] in [0, 1] at the tokenizer's size, on ``device``, labels [B], ids) over a data
+    source; the loader ships uint8 images, converted on the device."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from ..data import EvalTransform, build_dataset, collate_skip_bad, for_loader
+    from ..data import EvalTransform, build_dataset, collate_skip_bad, for_loader, prepare_batch
 
     size = tuple(int(s) for s in tokenizer.img_size) if not isinstance(tokenizer.img_size, int) else \
         (tokenizer.img_size,) * 2
@@ -86,6 +88,7 @@ def image_batches(data: DataConfig, split: str, tokenizer: Any, batch_size: int,
     ds = build_dataset(data, split, tf)  # type: ignore[arg-type]
     check(ds is not None, "data.val_path", f"the {data.kind} source has no validation split")
     files = getattr(ds.base, "files", None)
+    spec = ds.batch_spec
     loader = DataLoader(for_loader(ds), batch_size=batch_size, shuffle=False, num_workers=data.num_workers,
                         collate_fn=collate_skip_bad)
     total = len(ds) if hasattr(ds.base, "__len__") else None
@@ -96,7 +99,7 @@ def image_batches(data: DataConfig, split: str, tokenizer: Any, batch_size: int,
             continue
         idx = batch["index"].tolist()
         ids = [files[i] for i in idx] if files is not None else idx
-        yield batch["image"], batch["label"], ids
+        yield prepare_batch({"image": batch["image"].to(device)}, spec)["image"], batch["label"], ids
     bar.close()
 
 
@@ -122,9 +125,9 @@ def run(args: argparse.Namespace) -> int:
     all_codes, all_labels, all_ids = [], [], []
     with torch.no_grad():
         for images, labels, ids in image_batches(cfg.data, o.split, tokenizer, o.batch_size, o.progress,
-                                                 "tokenize"):
+                                                 "tokenize", device):
             with bf16_autocast(device, o.precision == "bf16"):
-                codes = tokenizer.tokenize(images.to(device))
+                codes = tokenizer.tokenize(images)
             all_codes.append(codes.cpu().to(torch.int32).reshape(-1, *grid))
             all_labels.append(labels.to(torch.int64))
             all_ids.extend(ids)

@@ -56,6 +56,8 @@ class TokenizerSection:
 class TokenizerAugConfig:
     min_crop_scale: float = opt(0.08, "RandomResizedCrop minimum scale (TOKENIZER.md: 0.08)")
     color_jitter: float = opt(0.0, "ColorJitter strength (official default 0 = off)")
+    color_jitter_after_crop: bool = opt(True, "jitter the resized crop (cheaper) instead of the full image before "
+                                              "the crop (official order)")
     hflip: float = opt(0.5, "horizontal flip probability")
     interpolation: str = opt("bicubic", "crop resize interpolation")
     eval_resize: int = opt(0, "validation: resize the short side to this, then centre-crop (0 = size / 0.875)")
@@ -112,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         seed_everything(cfg.train.seed)  # identical models and teacher on every rank
         size = cfg.tokenizer.img_size
         a = cfg.aug
-        train_tf = TokenizerTrainTransform(size, a.min_crop_scale, a.color_jitter, a.hflip, a.interpolation)
+        train_tf = TokenizerTrainTransform(size, a.min_crop_scale, a.color_jitter, a.hflip, a.interpolation,
+                                           jitter_after_crop=a.color_jitter_after_crop)
         train_set = TokenizerTrainDataset(build_dataset(cfg.data, "train"), train_tf, seed=cfg.data.seed)
         val_base = build_dataset(cfg.data, "val")
         val_set = None

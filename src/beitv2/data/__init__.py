@@ -15,7 +15,14 @@ from .folders import ImageFolderDataset, scan_images
 from .images import IMG_EXTENSIONS, BadImageError, convert_image, load_image
 from .samples import IterableView, MIMDataset, SeededDataset, TokenizerTrainDataset, TransformDataset, for_loader
 from .shards import WebDatasetShards, count_samples, expand_shards
-from .transforms import EvalTransform, TokenizerTrainTransform, TwoViewTransform, resolve_norm
+from .transforms import (
+    EvalTransform,
+    ImageSpec,
+    TokenizerTrainTransform,
+    TwoViewTransform,
+    prepare_batch,
+    resolve_norm,
+)
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -27,6 +34,7 @@ __all__ = [
     "FashionMNIST",
     "fashion_mnist_tensors",
     "IDXFormatError",
+    "ImageSpec",
     "ImageFolderDataset",
     "IterableView",
     "MIMDataset",
@@ -43,6 +51,7 @@ __all__ = [
     "expand_shards",
     "for_loader",
     "load_image",
+    "prepare_batch",
     "read_idx",
     "resolve_norm",
     "scan_images",

@@ -58,10 +58,19 @@ class SeededDataset(Dataset):
     (WebDataset streams).
     """
 
+    view_keys: tuple[str, ...] = ()  # the sample keys of the transform's outputs, in order
+
     def __init__(self, base: Any, seed: int = 0):
         self.base = base
         self.seed = int(seed)
         self.epoch = 0
+
+    @property
+    def batch_spec(self) -> dict[str, Any]:
+        """``{sample key: ImageSpec}`` for the views the transform returns as uint8 (`beitv2.data.transforms`): what
+        `prepare_batch` applies to a batch on the device. Empty for float views."""
+        specs = getattr(self.__dict__.get("transform"), "specs", None) or ()
+        return {k: s for k, s in zip(self.view_keys, specs) if s is not None}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -110,6 +119,8 @@ class MIMDataset(SeededDataset):
     """``{'image', 'tokenizer_image', 'mask' (bool [N]), 'mask_index' (long [M]), 'label', 'index'}`` for masked
     image modeling; every mask of a generator has the same count M (see `beitv2.masking`)."""
 
+    view_keys = ("image", "tokenizer_image")
+
     def __init__(self, base: Any, transform: Callable, mask_generator: Callable[[np.random.Generator], np.ndarray],
                  seed: int = 0):
         super().__init__(base, seed)
@@ -125,7 +136,10 @@ class MIMDataset(SeededDataset):
 
 
 class TokenizerTrainDataset(SeededDataset):
-    """``{'tokenizer_image' ([0, 1], tokenizer size), 'label', 'index'}``; the teacher sees the same tensor."""
+    """``{'tokenizer_image' (tokenizer size, [0, 1] once prepared), 'label', 'index'}``; the teacher sees the same
+    tensor."""
+
+    view_keys = ("tokenizer_image",)
 
     def __init__(self, base: Any, transform: Callable, seed: int = 0):
         super().__init__(base, seed)
@@ -137,6 +151,8 @@ class TokenizerTrainDataset(SeededDataset):
 
 class TransformDataset(SeededDataset):
     """``{'image', 'label', 'index'}`` with any single-view transform (fine-tuning, evaluation)."""
+
+    view_keys = ("image",)
 
     def __init__(self, base: Any, transform: Callable, seed: int = 0):
         super().__init__(base, seed)

@@ -2,11 +2,19 @@
 
 All random draws go through torch's global CPU generator (torchvision v2 ops), so wrapping a call in
 ``torch.random.fork_rng`` after seeding (see `beitv2.data.samples`) makes it a pure function of that seed.
+
+The transforms return uint8 [0, 255] tensors by default (``output='uint8'``): a quarter of the bytes of float32 to
+collate, pass between processes, pin and copy to the device. Each declares, per returned view, the `ImageSpec` that
+turns it into the float32 tensor the model sees; `prepare_batch` applies those on the device, once per batch, with
+the operations torchvision's ToDtype + Normalize run, so the result equals the worker-side float path
+(``output='float'``) bit for bit. Resizing, flips and colour jitter run on the PIL image (8-bit) in both paths.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -29,6 +37,7 @@ INTERPOLATIONS = {"nearest": InterpolationMode.NEAREST, "bilinear": Interpolatio
                   "box": InterpolationMode.BOX, "hamming": InterpolationMode.HAMMING}
 
 Norm = str | tuple[Sequence[float], Sequence[float]] | None
+Output = Literal["uint8", "float"]
 
 
 def resolve_norm(norm: Norm, channels: int = 3) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
@@ -67,6 +76,58 @@ def to_tensor(img: Image.Image, norm: tuple[tuple[float, ...], tuple[float, ...]
     return TF.normalize(x, list(norm[0]), list(norm[1])) if norm is not None else x
 
 
+@dataclass(frozen=True)
+class ImageSpec:
+    """How a uint8 [0, 255] image tensor ([C, H, W] or a batch [B, C, H, W]) becomes float32: scaled to [0, 1], then
+    normalised with ``norm`` = (mean, std) when set. The same float32 operations as `to_tensor` (torchvision's
+    ``to_dtype(scale=True)`` then ``normalize``), in the same order, so the result is bitwise that of converting in
+    the data-loader worker, on any device."""
+
+    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            raise TypeError(f"expected a uint8 image tensor, got {x.dtype}")
+        x = x.to(torch.float32).mul_(1.0 / 255)
+        if self.norm is None:
+            return x
+        return x.sub_(_column(self.norm[0], x)).div_(_column(self.norm[1], x))
+
+
+def _column(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
+    """``values`` as a float32 [C, 1, 1] tensor on ``like``'s device, filled there: copying a host tensor to a GPU
+    would synchronise with the host (pageable memory), and a divide by a Python scalar multiplies by its reciprocal
+    on CUDA (not bitwise the divide torchvision does)."""
+    t = torch.empty(len(values), dtype=like.dtype, device=like.device)
+    for i, v in enumerate(values):
+        t[i].fill_(v)
+    return t.view(-1, 1, 1)
+
+
+def prepare_batch(batch: dict[str, Any], spec: Mapping[str, ImageSpec]) -> dict[str, Any]:
+    """The batch with each entry named in ``spec`` converted by its `ImageSpec` (call it after moving the batch to
+    the device: the conversion then runs there). A data set declares its spec as ``batch_spec``
+    (`beitv2.data.samples.SeededDataset`); entries it does not name pass through unchanged."""
+    if not spec:
+        return batch
+    out = dict(batch)
+    for key, s in spec.items():
+        if key in out:
+            out[key] = s(out[key])
+    return out
+
+
+def _view(img: Image.Image, output: Output, norm: tuple[tuple[float, ...], tuple[float, ...]] | None
+          ) -> torch.Tensor:
+    return TF.pil_to_tensor(img) if output == "uint8" else to_tensor(img, norm)
+
+
+def _spec(output: Output, norm: tuple[tuple[float, ...], tuple[float, ...]] | None) -> ImageSpec | None:
+    if output not in ("uint8", "float"):
+        raise ValueError(f"output must be 'uint8' or 'float', got {output!r}")
+    return ImageSpec(norm) if output == "uint8" else None
+
+
 def _jitter(strength: float) -> v2.ColorJitter | None:
     return v2.ColorJitter(strength, strength, strength) if strength > 0 else None
 
@@ -75,87 +136,111 @@ class TwoViewTransform:
     """BEiT pre-training augmentation: one shared draw, two resolutions of the same crop.
 
     ColorJitter (no hue) -> horizontal flip -> one RandomResizedCrop parameter draw. View 1 (model input): the crop
-    resized to ``input_size`` with ``train_interpolation``, ToTensor, Normalize. View 2 (tokenizer/teacher input): the
-    *same* crop resized to ``second_input_size`` with ``second_interpolation``, ToTensor only, in [0, 1].
+    resized to ``input_size`` with ``train_interpolation``, normalised with ``normalize``. View 2 (tokenizer/teacher
+    input): the *same* crop resized to ``second_input_size`` with ``second_interpolation``, in [0, 1].
     ``second_interpolation`` defaults to bicubic as in the official docs' commands; the official code default is
     lanczos (pass ``second_interpolation='lanczos'`` to match that).
+
+    ``jitter_after_crop`` (default) applies the jitter to the resized views instead of the full image (the official
+    order): at 224 px that is 2-4x fewer pixels for a typical photo, and a single pass when both views are the same
+    resize. The jitter factors are drawn first either way, so both orders see the same factors, flip and crop.
+    ``output='uint8'`` (default) returns uint8 views and `specs` their conversion (see `prepare_batch`);
+    ``'float'`` converts and normalises here.
     """
 
     def __init__(self, input_size: int | Sequence[int] = 224, second_input_size: int | Sequence[int] = 224,
                  min_crop_scale: float = 0.2, max_crop_scale: float = 1.0,
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), color_jitter: float = 0.4, hflip: float = 0.5,
                  train_interpolation: str = "bicubic", second_interpolation: str = "bicubic",
-                 normalize: Norm = "imagenet", channels: int = 3):
+                 normalize: Norm = "imagenet", channels: int = 3, jitter_after_crop: bool = True,
+                 output: Output = "uint8"):
         if not 0 < min_crop_scale <= max_crop_scale <= 1:
             raise ValueError(f"need 0 < min_crop_scale <= max_crop_scale <= 1, got {min_crop_scale}, {max_crop_scale}")
         self.input_size = list(to_2tuple(input_size))
         self.second_input_size = list(to_2tuple(second_input_size))
         self.jitter = _jitter(color_jitter)
+        self.jitter_after_crop = bool(jitter_after_crop)
         self.flip = v2.RandomHorizontalFlip(hflip) if hflip > 0 else None
         self.crop = v2.RandomResizedCrop(self.input_size, scale=(min_crop_scale, max_crop_scale), ratio=ratio)
         self.interp1 = interpolation(train_interpolation)
         self.interp2 = interpolation(second_interpolation)
         self.norm = resolve_norm(normalize, channels)
+        self.output = output
+        self.specs = (_spec(output, self.norm), _spec(output, None))
 
     def __repr__(self) -> str:
         return (f"TwoViewTransform(size={self.input_size}, second_size={self.second_input_size}, "
-                f"scale={self.crop.scale}, jitter={self.jitter}, flip={self.flip is not None}, "
-                f"interp=({self.interp1.value}, {self.interp2.value}), norm={self.norm})")
+                f"scale={self.crop.scale}, jitter={self.jitter}, jitter_after_crop={self.jitter_after_crop}, "
+                f"flip={self.flip is not None}, interp=({self.interp1.value}, {self.interp2.value}), "
+                f"norm={self.norm}, output={self.output})")
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.jitter is not None:
-            img = self.jitter(img)
+        jitter = self.jitter.make_params([img]) if self.jitter is not None else None
+        if jitter is not None and not self.jitter_after_crop:
+            img = self.jitter.transform(img, jitter)
         if self.flip is not None:
             img = self.flip(img)
         p = self.crop.make_params([img])
         box = (p["top"], p["left"], p["height"], p["width"])
-        x1 = to_tensor(TF.resized_crop(img, *box, size=self.input_size, interpolation=self.interp1, antialias=True))
-        if self.second_input_size == self.input_size and self.interp2 == self.interp1:
-            x2 = x1.clone()  # the same resize (e.g. a 28 px model and tokenizer): done once
-        else:
-            x2 = to_tensor(TF.resized_crop(img, *box, size=self.second_input_size, interpolation=self.interp2,
-                                           antialias=True))
-        if self.norm is not None:
-            x1 = TF.normalize(x1, list(self.norm[0]), list(self.norm[1]))
-        return x1, x2
+        v1 = TF.resized_crop(img, *box, size=self.input_size, interpolation=self.interp1, antialias=True)
+        # the same resize (e.g. a 28 px model and tokenizer, or 224 px bicubic for both): done once
+        same = self.second_input_size == self.input_size and self.interp2 == self.interp1
+        v2_ = v1 if same else TF.resized_crop(img, *box, size=self.second_input_size, interpolation=self.interp2,
+                                               antialias=True)
+        if jitter is not None and self.jitter_after_crop:
+            v1 = self.jitter.transform(v1, jitter)
+            v2_ = v1 if same else self.jitter.transform(v2_, jitter)
+        return _view(v1, self.output, self.norm), _view(v2_, self.output, None)
 
 
 class TokenizerTrainTransform:
-    """VQ-KD training view: [ColorJitter if > 0] -> RandomResizedCrop -> flip -> ToTensor in [0, 1]."""
+    """VQ-KD training view: [ColorJitter if > 0] -> RandomResizedCrop -> flip, in [0, 1] (uint8 with its `specs` by
+    default, as `TwoViewTransform`). ``jitter_after_crop`` (default) jitters the resized crop instead of the full
+    image; the draws (jitter factors, crop, flip) are the same in both orders."""
 
     def __init__(self, size: int | Sequence[int] = 224, min_crop_scale: float = 0.08, color_jitter: float = 0.0,
-                 hflip: float = 0.5, interpolation_name: str = "bicubic"):
+                 hflip: float = 0.5, interpolation_name: str = "bicubic", jitter_after_crop: bool = True,
+                 output: Output = "uint8"):
         self.size = list(to_2tuple(size))
         self.jitter = _jitter(color_jitter)
+        self.jitter_after_crop = bool(jitter_after_crop)
         self.crop = v2.RandomResizedCrop(self.size, scale=(min_crop_scale, 1.0), ratio=(3 / 4, 4 / 3),
                                          interpolation=interpolation(interpolation_name), antialias=True)
         self.flip = v2.RandomHorizontalFlip(hflip) if hflip > 0 else None
+        self.output = output
+        self.specs = (_spec(output, None),)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        if self.jitter is not None:
-            img = self.jitter(img)
+        jitter = self.jitter.make_params([img]) if self.jitter is not None else None
+        if jitter is not None and not self.jitter_after_crop:
+            img = self.jitter.transform(img, jitter)
         img = self.crop(img)
         if self.flip is not None:
             img = self.flip(img)
-        return to_tensor(img)
+        if jitter is not None and self.jitter_after_crop:
+            img = self.jitter.transform(img, jitter)
+        return _view(img, self.output, None)
 
 
 class EvalTransform:
-    """Resize the short side to ``resize_size`` (default crop / 0.875, i.e. 256 for 224), centre-crop, ToTensor,
-    Normalize (``normalize='none'`` keeps [0, 1], the tokenizer's evaluation view). ``resize=False`` skips the
-    resize (the official path for inputs of 32 px or less); the centre crop is then a no-op at the model's size."""
+    """Resize the short side to ``resize_size`` (default crop / 0.875, i.e. 256 for 224), centre-crop, then
+    normalised (``normalize='none'`` keeps [0, 1], the tokenizer's evaluation view); uint8 with its `specs` by
+    default, as `TwoViewTransform`. ``resize=False`` skips the resize (the official path for inputs of 32 px or
+    less); the centre crop is then a no-op at the model's size."""
 
     def __init__(self, crop_size: int | Sequence[int] = 224, resize_size: int | None = None,
                  interpolation_name: str = "bicubic", normalize: Norm = "imagenet", channels: int = 3,
-                 resize: bool = True):
+                 resize: bool = True, output: Output = "uint8"):
         self.resize = resize
         self.crop_size = list(to_2tuple(crop_size))
         self.resize_size = int(resize_size) if resize_size else round(max(self.crop_size) / 0.875)
         self.interp = interpolation(interpolation_name)
         self.norm = resolve_norm(normalize, channels)
+        self.output = output
+        self.specs = (_spec(output, self.norm),)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         if self.resize:
             img = TF.resize(img, [self.resize_size], interpolation=self.interp, antialias=True)
         img = TF.center_crop(img, self.crop_size)
-        return to_tensor(img, self.norm)
+        return _view(img, self.output, self.norm)

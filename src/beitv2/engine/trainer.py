@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from ..config import ConfigError, save_yaml, to_dict
+from ..data.transforms import ImageSpec, prepare_batch
 from ..models.registry import kind_of
 from . import distributed as D
 from . import state as S
@@ -89,8 +90,29 @@ def _images_in(batch: dict) -> int:
     return int(next(v for v in batch.values() if torch.is_tensor(v)).shape[0])
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def _to_device(batch: dict, device: torch.device, spec: dict[str, ImageSpec]) -> dict:
+    """The batch on the device, its uint8 images converted there (the data set's ``batch_spec``)."""
+    return prepare_batch({k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()},
+                         spec)
+
+
+def _batch_spec(dataset: Dataset | None) -> dict[str, ImageSpec]:
+    return dict(getattr(dataset, "batch_spec", None) or {}) if dataset is not None else {}
+
+
+class _OnDevice:
+    """A loader whose batches arrive on the device and prepared, for a task's `evaluate` (its own ``.to(device)``
+    is then a no-op)."""
+
+    def __init__(self, loader: DataLoader, device: torch.device, spec: dict[str, ImageSpec]):
+        self.loader, self.device, self.spec = loader, device, spec
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield _to_device(batch, self.device, self.spec)
 
 
 class _StopFlag:
@@ -163,6 +185,8 @@ class Trainer:
                  after_step: Sequence[Callable[[], None]] = ()):
         self.task, self.cfg, self.ocfg, self.dist = task, cfg, optim_cfg, dist
         self.train_set, self.val_set, self.collate_fn = train_set, val_set, collate_fn
+        # uint8 images become float on the device, once per batch (see beitv2.data.transforms)
+        self.train_spec, self.val_spec = _batch_spec(train_set), _batch_spec(val_set)
         self.model_kind, self.run_config = kind_of(task.model).name, run_config
         self.out = Path(cfg.output_dir)
         self.num_workers = num_workers
@@ -407,7 +431,7 @@ class Trainer:
                         raise RuntimeError(f"every image of batch {i} in epoch {epoch} was unreadable (see the "
                                            "skipped-file messages above); fix or remove those files")
                     img_log += _images_in(batch) * self.dist.world_size
-                    batch = _to_device(batch, self.device)
+                    batch = _to_device(batch, self.device, self.train_spec)
                     sync = (self.eager_net.no_sync() if self.dist.enabled and m < accum - 1
                             else contextlib.nullcontext())
                     with sync:
@@ -542,7 +566,7 @@ class Trainer:
         if self.dist.enabled and not isinstance(val, IterableDataset):
             val = Subset(val, range(self.dist.rank, len(val), self.dist.world_size))
         bs = max(1, int(1.5 * self.cfg.batch_size))  # the official eval batch
-        loader = self._loader(val, None, bs, drop_last=False)
+        loader = _OnDevice(self._loader(val, None, bs, drop_last=False), self.device, self.val_spec)
         self.task.eval()
         try:
             with self.task.unwrapped():

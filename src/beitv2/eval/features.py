@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from ..config import ConfigError, check, opt, reading, to_dict
-from ..data import DataConfig, EvalTransform, build_dataset, collate_skip_bad
+from ..data import DataConfig, EvalTransform, build_dataset, collate_skip_bad, prepare_batch
 from ..data.samples import TransformDataset, for_loader
 from ..engine import distributed as D
 from ..engine.precision import autocast, resolve_precision
@@ -300,6 +300,7 @@ def extract(model: BEiTViT, dataset: Dataset, layers: Sequence[int], feature: st
     """
     device = device or torch.device("cpu")
     rank, world = rank_and_world()
+    spec = dict(getattr(dataset, "batch_spec", None) or {})  # uint8 images are converted on the device
     if world > 1 and not isinstance(dataset, IterableDataset):
         dataset = Subset(dataset, range(rank, len(dataset), world))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -318,7 +319,7 @@ def extract(model: BEiTViT, dataset: Dataset, layers: Sequence[int], feature: st
     for batch in loader:
         if "image" not in batch:
             continue
-        images = batch["image"].to(device, non_blocking=True)
+        images = prepare_batch({"image": batch["image"].to(device, non_blocking=True)}, spec)["image"]
         with autocast(device, precision):
             out = layer_features(model, images, layers, feature, final_norm)
         for x in layers:
