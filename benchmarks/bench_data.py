@@ -4,10 +4,11 @@ load does not lower it), and the loader workers a GPU would need.
 
     python benchmarks/bench_data.py [--files 20000] [--samples 200] [--rounds 3] [--gpu-images-per-s 2000]
 
-Two pipelines are timed side by side, in interleaved rounds (the best round of each counts): ``before``, the views
-converted to float32 and normalised in the worker with the colour jitter on the full image (the pipeline before
-uint8 views, and the official jitter order), and ``after``, what `beitv2 pretrain` runs now: uint8 views (converted
-on the device by the trainer) and the jitter on the resized crop. A MIM sample is timed with its share of the
+Three pipelines are timed side by side, in interleaved rounds (the best round of each counts): ``before``, the
+views converted to float32 and normalised in the worker with the colour jitter on the full image (the pipeline
+before uint8 views, and the official jitter order); ``uint8``, uint8 views with the jitter still on the full image;
+and ``after``, what `beitv2 pretrain` runs now: uint8 views (converted on the device by the trainer) and the jitter
+on the resized crop. A MIM sample is timed with its share of the
 collate (`collate_skip_bad` over batches of ``--batch-size``), which the worker also does.
 
 The worker count printed last is an ESTIMATE: ``--gpu-images-per-s`` (default 2000, our guess for BEiT v2 ViT-B/16
@@ -32,6 +33,7 @@ from beitv2.data import ImageFolderDataset, MIMDataset, TwoViewTransform, collat
 from beitv2.masking import build_mask_generator
 
 PIPELINES = {"before": dict(output="float", jitter_after_crop=False),
+             "uint8": dict(output="uint8", jitter_after_crop=False),  # the uint8 views alone, for the split
              "after": dict(output="uint8", jitter_after_crop=True)}
 
 
@@ -94,10 +96,12 @@ def main() -> None:
         print(f"{'pipeline':<8} {'two views/CPU-s':>16} {'MIM samples/CPU-s':>18} {'view bytes/sample':>18}")
         for name in PIPELINES:
             print(f"{name:<8} {best['views', name]:>16.1f} {best['sample', name]:>18.1f} {nbytes[name]:>18,}")
-        print(f"after / before: two views {best['views', 'after'] / best['views', 'before']:.2f}x, MIM sample "
-              f"{best['sample', 'after'] / best['sample', 'before']:.2f}x, bytes "
-              f"{nbytes['after'] / nbytes['before']:.2f}x (views: {tuple(sample['image'].shape)} "
-              f"{sample['image'].dtype} + {tuple(sample['tokenizer_image'].shape)})")
+        for name in ("uint8", "after"):
+            print(f"{name} / before: two views {best['views', name] / best['views', 'before']:.2f}x, MIM sample "
+                  f"{best['sample', name] / best['sample', 'before']:.2f}x, bytes "
+                  f"{nbytes[name] / nbytes['before']:.2f}x")
+        print(f"(views: {tuple(sample['image'].shape)} {sample['image'].dtype} + "
+              f"{tuple(sample['tokenizer_image'].shape)})")
         per_worker = best["sample", "after"]
         need = math.ceil(args.gpu_images_per_s / per_worker)
         print(f"workers per GPU for {args.gpu_images_per_s:.0f} img/s (ESTIMATE of ViT-B/16 pre-training on one "

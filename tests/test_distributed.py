@@ -311,3 +311,40 @@ def test_two_rank_features_are_gathered_as_tensors(tmp_path):
         torch.testing.assert_close(b["layer_1"], a["layer_1"][order], atol=1e-5, rtol=1e-5)
     ma, mb = json.loads((one / "metrics.json").read_text()), json.loads((two / "metrics.json").read_text())
     assert ma["num_train"] == mb["num_train"] == 10 and ma["acc1"] == mb["acc1"]
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_check_point_and_resumes_bitwise(tmp_path):
+    """SIGTERM to rank 1 alone (its loader workers too), the ranks agreeing on a stop only every 4 steps (and at
+    epoch ends; logging only at step 1): nothing is read back per step, yet both ranks leave at the same check
+    point, write one checkpoint together with identical weights, and exit 143; the rerun ends with the weights of an
+    uninterrupted run."""
+    data = make_folder(tmp_path / "train", 12, size=64)  # 24 images: 6 steps per epoch of 2 x 2
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    kw = {"kind": "folder", "path": str(data), "num_workers": 2}
+    every = {"epochs": 3, "log_every_steps": 100, "stop_check_every_steps": 4}
+    cfg_full = tokenizer_yaml(tmp_path, full, kw, **every)
+    cfg_cut = tokenizer_yaml(tmp_path, cut, kw, **every)
+    procs = srun(["train-tokenizer", "--config", str(cfg_cut)], 2, tmp_path / "logs_cut")
+    ref = srun(["train-tokenizer", "--config", str(cfg_full)], 2, tmp_path / "logs_full")
+    deadline = time.monotonic() + LIMIT
+    while not ((cut / "metrics.jsonl").is_file() and '"type": "step"' in (cut / "metrics.jsonl").read_text()):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), logs(tmp_path / "logs_cut")
+        time.sleep(0.02)
+    os.killpg(procs[1].pid, signal.SIGTERM)  # rank 1 only
+    codes = wait_all(procs, LIMIT, tmp_path / "logs_cut")
+    assert codes == [128 + signal.SIGTERM] * 2, logs(tmp_path / "logs_cut")
+    ckpts = S.list_checkpoints(cut)
+    stopped = ckpts[-1][0]
+    assert stopped in (4, 6, 8, 12, 16), ckpts  # a check point after step 1: every 4th step or an epoch end
+    assert [s for s, _ in ckpts] == [s for s in (6, 12) if s < stopped] + [stopped]  # epoch ends, then the stop
+    st = S.load_train_state(ckpts[-1][1])
+    assert st["global_step"] == stopped and st["world_size"] == 2 and len(st["rng"]) == 2
+    (sync,) = records(cut, "rank_sync")
+    assert sync["in_sync"] and sync["step"] == stopped  # rank 1 stopped at rank 0's step, with the same weights
+    assert not (cut / "model.safetensors").exists()
+    codes = wait_all(srun(["train-tokenizer", "--config", str(cfg_cut)], 2, tmp_path / "logs_re"), LIMIT,
+                     tmp_path / "logs_re")
+    assert codes == [0, 0], logs(tmp_path / "logs_re")
+    assert wait_all(ref, LIMIT, tmp_path / "logs_full") == [0, 0], logs(tmp_path / "logs_full")
+    a, b = load_state_dict(full / "model.safetensors"), load_state_dict(cut / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

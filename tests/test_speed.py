@@ -197,12 +197,12 @@ class MIMBlobs(Dataset):
         return {k: v[0] for k, v in self.items[i].items()}
 
 
-def mim_trainer(out: Path, data: Dataset | None = None, **kw) -> Trainer:
+def mim_trainer(out: Path, data: Dataset | None = None, optimizer=None, **kw) -> Trainer:
     mim, vq = tiny_parts()
     cfg = TrainConfig(output_dir=str(out), epochs=1, batch_size=2, precision="fp32", progress=False,
                       tensorboard=False, **kw)
     return Trainer(MIMTask(mim, TokenTarget(vq)), data or MIMBlobs(), cfg, OptimConfig(lr=1e-3, warmup_epochs=0),
-                   dist=init_distributed("cpu"))
+                   dist=init_distributed("cpu"), optimizer=optimizer)
 
 
 def step_records(out: Path) -> dict[int, dict]:
@@ -240,6 +240,17 @@ def test_metrics_are_read_only_at_check_points_and_equal_the_per_step_ones(tmp_p
     assert res.last_metrics["loss"] == pytest.approx(a[8]["loss"], rel=1e-6)
 
 
+def test_stop_checks_add_check_points_without_log_lines(tmp_path):
+    seed_everything(0)
+    tr = mim_trainer(tmp_path, log_every_steps=100, stop_check_every_steps=3)
+    reads = []
+    check = tr._check
+    tr._check = lambda *a: (reads.append(tr.global_step), check(*a))[1]
+    assert tr.fit().status == "finished"
+    assert reads == [1, 3, 6, 8]  # the first step, every 3rd (stop checks), the epoch's end
+    assert sorted(step_records(tmp_path)) == [1]  # log lines only where log_every_steps says
+
+
 def test_non_finite_step_is_skipped_on_device_and_reported_at_the_check(tmp_path):
     seed_everything(0)
     tr = mim_trainer(tmp_path, data=MIMBlobs(16, nan_at=4), log_every_steps=100, save_every_steps=100)
@@ -248,6 +259,32 @@ def test_non_finite_step_is_skipped_on_device_and_reported_at_the_check(tmp_path
     assert "seen at the check after step 8" in str(err.value)  # the epoch's end: no check before
     assert S.list_checkpoints(tmp_path) == []
     assert all(torch.isfinite(p).all() for p in tr.task.model.parameters())  # the bad step was not applied
+
+
+def test_an_optimizer_that_cannot_skip_on_the_device_adds_no_per_step_read(tmp_path):
+    """PyTorch's for-loop AdamW takes no ``found_inf``: it applies the non-finite step, yet the host still reads
+    nothing before the next check point, which raises before any checkpoint is written and says what happened."""
+    seed_everything(0)
+    tr = mim_trainer(tmp_path, data=MIMBlobs(16, nan_at=4), log_every_steps=3, save_every_steps=3,
+                     optimizer=lambda model, cfg: build_optimizer(model, cfg, fused=False))
+    assert not tr.step_skips_on_device
+    reads = []
+    check = tr._check
+    tr._check = lambda *a: (reads.append(tr.global_step), check(*a))[1]
+    with pytest.raises(NonFiniteLossError, match="cannot skip a step on the device") as err:
+        tr.fit()
+    bad = int(str(err.value).split("at step ")[1].split()[0])  # 0-based: checked after global step bad + 1
+    checks = [1, 3, 6, 8]  # the first step, every 3rd, the epoch's end
+    raised_at = min(c for c in checks if c > bad)
+    assert reads == [c for c in checks if c <= raised_at]  # check points only, up to the one that raised
+    assert [s for s, _ in S.list_checkpoints(tmp_path)] == [c for c in (3, 6) if c < raised_at]
+
+
+def test_linear_probe_sgd_is_fused_and_skips_on_the_device():
+    from beitv2.eval.linprobe import sgd_optimizer
+
+    opt = sgd_optimizer(tiny_parts()[0], OptimConfig(lr=0.1))
+    assert opt.defaults["fused"] and opt._step_supports_amp_scaling
 
 
 # ----------------------------------------------------------------------------------------------------- data loading

@@ -85,6 +85,9 @@ class TrainConfig:
     stop_after_steps: int = opt(0, "save and stop after this global step, leaving the schedule unchanged "
                                    "(0 = run to the end); for time-sliced jobs")
     log_every_steps: int = opt(10, "write a metrics.jsonl line (and TensorBoard scalars) every N steps")
+    stop_check_every_steps: int = opt(0, "under several processes, the ranks agree on a signal-requested stop "
+                                         "(SIGTERM / Ctrl-C) at each log step and, when N > 0, also every N steps "
+                                         "(one small all-reduce); one process stops at the next step boundary")
     eval_every_epochs: int = opt(1, "run the validation pass every N epochs (0 = never)")
     progress: bool = opt(True, "show a tqdm progress bar (rank 0)")
     tensorboard: bool = opt(True, "write TensorBoard scalars to output_dir/tb when tensorboard is installed")
@@ -98,7 +101,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "accum_steps", "keep_last", "log_every_steps"):
             check(getattr(self, name) >= 1, f"{prefix}{name}", f"must be >= 1, got {getattr(self, name)}")
         check(self.dist_timeout_min > 0, f"{prefix}dist_timeout_min", f"must be > 0, got {self.dist_timeout_min}")
-        for name in ("save_every_steps", "stop_after_steps", "eval_every_epochs"):
+        for name in ("save_every_steps", "stop_after_steps", "eval_every_epochs", "stop_check_every_steps"):
             check(getattr(self, name) >= 0, f"{prefix}{name}", f"must be >= 0, got {getattr(self, name)}")
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"{prefix}device",
               f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")

@@ -454,12 +454,16 @@ class Trainer:
                                               + [torch.stack([mm[k] for mm in micro_metrics]).mean()
                                                  for k in keys[1:-1]] + [grad_norm.float()]))
                     micro_loss, micro_metrics, finite = [], [], torch.ones((), device=self.device)
+                    # Check points are the same steps on every rank (a function of the step and the config), so
+                    # the all-reduce in `_check` is reached by all ranks or none; a signal seen by one rank only
+                    # stops all of them at the next one.
                     logging_now = self.global_step % cfg.log_every_steps == 0 or self.global_step == 1
                     saving_now = bool(cfg.save_every_steps) and self.global_step % cfg.save_every_steps == 0
                     limit = bool(cfg.stop_after_steps) and self.global_step >= cfg.stop_after_steps
+                    stop_check = (bool(cfg.stop_check_every_steps)
+                                  and self.global_step % cfg.stop_check_every_steps == 0)
                     local_stop = stop.signum > 0 and not self.dist.enabled  # DDP ranks agree at check points
-                    if not (logging_now or saving_now or limit or local_stop or i + 1 >= used
-                            or not self.step_skips_on_device):
+                    if not (logging_now or saving_now or limit or stop_check or local_stop or i + 1 >= used):
                         self.logger.progress(1, {})
                         continue
                     stopping = self._check(acc, stop, epoch, i)
@@ -492,8 +496,9 @@ class Trainer:
 
     @property
     def step_skips_on_device(self) -> bool:
-        """Whether a non-finite step can be skipped without reading the loss on the host: fused AdamW takes a
-        ``found_inf`` tensor (fp16's GradScaler skips non-finite gradients by itself)."""
+        """Whether a non-finite step can be skipped without reading the loss on the host: fused AdamW and SGD take a
+        ``found_inf`` tensor (fp16's GradScaler skips non-finite gradients by itself). Other optimizers apply it;
+        the run still stops at the next check point, before any checkpoint is written."""
         return self.scaler.is_enabled() or bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
 
     def _optimizer_step(self, skip: torch.Tensor) -> torch.Tensor:
@@ -517,9 +522,11 @@ class Trainer:
             first_bad, bad_loss = int(acc.first_bad), float(acc.bad_loss)
             where = (f"step {first_bad} (loss {bad_loss})" if first_bad >= 0 else
                      f"a step up to {self.global_step - 1} on another rank")
+            applied = ("the non-finite step was not applied" if self.step_skips_on_device else
+                       "this optimizer cannot skip a step on the device, so the weights in memory took it")
             raise NonFiniteLossError(
                 f"non-finite loss at {where}, seen at the check after step {self.global_step} (epoch {epoch}, "
-                f"batch {batch_index}); the non-finite step was not applied and no checkpoint was written after it. "
+                f"batch {batch_index}); {applied} and no checkpoint was written after it. "
                 f"Lower optim.lr, set optim.clip_grad or use train.precision fp32.")
         return stopping > 0
 

@@ -172,8 +172,12 @@ class LinearProbeTask(TrainTask):
 
 def sgd_optimizer(model: nn.Module, cfg: OptimConfig, momentum: float = 0.9) -> torch.optim.SGD:
     """SGD with momentum (DINO's linear probe) over the engine's decay / no-decay groups (the Trainer's optimizer
-    hook)."""
-    return torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=momentum)
+    hook); fused where every parameter is a float tensor on CPU or CUDA, so a non-finite step is skipped on the
+    device without a host sync."""
+    groups = param_groups(model, cfg)
+    params = [p for g in groups for p in g["params"]]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=momentum, fused=fused)
 
 
 @torch.no_grad()
