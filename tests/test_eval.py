@@ -18,7 +18,8 @@ from beitv2.cli import main
 from beitv2.engine import OptimConfig, TrainConfig
 from beitv2.engine.distributed import DistInfo
 from beitv2.engine.optim import param_groups
-from beitv2.eval.features import ModelSource, SplitFeatures, auto_normalize, layer_features, load_backbone
+from beitv2.eval.backbones import ModelSource, load_backbone
+from beitv2.eval.features import layer_features
 from beitv2.eval.finetune import (
     FinetuneModelConfig,
     build_finetune_model,
@@ -28,6 +29,8 @@ from beitv2.eval.finetune import (
 )
 from beitv2.eval.knn import knn_scores
 from beitv2.eval.linprobe import ProbeConfig, ProbeSettings, fit_probe
+from beitv2.eval.normalization import auto_normalize
+from beitv2.eval.splits import SplitFeatures
 from beitv2.models.backbone import BEiTViT, ViTConfig
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
 from beitv2.models.quantizer import QuantizerConfig

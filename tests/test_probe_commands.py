@@ -21,8 +21,8 @@ from beitv2.checkpoint import save_model
 from beitv2.cli import main
 from beitv2.engine import OptimConfig, TrainConfig
 from beitv2.engine.distributed import DistInfo
-from beitv2.eval.features import SplitFeatures
 from beitv2.eval.linprobe import ProbeConfig, ProbeSettings, fit_probe
+from beitv2.eval.splits import SplitFeatures
 from beitv2.models.backbone import BEiTViT, ViTConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py

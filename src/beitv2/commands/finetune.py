@@ -30,7 +30,6 @@ from ..engine import (
     init_distributed,
     seed_everything,
 )
-from ..eval.features import build_split, data_for_model, eval_transform, resolve_normalize
 from ..eval.finetune import (
     ClassificationTask,
     FinetuneModelConfig,
@@ -44,6 +43,8 @@ from ..eval.finetune import (
     read_finetune_source,
 )
 from ..eval.metrics import write_metrics
+from ..eval.normalization import resolve_normalize
+from ..eval.splits import build_split, data_for_model, eval_transform
 from ._training import configure_parser, quiet_other_ranks, resolve_config
 
 HELP = "fine-tune a pre-trained backbone for classification (official BEiT v2 recipe)"

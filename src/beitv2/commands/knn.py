@@ -11,16 +11,12 @@ from pathlib import Path
 from ..config import opt
 from ..data import DataConfig
 from ..engine import cleanup, init_distributed, seed_everything
-from ..eval.features import (
-    FeatureConfig,
-    ModelSource,
-    data_for_model,
-    features_for_splits,
-    load_backbone,
-    resolve_normalize,
-)
+from ..eval.backbones import ModelSource, load_backbone
+from ..eval.features import FeatureConfig
 from ..eval.knn import KNNConfig, knn_scores
 from ..eval.metrics import accuracy, write_metrics
+from ..eval.normalization import resolve_normalize
+from ..eval.splits import data_for_model, features_for_splits
 from ._training import configure_parser, quiet_other_ranks, resolve_config
 
 HELP = "k-NN classification on frozen features"

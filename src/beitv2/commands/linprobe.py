@@ -18,15 +18,8 @@ from ..config import check
 from ..data import DataConfig, collate_skip_bad
 from ..data.transforms import ImageSpec, resolve_norm
 from ..engine import OptimConfig, TrainConfig, cleanup, init_distributed, seed_everything
-from ..eval.features import (
-    FeatureConfig,
-    ModelSource,
-    build_split,
-    data_for_model,
-    features_for_splits,
-    load_backbone,
-    resolve_normalize,
-)
+from ..eval.backbones import ModelSource, load_backbone
+from ..eval.features import FeatureConfig
 from ..eval.linprobe import (
     InLoopFeatures,
     ProbeConfig,
@@ -35,6 +28,8 @@ from ..eval.linprobe import (
     probe_optim_defaults,
     probe_train_defaults,
 )
+from ..eval.normalization import resolve_normalize
+from ..eval.splits import build_split, data_for_model, features_for_splits
 from ._training import configure_parser, quiet_other_ranks, resolve_config
 
 HELP = "linear probe of a frozen backbone (one head per chosen block)"

@@ -389,10 +389,10 @@ def raw_pixel_scores(root: str, train_subset: float, test_subset: float, data_se
     from ..data.transforms import resolve_norm
     from ..engine import OptimConfig, TrainConfig
     from ..engine.distributed import init_distributed
-    from ..eval.features import SplitFeatures
     from ..eval.knn import KNNConfig
     from ..eval.linprobe import ProbeConfig, ProbeSettings, fit_probe, probe_optim_defaults, probe_train_defaults
     from ..eval.metrics import write_metrics
+    from ..eval.splits import SplitFeatures
 
     pcfg = from_dict(ProbeConfig, probe)
     norm = resolve_norm(pcfg.normalize if pcfg.normalize != "auto" else NORM, 1)

@@ -130,7 +130,7 @@ def _run(cfg: SegmentConfig, dist) -> int:
         collate_segmentation,
     )
     from ..engine import Trainer, build_optimizer, seed_everything
-    from ..eval.features import resolve_normalize
+    from ..eval.normalization import resolve_normalize
     from ..eval.seg_finetune import SegInference, SegmentationTask, build_segmenter
     from ..models.segmenter import convert_sync_batchnorm, layer_id_for_segmenter
 

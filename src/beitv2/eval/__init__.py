@@ -1,6 +1,7 @@
 """Evaluation of pre-trained backbones: linear probing, k-NN and fine-tuning (see docs/evaluation.md)."""
 
-from .features import FeatureConfig, ModelSource, extract, layer_features, load_backbone, pool_tokens
+from .backbones import ModelSource, load_backbone
+from .features import FeatureConfig, extract, layer_features, pool_tokens
 from .finetune import (
     ClassificationTask,
     FinetuneModelConfig,

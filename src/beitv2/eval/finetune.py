@@ -27,7 +27,7 @@ from ..models.backbone import BEiTViT, ViTConfig, to_2tuple
 from ..models.registry import ModelKind, get_kind, register
 from ..models.relpos import resize_state_dict, shared_table_to_per_layer
 from ..tasks import TrainTask
-from .features import ModelSource, read_source
+from .backbones import ModelSource, read_source
 from .metrics import confusion_matrix, topk_correct
 
 log = logging.getLogger("beitv2.eval")

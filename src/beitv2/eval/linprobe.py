@@ -25,8 +25,9 @@ from ..engine import OptimConfig, TrainConfig, Trainer, param_groups
 from ..engine import distributed as D
 from ..models.registry import ModelKind, register
 from ..tasks import TrainTask
-from .features import SplitFeatures, layer_features
+from .features import layer_features
 from .metrics import accuracy, confusion_matrix, topk_correct, write_metrics
+from .splits import SplitFeatures
 
 log = logging.getLogger("beitv2.eval")
 

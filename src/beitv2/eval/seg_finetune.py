@@ -23,7 +23,7 @@ from ..config import ConfigError, check, opt
 from ..models.backbone import ViTConfig
 from ..models.segmenter import Segmenter, SegmenterConfig
 from ..tasks import TrainTask
-from .features import ModelSource
+from .backbones import ModelSource
 from .segmentation import (
     all_reduce_confusion,
     confusion_matrix,
