@@ -189,3 +189,55 @@ def test_config_validation_and_errors(tmp_path):
     assert infer_grid(6, (32, 48)) == (2, 3)
     with pytest.raises(ValueError, match="cannot lay out"):
         infer_grid(7, (32, 32))
+
+
+def _tiny_timm_net(tmp_path, seed=0):
+    from beitv2.checkpoint import save_model
+    from beitv2.models.timm_net import TimmNet, TimmNetConfig
+
+    torch.manual_seed(seed)
+    net = TimmNet(TimmNetConfig(name="resnet10t", num_classes=10, in_chans=1, img_size=56, mean=(0.45,),
+                                std=(0.23,), model_kwargs={"channels": [8, 8, 16, 16], "output_stride": 8}))
+    for m in net.modules():  # non-trivial BatchNorm statistics, so eval mode matters
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    path = save_model(tmp_path / "cnn.safetensors", net.eval())
+    return net, path
+
+
+def test_timm_net_file_is_a_teacher_with_its_own_input_contract(tmp_path):
+    """A CNN trained here (kind 'timm') serves as a `beitv2` teacher: its 7x7 last feature map, computed from the
+    28 px view resized to 56 px and normalised with its own statistics, by hand with timm directly."""
+    import timm
+
+    from beitv2.checkpoint import load_model, load_state_dict
+
+    net, path = _tiny_timm_net(tmp_path)
+    loaded, kind, _ = load_model(path)
+    assert kind == "timm" and loaded.config.img_size == 56
+    x = torch.rand(3, 1, 28, 28)
+    ref_net = timm.create_model("resnet10t", pretrained=False, num_classes=10, in_chans=1, channels=(8, 8, 16, 16),
+                                output_stride=8)
+    ref_net.load_state_dict({k[len("net."):]: v for k, v in load_state_dict(path).items()})
+    ref_net.eval()
+    big = F.interpolate(x, size=(56, 56), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    with torch.no_grad():
+        fmap = ref_net.forward_features((big - 0.45) / 0.23)  # [3, 16, 7, 7]
+        logits = ref_net((big - 0.45) / 0.23)
+    torch.testing.assert_close(loaded(x), logits, rtol=1e-5, atol=1e-5)
+    teacher = build_teacher(TeacherConfig(kind="beitv2", name_or_path=str(path), bf16=False), (7, 7))
+    assert teacher.feature_dim == 16 and teacher.input_size == (56, 56)
+    feats = teacher(x)
+    torch.testing.assert_close(feats, fmap.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+    # layer-normed per patch: zero mean, unit variance over the channels of every patch
+    ln = build_teacher(TeacherConfig(kind="beitv2", name_or_path=str(path), bf16=False, feature_norm="layernorm"),
+                       (7, 7))(x)
+    raw = fmap.flatten(2).transpose(1, 2)
+    by_hand = (raw - raw.mean(-1, keepdim=True)) / torch.sqrt(raw.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(ln, by_hand, rtol=1e-4, atol=1e-4)
+
+
+def test_feature_norm_is_validated():
+    with pytest.raises(ConfigError, match="teacher.feature_norm"):
+        TeacherConfig(kind="beitv2", name_or_path=".", feature_norm="batchnorm").validate()

@@ -38,6 +38,7 @@ from .data.transforms import (
     INCEPTION_STD,
 )
 from .engine.precision import bf16_autocast
+from .utils.imaging import fit_input
 from .utils.sizes import to_2tuple
 
 logger = logging.getLogger("beitv2.teachers")
@@ -72,6 +73,7 @@ class Teacher(nn.Module):
         self.register_buffer("_std", torch.tensor(self.std).view(1, -1, 1, 1), persistent=False)
         self.bf16 = bf16
         self.resample_mode = resample_mode
+        self.feature_norm = "none"  # or "layernorm": see TeacherConfig.feature_norm
 
     def freeze(self) -> Teacher:
         """fp32 weights (as the official ``model.float()``; hub checkpoints may load in fp16), no grads, eval."""
@@ -87,16 +89,13 @@ class Teacher(nn.Module):
 
     def preprocess(self, images01: torch.Tensor) -> torch.Tensor:
         """Resize to the teacher's resolution (bicubic, antialiased, clamped to [0, 1]) and normalise."""
-        x = images01.float()
-        if tuple(x.shape[-2:]) != self.input_size:
-            x = F.interpolate(x, size=self.input_size, mode="bicubic", align_corners=False, antialias=True)
-            x = x.clamp(0.0, 1.0)
+        x = images01
         channels = self._mean.shape[1]
         if x.shape[1] == 1 and channels == 3:
             x = x.expand(-1, 3, -1, -1)  # a grayscale tokenizer with an RGB teacher
         elif x.shape[1] != channels:
             raise ValueError(f"teacher expects {channels}-channel input, got {x.shape[1]}")
-        return (x - self._mean) / self._std
+        return fit_input(x, self.input_size, self._mean, self._std)
 
     def resample(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, n, D] on the teacher's grid -> [B, h*w, D] on ``grid_size`` (interpolating the [B, D, h, w] map)."""
@@ -116,11 +115,14 @@ class Teacher(nn.Module):
         x = self.preprocess(images01)
         with bf16_autocast(x.device, self.bf16):
             tokens = self.encode(x)
-        return self.resample(tokens.float()).contiguous()
+        out = self.resample(tokens.float())
+        if self.feature_norm == "layernorm":
+            out = F.layer_norm(out, (out.shape[-1],))
+        return out.contiguous()
 
     def extra_repr(self) -> str:
         return (f"input_size={self.input_size}, grid_size={self.grid_size}, feature_dim={self.feature_dim}, "
-                f"mean={self.mean}, std={self.std}, bf16={self.bf16}")
+                f"mean={self.mean}, std={self.std}, bf16={self.bf16}, feature_norm={self.feature_norm}")
 
 
 def _stats(mean: Sequence[float] | None, std: Sequence[float] | None, default: Stats) -> Stats:
@@ -260,18 +262,21 @@ class TimmTeacher(Teacher):
     def __init__(self, name: str, grid_size: int | Sequence[int], checkpoint: str = "",
                  input_size: int | Sequence[int] = 0, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None, bf16: bool = True, model_kwargs: dict | None = None,
-                 pretrained: bool = True):
+                 pretrained: bool = True, model: nn.Module | None = None):
         import timm
         from timm.models import load_state_dict
 
-        try:
-            model = timm.create_model(name, pretrained=pretrained and not checkpoint, num_classes=0,
-                                      **(model_kwargs or {}))
-        except (OSError, RuntimeError, ValueError) as e:
-            if not (pretrained and not checkpoint):
-                raise
-            raise ValueError(f"timm could not load pretrained weights for {name} ({str(e).splitlines()[0]}); give "
-                             "teacher.checkpoint, or teacher.random_init true for random weights") from e
+        if model is not None:  # a timm network trained here (`beitv2.models.timm_net.TimmNet.net`)
+            pretrained = False
+        else:
+            try:
+                model = timm.create_model(name, pretrained=pretrained and not checkpoint, num_classes=0,
+                                          **(model_kwargs or {}))
+            except (OSError, RuntimeError, ValueError) as e:
+                if not (pretrained and not checkpoint):
+                    raise
+                raise ValueError(f"timm could not load pretrained weights for {name} ({str(e).splitlines()[0]}); "
+                                 "give teacher.checkpoint, or teacher.random_init true for random weights") from e
         if checkpoint:
             state = load_state_dict(checkpoint, weights_only=True)
             own = model.state_dict()
@@ -343,8 +348,19 @@ class OpenCLIPTeacher(Teacher):
 
 # ------------------------------------------------------------------------------------------------- beitv2 models
 
+def _timm_net_teacher(path: str, grid_size: int | Sequence[int], bf16: bool) -> Teacher:
+    """A `TimmNet` file saved by this project: its timm network, at its own input size and normalisation."""
+    from .checkpoint import load_model
+
+    net = load_model(path)[0]
+    c = net.config
+    net.net.reset_classifier(0)
+    return TimmTeacher(c.name, grid_size, input_size=c.img_size, mean=c.mean, std=c.std, bf16=bf16, model=net.net)
+
+
 class BEiTTeacher(Teacher):
-    """A backbone saved by this project (kinds 'vit' or 'mim'): `BEiTViT.patch_features`."""
+    """A backbone saved by this project (kinds 'vit' or 'mim'): `BEiTViT.patch_features`. (A file of kind 'timm',
+    a network trained here, becomes a `TimmTeacher` in `build_teacher`.)"""
 
     def __init__(self, path: str, grid_size: int | Sequence[int], input_size: int | Sequence[int] = 0,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None, bf16: bool = True):
@@ -386,6 +402,10 @@ class TeacherConfig:
                                    "ones (only for testing a pipeline: the codes then mean nothing)")
     model_kwargs: dict = dataclasses.field(default_factory=dict, metadata={
         "help": "timm/open_clip: extra create_model arguments, e.g. {img_size: 64}"})
+    feature_norm: Literal["none", "layernorm"] = opt(
+        "none", "normalise each patch feature over its channels (LayerNorm without affine) before VQ-KD sees it: "
+                "for teachers whose last features are not layer-normed, e.g. a CNN's post-ReLU map (all >= 0, "
+                "half zeros), where the raw features collapse the codebook; ViT teachers end in a LayerNorm already")
 
     def validate(self, prefix: str = "teacher.") -> None:
         check(self.kind in ("hf", "timm", "open_clip", "beitv2"), f"{prefix}kind",
@@ -397,6 +417,8 @@ class TeacherConfig:
         check(len(self.mean) in (0, 1, 3), f"{prefix}mean", f"needs 1 or 3 values, got {len(self.mean)}")
         check(all(s > 0 for s in self.std), f"{prefix}std", f"must be positive, got {self.std}")
         check(isinstance(self.model_kwargs, dict), f"{prefix}model_kwargs", "must be a mapping")
+        check(self.feature_norm in ("none", "layernorm"), f"{prefix}feature_norm",
+              f"must be none or layernorm, got {self.feature_norm!r}")
         if self.checkpoint:
             check(self.kind in ("timm", "open_clip"), f"{prefix}checkpoint",
                   "only for kind timm/open_clip (hf and beitv2 load from name_or_path)")
@@ -422,6 +444,12 @@ def build_teacher(cfg: TeacherConfig, grid_size: int | Sequence[int]) -> Teacher
     """The frozen teacher for a tokenizer with patch grid ``grid_size``."""
     cfg.validate("teacher.")
     common = {"input_size": cfg.input_size, "mean": cfg.mean or None, "std": cfg.std or None, "bf16": cfg.bf16}
+    teacher = _build(cfg, grid_size, common)
+    teacher.feature_norm = cfg.feature_norm
+    return teacher
+
+
+def _build(cfg: TeacherConfig, grid_size: int | Sequence[int], common: dict[str, Any]) -> Teacher:
     option = "teacher.checkpoint" if cfg.checkpoint else "teacher.name_or_path"
     with reading(option, f"cannot build a {cfg.kind} teacher from {cfg.name_or_path!r}: "):
         if cfg.kind == "hf":
@@ -432,5 +460,9 @@ def build_teacher(cfg: TeacherConfig, grid_size: int | Sequence[int]) -> Teacher
         if cfg.kind == "open_clip":
             return OpenCLIPTeacher(cfg.name_or_path, grid_size, checkpoint=cfg.checkpoint,
                                    model_kwargs=cfg.model_kwargs, **common)
+        from .checkpoint import read_metadata
+
+        if read_metadata(cfg.name_or_path).get("kind") == "timm":
+            return _timm_net_teacher(cfg.name_or_path, grid_size, cfg.bf16)
         return BEiTTeacher(cfg.name_or_path, grid_size, **common)
 

@@ -49,6 +49,7 @@ class Plan:
     eval_train_subset: float  # training images the linear probe and k-NN fit on
     teacher_labels: float  # labelled training images of the stand-in teacher (fraction or count)
     teacher_val_subset: float  # test images the teacher's classifier and the tokenizer are validated on
+    teacher_arch: str  # stand-in teacher: "cnn" (timm resnet10t, models/timm_net.py) or "vit" (teacher_vit)
     teacher_vit: tuple[int, int, int]  # width, depth, heads
     teacher_epochs: int
     teacher_batch: int
@@ -77,8 +78,8 @@ class Plan:
 
 
 # Aimed at 10 minutes on 2 CPU cores (measured figures: docs/quickstart.md).
-FULL = Plan(train_subset=0, test_subset=0, eval_train_subset=5000, teacher_labels=0.1, teacher_val_subset=2000,
-            teacher_vit=(96, 4, 3), teacher_epochs=4, teacher_batch=64, teacher_lr=1e-3,
+FULL = Plan(train_subset=0, test_subset=0, eval_train_subset=5000, teacher_labels=38400, teacher_val_subset=2000,
+            teacher_arch="cnn", teacher_vit=(96, 4, 3), teacher_epochs=1, teacher_batch=128, teacher_lr=3e-3,
             tok_vit=(64, 2, 4), tok_codes=256, tok_code_dim=32, tok_restart=0.0, tok_epochs=1, tok_batch=256,
             tok_lr=2e-3,
             mim_vit=(96, 4, 3), mim_early_layers=2, mim_epochs=1, mim_batch=128, mim_lr=1.5e-3,
@@ -86,7 +87,7 @@ FULL = Plan(train_subset=0, test_subset=0, eval_train_subset=5000, teacher_label
             probe_feature="cls+mean", feature_batch=1000, num_workers=1)
 # Every stage on a subset with tiny models: a test of the pipeline (about a minute), not of the method.
 FAST = Plan(train_subset=1000, test_subset=400, eval_train_subset=1000, teacher_labels=500, teacher_val_subset=400,
-            teacher_vit=(32, 2, 2), teacher_epochs=8, teacher_batch=25, teacher_lr=4e-3,
+            teacher_arch="cnn", teacher_vit=(32, 2, 2), teacher_epochs=5, teacher_batch=50, teacher_lr=4e-3,
             tok_vit=(32, 1, 2), tok_codes=64, tok_code_dim=16, tok_restart=0.0, tok_epochs=1, tok_batch=50,
             tok_lr=2e-3,
             mim_vit=(32, 2, 2), mim_early_layers=1, mim_epochs=1, mim_batch=50, mim_lr=1.5e-3,
@@ -111,6 +112,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                                       "open_clip model name, or a beitv2 vit/mim checkpoint; "
                                                       "empty = train the stand-in supervised ViT")
     parser.add_argument("--teacher-checkpoint", default="", help="timm/open_clip: weights file for --teacher")
+    parser.add_argument("--stand-in", choices=("cnn", "vit"), default="",
+                        help="architecture of the stand-in teacher trained when --teacher is empty (default: the "
+                             "plan's, cnn: timm resnet10t at 56 px, 7x7 feature map; vit: the earlier 4-block ViT)")
     parser.add_argument("--probe-feature", choices=("cls+mean", "cls+grid3"), default="",
                         help="what the linear probe and k-NN read from the last block (default: the plan's, "
                              "cls+mean): cls+grid3 keeps the patch tokens on a 3x3 grid (docs/quickstart.md)")
@@ -342,6 +346,14 @@ def build_teacher_spec(args: argparse.Namespace, plan: Plan, root: str, out: Pat
     tdir = out / "teacher"
     tdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
+    if plan.teacher_arch == "cnn":
+        path = train_cnn_teacher(plan, root, tdir, cfg_dir, args.seed, progress)
+        desc = (f"a small CNN (timm resnet10t, widths 32-96, 56 px input, output stride 8: a 7 x 7 feature map) "
+                f"trained supervised from random init on {_subset_words(plan.teacher_labels)} of the training "
+                f"labels ({plan.teacher_epochs} epoch{'s' if plan.teacher_epochs > 1 else ''}), because no CLIP or "
+                "DINO weights can be fetched offline; "
+                "VQ-KD reads its last feature map, layer-normed per patch")
+        return {"kind": "beitv2", "name_or_path": str(path), "feature_norm": "layernorm"}, 96, path, desc
     # no layer scale and a full-scale head: a from-scratch ViT on a few thousand labels learns faster so
     vit_cfg = ViTConfig(**_vit(plan.teacher_vit, init_values=0.0, use_abs_pos_emb=True,
                                use_shared_rel_pos_bias=False, use_mean_pooling=True))
@@ -353,6 +365,59 @@ def build_teacher_spec(args: argparse.Namespace, plan: Plan, root: str, out: Pat
             f"supervised from random init on {_subset_words(plan.teacher_labels)} of the training labels, because "
             "no CLIP or DINO weights can be fetched offline")
     return {"kind": "beitv2", "name_or_path": str(path)}, plan.teacher_vit[0], path, desc
+
+
+def cnn_teacher_config(plan: Plan, root: str, out: Path, seed: int, progress: bool) -> dict[str, Any]:
+    """The CNN stand-in's training: plain supervised cross-entropy (label smoothing 0.1), flips only, AdamW."""
+    return {
+        "net": {"name": "resnet10t", "num_classes": 10, "in_chans": 1, "img_size": 56,
+                "model_kwargs": {"channels": [32, 48, 64, 96], "output_stride": 8}},
+        "data": _data(root, plan.teacher_labels, plan.teacher_val_subset, plan, seed),
+        "optim": {"lr": plan.teacher_lr, "min_lr": 1e-5, "weight_decay": 0.05, "warmup_epochs": 0.08},
+        "train": _train(out, plan.teacher_epochs, plan.teacher_batch, seed, progress,
+                        eval_every_epochs=plan.teacher_epochs),
+    }
+
+
+def train_cnn_teacher(plan: Plan, root: str, out: Path, cfg_dir: Path, seed: int, progress: bool) -> Path:
+    """Train the CNN stand-in teacher (`beitv2.models.timm_net.TimmNet`) with the project's trainer; its config is
+    written to ``cfg_dir/teacher.yaml`` like every other stage's. Returns ``out/model.safetensors``."""
+    import torch
+    from torch import nn
+    from torchvision.transforms import v2
+
+    from ..config import from_dict
+    from ..data import DataConfig, build_dataset, collate_skip_bad
+    from ..data.samples import TransformDataset, for_loader
+    from ..data.transforms import resolve_norm
+    from ..engine import OptimConfig, TrainConfig, Trainer, init_distributed
+    from ..eval.finetune import ClassificationTask
+    from ..models.timm_net import TimmNet, TimmNetConfig
+
+    cfg = cnn_teacher_config(plan, root, out, seed, progress)
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    (cfg_dir / "teacher.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    mean, std = resolve_norm(NORM, 1)
+    net = TimmNet(from_dict(TimmNetConfig, {**cfg["net"], "mean": list(mean), "std": list(std)}))
+    data = from_dict(DataConfig, cfg["data"])
+    flip = v2.Compose([v2.RandomHorizontalFlip(0.5), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])
+    plain = v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])
+    train_set = TransformDataset(build_dataset(data, "train"), flip, seed=seed)
+    val_set = TransformDataset(build_dataset(data, "val"), plain, seed=seed)
+    dist = init_distributed("cpu")
+    task = ClassificationTask(net, nn.CrossEntropyLoss(label_smoothing=0.1), out_dir=out, is_main=dist.is_main)
+    trainer = Trainer(task, for_loader(train_set), from_dict(TrainConfig, cfg["train"]),
+                      from_dict(OptimConfig, cfg["optim"]), dist=dist, run_config=cfg, val_set=for_loader(val_set),
+                      collate_fn=collate_skip_bad, num_workers=plan.num_workers)
+    result = trainer.fit()
+    if result.exit_code != 0:
+        raise StageError(f"the CNN teacher's training ended with status {result.status}")
+    from ..eval.finetune import final_report
+    from ..eval.metrics import write_metrics
+
+    write_metrics(out / "metrics.json", {"global_step": result.global_step, "num_images": len(train_set),
+                                         **final_report(task, 10)})
+    return out / "model.safetensors"
 
 
 def _subset_words(subset: float) -> str:
@@ -374,9 +439,10 @@ def evaluate(name: str, checkpoint: Path, plan: Plan, root: str, out: Path, cfg_
 
 
 def raw_pixel_scores(root: str, train_subset: float, test_subset: float, data_seed: int, probe: dict[str, Any],
-                     optim: dict[str, Any], train: dict[str, Any], ks: tuple[int, ...], knn_dir: Path
-                     ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(linear-probe metrics, k-NN metrics) on the normalised pixels (784 numbers) of a Fashion-MNIST subset.
+                     optim: dict[str, Any], train: dict[str, Any], ks: tuple[int, ...], knn_dir: Path,
+                     encode: Any = None, source: str = "raw pixels") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(linear-probe metrics, k-NN metrics) on the normalised pixels (784 numbers) of a Fashion-MNIST subset, or on
+    ``encode(images01) -> [B, D]`` of them (the CNN teacher's pooled features).
 
     ``probe`` / ``optim`` / ``train`` are the ``beitv2 linprobe`` config sections the backbones were probed with, so
     the pixels get the same probe (head, optimizer, schedule, epochs) on the same training / test subsets, and the
@@ -397,23 +463,49 @@ def raw_pixel_scores(root: str, train_subset: float, test_subset: float, data_se
     pcfg = from_dict(ProbeConfig, probe)
     norm = resolve_norm(pcfg.normalize if pcfg.normalize != "auto" else NORM, 1)
 
-    def pixels(is_train: bool, subset: float) -> tuple[Any, Any, list[str]]:
+    def features(is_train: bool, subset: float) -> tuple[Any, Any, list[str]]:
         x, y, classes = fashion_mnist_tensors(root, train=is_train, subset=subset, seed=data_seed)
+        if encode is not None:
+            return encode(x), y, classes
         if norm is not None:
             x = (x - norm[0][0]) / norm[1][0]
         return x.flatten(1), y, classes
 
-    x_tr, y_tr, classes = pixels(True, train_subset)
-    x_te, y_te, _ = pixels(False, test_subset)
+    x_tr, y_tr, classes = features(True, train_subset)
+    x_te, y_te, _ = features(False, test_subset)
     feats = SplitFeatures(train={0: x_tr}, train_labels=y_tr, val={0: x_te}, val_labels=y_te, class_names=classes)
     settings = ProbeSettings(pcfg, from_dict(OptimConfig, optim, base=probe_optim_defaults()),
                              from_dict(TrainConfig, train, base=probe_train_defaults()),
-                             extra_metrics={"source": "raw pixels"})
+                             extra_metrics={"source": source})
     lp = fit_probe(feats, settings, init_distributed("cpu"))
-    knn = evaluate_knn(feats, KNNConfig(k=tuple(ks))) | {"source": "raw pixels"}
+    knn = evaluate_knn(feats, KNNConfig(k=tuple(ks))) | {"source": source}
     knn_dir.mkdir(parents=True, exist_ok=True)
     write_metrics(knn_dir / "metrics.json", knn)
     return lp, knn
+
+
+def cnn_teacher_scores(plan: Plan, root: str, checkpoint: Path, out: Path, seed: int, progress: bool
+                       ) -> dict[str, Any]:
+    """The CNN teacher's row: the same probe and k-NN on its last feature map, mean-pooled (timm's global pool; a
+    CNN has no CLS token), computed in batches without gradients."""
+    import torch
+
+    from ..checkpoint import load_model
+
+    net = load_model(checkpoint)[0].eval()
+
+    @torch.no_grad()
+    def encode(images01: torch.Tensor) -> torch.Tensor:
+        return torch.cat([net.forward_features(images01[i:i + plan.feature_batch]).mean((2, 3))
+                          for i in range(0, len(images01), plan.feature_batch)])
+
+    lp_dir, knn_dir = out / "eval" / "teacher" / "linprobe", out / "eval" / "teacher" / "knn"
+    cfg = linprobe_config(plan, root, checkpoint, lp_dir, out / "eval" / "features", seed, progress)
+    lp, knn = raw_pixel_scores(root, plan.eval_train_subset, plan.test_subset, seed, cfg["probe"], cfg["optim"],
+                               cfg["train"], plan.knn_k, knn_dir, encode=encode,
+                               source="CNN teacher, mean-pooled last feature map")
+    return {"linprobe_acc1": lp.get("acc1"), "knn_acc1": _knn_at(knn, 20) if 20 in plan.knn_k else knn.get("acc1"),
+            "knn_best": {"acc1": knn.get("acc1"), "k": knn.get("best_k")}, "checkpoint": str(checkpoint)}
 
 
 def raw_pixel_baseline(plan: Plan, root: str, out: Path, seed: int, progress: bool) -> dict[str, Any]:
@@ -442,6 +534,8 @@ def _run(args: argparse.Namespace) -> int:
     plan = FAST if args.fast else FULL
     if getattr(args, "probe_feature", ""):
         plan = replace(plan, probe_feature=args.probe_feature)
+    if getattr(args, "stand_in", ""):
+        plan = replace(plan, teacher_arch=args.stand_in)
     if getattr(args, "print_config", False):  # the options and the plan's sizes, then stop
         from dataclasses import asdict
 
@@ -493,7 +587,7 @@ def _run(args: argparse.Namespace) -> int:
 
         seg_backbones = {"BEiT v2 (pre-trained)": mim_dir / "model.safetensors",
                          "random init (same ViT)": out / "random_init" / "model.safetensors"}
-        if teacher_ckpt is not None:
+        if teacher_ckpt is not None and _file_kind(teacher_ckpt) != "timm":  # a CNN has no ViT to segment with
             seg_backbones["teacher"] = teacher_ckpt
         with timer.stage("segmentation (--segment)", 6, 6):
             metrics["segmentation"] = quickstart_stage(out, root, seg_backbones, cfg_dir, args.seed, args.fast,
@@ -515,6 +609,12 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}%"
 
 
+def _file_kind(path: Path) -> str:
+    from ..checkpoint import read_metadata
+
+    return read_metadata(path).get("kind", "")
+
+
 def evaluate_all(args: argparse.Namespace, plan: Plan, root: str, out: Path, cfg_dir: Path, mim_dir: Path,
                  teacher_ckpt: Path | None, progress: bool) -> dict[str, dict[str, Any]]:
     import torch
@@ -534,7 +634,9 @@ def evaluate_all(args: argparse.Namespace, plan: Plan, root: str, out: Path, cfg
                "random init (same ViT)": evaluate("random_init", random_ckpt, plan, root, out, cfg_dir, args.seed,
                                                   progress)}
     results["raw pixels"] = raw_pixel_baseline(plan, root, out, args.seed, progress)
-    if teacher_ckpt is not None:
+    if teacher_ckpt is not None and _file_kind(teacher_ckpt) == "timm":
+        results["teacher"] = cnn_teacher_scores(plan, root, teacher_ckpt, out, args.seed, progress)
+    elif teacher_ckpt is not None:
         results["teacher"] = evaluate("teacher", teacher_ckpt, plan, root, out, cfg_dir, args.seed, progress)
     else:
         results["teacher"] = {"linprobe_acc1": None, "knn_acc1": None,

@@ -30,6 +30,7 @@ from .backbone import BEiTViT, ViTConfig
 from .dvae import DiscreteVAE, DVAEConfig
 from .mim import BEiTv2ForMIM, MIMConfig
 from .segmenter import Segmenter, SegmenterConfig
+from .timm_net import TimmNet, TimmNetConfig
 from .vqkd import VQKD, VQKDConfig
 
 
@@ -123,3 +124,4 @@ register(ModelKind("dvae", DVAEConfig, DiscreteVAE,
                    tokens=lambda c: TokenGrid(c.grid_size, c.vocab_size, (c.img_size, c.img_size), c.in_chans)))
 register(ModelKind("segmenter", SegmenterConfig, Segmenter, backbone=lambda c: c.backbone,
                    backbone_prefix="backbone."))
+register(ModelKind("timm", TimmNetConfig, TimmNet))  # no ViT backbone: a stand-in teacher (models/timm_net.py)

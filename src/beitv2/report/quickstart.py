@@ -181,7 +181,9 @@ def _settings(plan, args, root: str, teacher_spec: dict, stand_in: bool) -> dict
     return {
         "run": {"mode": "fast" if args.fast else "full", "threads": args.threads, "seed": args.seed,
                 "data": root, "precision": _precision_words()},
-        "teacher": teacher_spec | ({"architecture (width, depth, heads)": plan.teacher_vit,
+        "teacher": teacher_spec | ({"architecture": "timm resnet10t, widths 32/48/64/96, 56 px, output stride 8"
+                                    if plan.teacher_arch == "cnn" else
+                                    f"ViT (width, depth, heads) {tuple(plan.teacher_vit)}",
                                     "labelled images": _subset_words_n(plan.teacher_labels),
                                     "epochs": plan.teacher_epochs} if stand_in else {}),
         "tokenizer (VQ-KD)": {"encoder (width, depth, heads)": plan.tok_vit, "decoder depth": 1,
@@ -225,6 +227,9 @@ def _count(teacher_dir: Path) -> int | None:
     """Number of labelled images the teacher trained on, read back from its finetune config."""
     import yaml
 
+    ft = teacher_dir / "metrics.json"
+    if ft.is_file() and "num_images" in json.loads(ft.read_text()):  # the CNN stand-in records it
+        return int(json.loads(ft.read_text())["num_images"])
     cfg = teacher_dir.parent / "configs" / "finetune.teacher.yaml"
     if not cfg.is_file():
         return None
