@@ -54,7 +54,7 @@ def test_fast_run_succeeds_and_times_every_stage(fast_run):
                   "report", "total"):
         assert m["timings_s"][stage] > 0, stage
     assert m["teacher"]["stand_in"] is True
-    for stage in ("finetune.teacher", "train-tokenizer", "pretrain", "linprobe.beitv2", "knn.random_init"):
+    for stage in ("teacher", "train-tokenizer", "pretrain", "linprobe.beitv2", "knn.random_init"):
         assert (out / "configs" / f"{stage}.yaml").is_file()
 
 
