@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import struct
 import sys
@@ -84,7 +85,17 @@ def offline_runs(root: Path) -> list[Path]:
     """The offline run folders under ``root/wandb``, oldest first, once wandb's service has written them out (it
     may still hold the last records of a finished run in a buffer: `wandb.teardown` stops it)."""
     wandb.teardown()
-    return sorted(root.glob("wandb/offline-run-*"))
+    # oldest first by when each run's record file was last written (the runs here are sequential): the folder names
+    # carry a timestamp of one-second resolution, so two runs of one second would otherwise sort by run id
+    return sorted(root.glob("wandb/offline-run-*"), key=lambda r: run_file(r).stat().st_mtime_ns)
+
+
+def run_id(run: Path) -> str:
+    """The run id in an offline folder name ``offline-run-<time>-<id>``, with wandb's ``-N`` suffix for a second
+    folder of the same id in the same second dropped."""
+    m = re.fullmatch(r"offline-run-\d{8}_\d{6}-([a-z0-9]+)(?:-\d+)?", run.name)
+    assert m, run.name
+    return m.group(1)
 
 
 def run_file(run: Path) -> Path:
@@ -213,7 +224,7 @@ def test_stop_signal_finishes_the_run_preempted_and_the_resume_continues_it(tmp_
     new_id = (out / "wandb_run_id").read_text().strip()
     assert new_id != first_id
     runs = offline_runs(out)
-    assert not offline.exists() and [r.name.rsplit("-", 1)[1] for r in runs] == [first_id, first_id, new_id]
+    assert not offline.exists() and [run_id(r) for r in runs] == [first_id, first_id, new_id]
     records = [wandb_records(run_file(r)) for r in runs]
     assert [[e.exit_code for e in of_type(rs, "exit")] for rs in records] == [[143], [0], [0]]
     assert [len(of_type(rs, "preempting")) for rs in records] == [1, 0, 0]
