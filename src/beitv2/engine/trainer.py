@@ -147,6 +147,7 @@ class _DeviceMetrics:
     transfer) at check points. ``first_bad`` is the first step with a non-finite loss since the epoch start (-1)."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.keys: list[str] = []
         self.last: torch.Tensor | None = None
         self.sums: torch.Tensor | None = None
@@ -169,6 +170,33 @@ class _DeviceMetrics:
 
     def epoch_sums(self) -> dict[str, float]:
         return dict(zip(self.keys, self.sums.tolist())) if self.sums is not None else {}
+
+
+@dataclass
+class _Epoch:
+    """One epoch's running state in `Trainer._run`: where it starts and ends, the step metrics kept on the device,
+    counters for the log, and the micro-batches of the step being accumulated."""
+
+    epoch: int
+    first: int  # first micro-batch index (a resumed epoch skips the ones done)
+    used: int  # micro-batches that make whole steps
+    acc: _DeviceMetrics
+    n_steps: int = 0
+    skipped: int = 0  # unreadable images
+    t_log: float = field(default_factory=time.perf_counter)
+    img_log: int = 0  # images (all ranks) since the last log line
+    last: dict[str, float] = field(default_factory=dict)  # the metrics read at the last check point
+    # the step being accumulated: its micro-batches' losses, metrics and the product of their isfinite(loss)
+    micro_loss: list[torch.Tensor] = field(init=False)
+    micro_metrics: list[dict[str, torch.Tensor]] = field(init=False)
+    finite: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.start_step()
+
+    def start_step(self) -> None:
+        self.micro_loss, self.micro_metrics = [], []
+        self.finite = torch.ones((), device=self.acc.device)
 
 
 class Trainer:
@@ -394,105 +422,129 @@ class Trainer:
                 log.warning("model weights differ between ranks: %s", digests)
 
     def _run(self, loader: DataLoader, stop: _StopFlag) -> FitResult:
-        cfg, accum = self.cfg, self.cfg.accum_steps
-        start_epoch, start_step = divmod(self.global_step, self.steps_per_epoch)
-        last: dict[str, float] = {}
-        ckpt, status = None, "finished"
-        if cfg.stop_after_steps and self.global_step >= cfg.stop_after_steps:
+        """The loop: epochs of steps, each step `accum_steps` micro-batches, a checkpoint at every epoch's end."""
+        if self.cfg.stop_after_steps and self.global_step >= self.cfg.stop_after_steps:
             self.logger.info(f"already at step {self.global_step} >= train.stop_after_steps; nothing to do")
-            return FitResult("stopped", self.global_step, None, last)
-        for epoch in range(start_epoch, cfg.epochs):
-            first = start_step * accum if epoch == start_epoch else 0
-            if hasattr(self.train_set, "set_epoch"):
-                self.train_set.set_epoch(epoch)
-            used = self.micro_per_epoch - self.micro_per_epoch % accum
-            if self.sampler is None:
-                self.train_set.set_plan(StreamPlan(self.dist.rank, self.dist.world_size, cfg.batch_size, used, first))
-            else:
-                self.sampler.set_epoch(epoch)
-                self.sampler.set_skip(first * cfg.batch_size)
-            self.task.train()
-            self.task.on_epoch_start(epoch)
-            acc = _DeviceMetrics(self.device)
-            n_steps, skipped = 0, 0
-            t_log, img_log = time.perf_counter(), 0
-            micro_loss, micro_metrics, finite = [], [], torch.ones((), device=self.device)
-            try:
-                for i, batch in enumerate(loader, start=first):
-                    if i >= used:
-                        break
-                    m = i % accum
-                    if m == 0:
-                        step = self.global_step
-                        set_schedule(self.optimizer, float(self.lr_schedule[step]), float(self.wd_schedule[step]))
-                        self.task.on_step_start(step)
-                    skipped += int(batch.pop("num_skipped", 0))
-                    if not batch:
-                        raise RuntimeError(f"every image of batch {i} in epoch {epoch} was unreadable (see the "
-                                           "skipped-file messages above); fix or remove those files")
-                    img_log += _images_in(batch) * self.dist.world_size
-                    batch = _to_device(batch, self.device, self.train_spec)
-                    sync = (self.eager_net.no_sync() if self.dist.enabled and m < accum - 1
-                            else contextlib.nullcontext())
-                    with sync:
-                        loss, metrics = self._forward_backward(batch, accum)
-                    finite = finite * torch.isfinite(loss.detach()).float()
-                    micro_loss.append(loss.detach().float())
-                    micro_metrics.append({k: torch.as_tensor(v, device=self.device).detach().float()
-                                          for k, v in metrics.items()})
-                    if m < accum - 1:
-                        continue
-                    # Nothing below reads the device until a check point (a log line, a save, a stop, the epoch's
-                    # end): a non-finite step is skipped on the device (fused AdamW's found_inf) and reported there.
-                    step_loss = torch.stack(micro_loss).mean()
-                    acc.flag_non_finite(finite, self.global_step, step_loss)
-                    grad_norm = self._optimizer_step(skip=1 - finite)
-                    self.global_step += 1
-                    n_steps += 1
-                    keys = ["loss", *micro_metrics[0], "grad_norm"]
-                    acc.add(keys, torch.stack([step_loss]
-                                              + [torch.stack([mm[k] for mm in micro_metrics]).mean()
-                                                 for k in keys[1:-1]] + [grad_norm.float()]))
-                    micro_loss, micro_metrics, finite = [], [], torch.ones((), device=self.device)
-                    # Check points are the same steps on every rank (a function of the step and the config), so
-                    # the all-reduce in `_check` is reached by all ranks or none; a signal seen by one rank only
-                    # stops all of them at the next one.
-                    logging_now = self.global_step % cfg.log_every_steps == 0 or self.global_step == 1
-                    saving_now = bool(cfg.save_every_steps) and self.global_step % cfg.save_every_steps == 0
-                    limit = bool(cfg.stop_after_steps) and self.global_step >= cfg.stop_after_steps
-                    stop_check = (bool(cfg.stop_check_every_steps)
-                                  and self.global_step % cfg.stop_check_every_steps == 0)
-                    local_stop = stop.signum > 0 and not self.dist.enabled  # DDP ranks agree at check points
-                    if not (logging_now or saving_now or limit or stop_check or local_stop or i + 1 >= used):
-                        self.logger.progress(1, {})
-                        continue
-                    stopping = self._check(acc, stop, epoch, i)
-                    last = acc.read_last()
-                    self._log_step(epoch, last, img_log, t_log, skipped, logging_now)
-                    if logging_now:
-                        t_log, img_log = time.perf_counter(), 0
-                    if stopping or limit:
-                        status = "interrupted" if stopping else "stopped"
-                        break
-                    if saving_now:
-                        ckpt = self.save()
-            except RuntimeError as e:  # a second Ctrl-C (KeyboardInterrupt) aborts without saving
-                if isinstance(e, NonFiniteLossError) or not stop.signum or self.dist.enabled:
-                    raise  # several ranks: the others may be inside a step's collective; no save can be agreed
-                # the loader's workers died of the same Ctrl-C (they ignore it; a custom loader may not): the state
-                # is that of the last finished step
-                self.optimizer.zero_grad(set_to_none=True)
-                status = "interrupted"
-            if status == "finished" and self.global_step < (epoch + 1) * self.steps_per_epoch:
-                raise RuntimeError(f"the training data ran out in epoch {epoch} at step {self.global_step} of "
-                                   f"{(epoch + 1) * self.steps_per_epoch}")
-            if self.global_step == (epoch + 1) * self.steps_per_epoch:  # the epoch is complete
-                self._end_epoch(epoch, acc.epoch_sums(), n_steps, skipped)
-            ckpt = self.save()
+            return FitResult("stopped", self.global_step, None, {})
+        start_epoch, start_step = divmod(self.global_step, self.steps_per_epoch)
+        ckpt, last = None, {}
+        for epoch in range(start_epoch, self.cfg.epochs):
+            ep = self._start_epoch(epoch, first=start_step * self.cfg.accum_steps if epoch == start_epoch else 0)
+            status = self._train_epoch(loader, stop, ep)
+            last = ep.last or last
+            ckpt = self._close_epoch(ep, status)
             if status != "finished":
                 self.logger.info(f"{status} at step {self.global_step}; checkpoint {ckpt}")
                 return FitResult(status, self.global_step, ckpt, last)
         return FitResult("finished", self.global_step, ckpt, last)
+
+    def _start_epoch(self, epoch: int, first: int) -> _Epoch:
+        """Point the data at ``epoch`` from micro-batch ``first`` on (a resumed epoch skips what was done)."""
+        cfg = self.cfg
+        if hasattr(self.train_set, "set_epoch"):
+            self.train_set.set_epoch(epoch)
+        used = self.micro_per_epoch - self.micro_per_epoch % cfg.accum_steps  # whole steps only
+        if self.sampler is None:
+            self.train_set.set_plan(StreamPlan(self.dist.rank, self.dist.world_size, cfg.batch_size, used, first))
+        else:
+            self.sampler.set_epoch(epoch)
+            self.sampler.set_skip(first * cfg.batch_size)
+        self.task.train()
+        self.task.on_epoch_start(epoch)
+        return _Epoch(epoch, first, used, _DeviceMetrics(self.device))
+
+    def _train_epoch(self, loader: DataLoader, stop: _StopFlag, ep: _Epoch) -> str:
+        """The epoch's steps; "finished", or "stopped" / "interrupted" when the run ends inside it."""
+        accum = self.cfg.accum_steps
+        try:
+            for i, batch in enumerate(loader, start=ep.first):
+                if i >= ep.used:
+                    break
+                self._micro_step(ep, i, batch)
+                if i % accum < accum - 1:
+                    continue  # accumulate gradients
+                self._apply_step(ep)
+                status = self._check_point(ep, stop, i)
+                if status is not None:
+                    return status
+        except RuntimeError as e:  # a second Ctrl-C (KeyboardInterrupt) aborts without saving
+            if isinstance(e, NonFiniteLossError) or not stop.signum or self.dist.enabled:
+                raise  # several ranks: the others may be inside a step's collective; no save can be agreed
+            # the loader's workers died of the same Ctrl-C (they ignore it; a custom loader may not): the state
+            # is that of the last finished step
+            self.optimizer.zero_grad(set_to_none=True)
+            return "interrupted"
+        return "finished"
+
+    def _micro_step(self, ep: _Epoch, i: int, batch: dict) -> None:
+        """Forward and backward of micro-batch ``i``; its loss and metrics stay on the device."""
+        accum, m = self.cfg.accum_steps, i % self.cfg.accum_steps
+        if m == 0:
+            step = self.global_step
+            set_schedule(self.optimizer, float(self.lr_schedule[step]), float(self.wd_schedule[step]))
+            self.task.on_step_start(step)
+        ep.skipped += int(batch.pop("num_skipped", 0))
+        if not batch:
+            raise RuntimeError(f"every image of batch {i} in epoch {ep.epoch} was unreadable (see the "
+                               "skipped-file messages above); fix or remove those files")
+        ep.img_log += _images_in(batch) * self.dist.world_size
+        batch = _to_device(batch, self.device, self.train_spec)
+        sync = self.eager_net.no_sync() if self.dist.enabled and m < accum - 1 else contextlib.nullcontext()
+        with sync:
+            loss, metrics = self._forward_backward(batch, accum)
+        ep.finite = ep.finite * torch.isfinite(loss.detach()).float()
+        ep.micro_loss.append(loss.detach().float())
+        ep.micro_metrics.append({k: torch.as_tensor(v, device=self.device).detach().float()
+                                 for k, v in metrics.items()})
+
+    def _apply_step(self, ep: _Epoch) -> None:
+        """The optimizer step over the accumulated micro-batches and the step's metrics, without reading the device:
+        a non-finite step is skipped on the device (fused AdamW's found_inf) and reported at the next check point."""
+        step_loss = torch.stack(ep.micro_loss).mean()
+        ep.acc.flag_non_finite(ep.finite, self.global_step, step_loss)
+        grad_norm = self._optimizer_step(skip=1 - ep.finite)
+        self.global_step += 1
+        ep.n_steps += 1
+        keys = ["loss", *ep.micro_metrics[0], "grad_norm"]
+        ep.acc.add(keys, torch.stack([step_loss]
+                                     + [torch.stack([mm[k] for mm in ep.micro_metrics]).mean() for k in keys[1:-1]]
+                                     + [grad_norm.float()]))
+        ep.start_step()
+
+    def _check_point(self, ep: _Epoch, stop: _StopFlag, i: int) -> str | None:
+        """After a step: at a check point (a log line, a save, a stop check, the step limit, the epoch's last step)
+        read the device once, log and save; the run's end status when it stops here, else None.
+
+        Check points are the same steps on every rank (a function of the step and the config), so the all-reduce in
+        `_check` is reached by all ranks or none; a signal seen by one rank only stops all of them at the next one."""
+        cfg, step = self.cfg, self.global_step
+        logging_now = step % cfg.log_every_steps == 0 or step == 1
+        saving_now = bool(cfg.save_every_steps) and step % cfg.save_every_steps == 0
+        limit = bool(cfg.stop_after_steps) and step >= cfg.stop_after_steps
+        stop_check = bool(cfg.stop_check_every_steps) and step % cfg.stop_check_every_steps == 0
+        local_stop = stop.signum > 0 and not self.dist.enabled  # DDP ranks agree at check points
+        if not (logging_now or saving_now or limit or stop_check or local_stop or i + 1 >= ep.used):
+            self.logger.progress(1, {})
+            return None
+        stopping = self._check(ep.acc, stop, ep.epoch, i)
+        ep.last = ep.acc.read_last()
+        self._log_step(ep.epoch, ep.last, ep.img_log, ep.t_log, ep.skipped, logging_now)
+        if logging_now:
+            ep.t_log, ep.img_log = time.perf_counter(), 0
+        if stopping or limit:
+            return "interrupted" if stopping else "stopped"
+        if saving_now:
+            self.save()
+        return None
+
+    def _close_epoch(self, ep: _Epoch, status: str) -> Path | None:
+        """The epoch record when the epoch is complete (and validation), then a checkpoint."""
+        end = (ep.epoch + 1) * self.steps_per_epoch
+        if status == "finished" and self.global_step < end:
+            raise RuntimeError(f"the training data ran out in epoch {ep.epoch} at step {self.global_step} of {end}")
+        if self.global_step == end:
+            self._end_epoch(ep.epoch, ep.acc.epoch_sums(), ep.n_steps, ep.skipped)
+        return self.save()
 
     @property
     def step_skips_on_device(self) -> bool:
