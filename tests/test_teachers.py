@@ -1,14 +1,19 @@
-"""Teacher adapters built from tiny random models saved to disk (no downloads)."""
+"""Teacher adapters built from tiny random models saved to disk or to a Hugging Face cache (no downloads)."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers as tr
 
+from beitv2.cli import main
 from beitv2.config import ConfigError
 from beitv2.data.transforms import CLIP_MEAN, CLIP_STD, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from beitv2.teachers import Teacher, TeacherConfig, build_teacher, infer_grid
@@ -241,3 +246,110 @@ def test_timm_net_file_is_a_teacher_with_its_own_input_contract(tmp_path):
 def test_feature_norm_is_validated():
     with pytest.raises(ConfigError, match="teacher.feature_norm"):
         TeacherConfig(kind="beitv2", name_or_path=".", feature_norm="batchnorm").validate()
+
+
+# ------------------------------------------------------------- weights by name: the hub cache, or a refusal
+
+TIMM_NAME = "vit_tiny_patch16_224"
+TIMM_TINY = {"img_size": 32, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def write_hub_cache(cache, repo_id: str, files: dict[str, bytes], commit: str = "0123456789abcdef" * 2 + "01234567"):
+    """A repository snapshot laid out as huggingface_hub caches it: ``models--ORG--NAME/refs/main`` (the commit)
+    and ``models--ORG--NAME/snapshots/<commit>/<files>``."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name, data in files.items():
+        (snap / name).write_bytes(data)
+
+
+def test_timm_teacher_by_name_reads_the_offline_hub_cache_and_a_name_missing_there_is_refused(tmp_path):
+    """`pretrained=True` for a timm name: the weights timm names for it (its pretrained cfg's hf_hub_id) come from
+    the Hugging Face cache with HF_HUB_CACHE and HF_HUB_OFFLINE=1, as a user without network has them. A name whose
+    weights are not in that cache stops `train-tokenizer` with one line (exit 2, no traceback) before any work.
+    One child process for both: huggingface_hub reads these variables when it is imported."""
+    import timm
+    from PIL import Image
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    source = timm.create_model(TIMM_NAME, pretrained=False, **TIMM_TINY)  # the pretrained cfg's 1000-class head
+    pcfg = source.pretrained_cfg
+    repo_id = pcfg["hf_hub_id"]
+    assert repo_id.startswith("timm/") and pcfg["num_classes"] == 1000
+    weights = {k: v.contiguous() for k, v in source.state_dict().items()}
+    save_file(weights, tmp_path / "w.safetensors")
+    config = {"architecture": TIMM_NAME, "num_classes": 1000, "pretrained_cfg": {
+        k: v for k, v in pcfg.items() if k in ("tag", "input_size", "mean", "std", "classifier", "num_classes")}}
+    write_hub_cache(tmp_path / "hub", repo_id, {"model.safetensors": (tmp_path / "w.safetensors").read_bytes(),
+                                               "config.json": json.dumps(config).encode()})
+    (tmp_path / "imgs" / "c").mkdir(parents=True)
+    for i in range(8):
+        Image.new("RGB", (16, 16), (i * 30, 0, 0)).save(tmp_path / "imgs" / "c" / f"{i}.png")
+    uncached = "deit_tiny_patch16_224"  # its weights (another hf_hub_id) are not in the cache
+    script = textwrap.dedent(f"""
+        import sys
+        from safetensors.torch import save_file
+        from beitv2.cli import main
+        from beitv2.teachers import TeacherConfig, build_teacher
+        t = build_teacher(TeacherConfig(kind="timm", name_or_path={TIMM_NAME!r}, model_kwargs={TIMM_TINY!r},
+                                        bf16=False), (2, 2))
+        out = {str(tmp_path / "teacher.safetensors")!r}
+        save_file({{k: v.contiguous() for k, v in t.model.state_dict().items()}}, out)
+        sys.exit(main(["train-tokenizer", "--data.kind", "folder", "--data.path", {str(tmp_path / "imgs")!r},
+                       "--teacher.kind", "timm", "--teacher.name_or_path", {uncached!r},
+                       "--teacher.model_kwargs", {json.dumps(TIMM_TINY)!r},
+                       "--train.output_dir", {str(tmp_path / "run")!r}]))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", TORCH_HOME=str(tmp_path / "torch"),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    got = load_file(tmp_path / "teacher.safetensors")
+    want = {k: v for k, v in weights.items() if not k.startswith("head.")}  # num_classes=0: timm drops the head
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    fresh = timm.create_model(TIMM_NAME, pretrained=False, num_classes=0, **TIMM_TINY)  # random: different
+    assert not torch.equal(fresh.state_dict()["blocks.0.attn.qkv.weight"], got["blocks.0.attn.qkv.weight"])
+    # the name without cached weights
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    [line] = [x for x in proc.stderr.splitlines() if "configuration error" in x]
+    assert line.startswith("beitv2 train-tokenizer: configuration error: teacher.name_or_path: cannot build a timm "
+                           f"teacher from '{uncached}': timm could not load pretrained weights for {uncached}")
+    assert line.endswith("give teacher.checkpoint, or teacher.random_init true for random weights")
+    assert not (tmp_path / "run").exists()
+
+
+def test_open_clip_teacher_without_weights_is_refused_unless_random_init(tmp_path, capsys):
+    """An open_clip architecture name alone has no weights (open_clip would initialise it randomly, with only a log
+    warning): the CLI refuses it on one line, exit 2, before any work; `--teacher.random_init true` trains with it."""
+    import open_clip
+    from test_train_commands import FAST, TRAIN, VQKD, make_folder, write_yaml
+
+    tiny = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                            "patch_size": 16},
+            "text_cfg": {"context_length": 8, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "arch").mkdir()
+    (tmp_path / "arch" / "beitv2-test-tiny-clip.json").write_text(json.dumps(tiny))
+    open_clip.add_model_config(tmp_path / "arch")  # an architecture name, as "ViT-B-16" is one
+    out = tmp_path / "run"
+    cfg = write_yaml(tmp_path / "tok.yaml", {
+        "tokenizer": {"vqkd": {**VQKD, "teacher_dim": 24}},
+        "teacher": {"kind": "open_clip", "name_or_path": "beitv2-test-tiny-clip", "bf16": False},
+        "data": {**FAST, "kind": "folder", "path": str(make_folder(tmp_path / "imgs", n_per_class=8))},
+        "train": {**TRAIN, "epochs": 1, "output_dir": str(out)}})
+    for name in ("ViT-B-16", "beitv2-test-tiny-clip"):
+        assert main(["train-tokenizer", "--config", str(cfg), "--teacher.name_or_path", name]) == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"beitv2 train-tokenizer: configuration error: teacher.name_or_path: open_clip model {name!r} has no "
+            "weights: give teacher.checkpoint, an 'hf-hub:ID' or 'local-dir:PATH' name, or teacher.random_init true "
+            "for random weights"]
+    assert not out.exists()
+    assert main(["train-tokenizer", "--config", str(cfg), "--teacher.random_init", "true"]) == 0
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "step"]
+    assert len(steps) == 2 and all(-1 <= s["teacher_cos"] <= 1 for s in steps)  # 16 images / 8
