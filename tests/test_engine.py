@@ -96,7 +96,7 @@ def test_no_decay_groups_default_and_official():
     for name in ("blocks.0.attn.qkv.weight", "blocks.1.mlp.fc1.weight", "patch_embed.proj.weight", "lm_head.weight"):
         assert decay[name] is True, name
     official = _decay_of(param_groups(model, OptimConfig(official_no_decay=True)))
-    # the official pretraining code decays the mask token and the shared rel-pos table (facts §2.6, §7.14)
+    # the official pretraining code decays mask_token and the shared rel-pos table (it skips pos_embed, cls_token)
     assert official["mask_token"] and official["rel_pos_bias.relative_position_bias_table"]
     assert not official["cls_token"] and not official["pos_embed"] and not official["norm.weight"]
 
@@ -135,7 +135,7 @@ def test_cosine_schedule_warmup_from_zero_to_min_lr():
 
 def test_warmup_in_epochs_or_steps():
     assert warmup_iterations(1000, 50, warmup_epochs=2) == 100
-    assert warmup_iterations(1000, 50, warmup_epochs=0, warmup_steps=30) == 30  # official bug §7.7 fixed
+    assert warmup_iterations(1000, 50, warmup_epochs=0, warmup_steps=30) == 30  # the official scheduler fails here
     assert warmup_iterations(20, 50, warmup_epochs=5) == 20
     assert len(cosine_schedule(1.0, 0.0, 50, warmup_steps=30)) == 50
 

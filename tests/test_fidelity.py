@@ -353,8 +353,8 @@ def test_vqkd_patch_embeddings_keep_pytorch_default_init():
 
 # ---------------------------------------------------------------------------------------------------- recipes
 
-# The official commands (PRETRAINING.md, TOKENIZER.md, get_started_for_image_classification.md), written out here
-# independently of the presets.
+# The official commands (beit2/PRETRAINING.md, beit2/TOKENIZER.md, beit2/get_started_for_image_classification.md),
+# written out here independently of the presets.
 OFFICIAL_PRETRAIN = {  # preset: (lr, warmup, epochs, betas, clip, drop path, layer scale, early layers, batch/GPU)
     "beitv2_base_pt1k_1600e": (1.5e-3, 10, 1600, (0.9, 0.999), 3.0, 0.1, 0.1, 9, 128),
     "beitv2_base_pt1k_300e": (1.5e-3, 10, 300, (0.9, 0.98), 3.0, 0.0, 0.1, 9, 128),

@@ -1,6 +1,6 @@
 """Official checkpoints in (VQ-KD, pre-training, classifier), timm and transformers out, table resizing, CLI.
 
-Official-format files are written from the key lists and shapes of the official code (facts §4.1-4.3), not from our
+Official-format files are written from the key lists and shapes of the official code's checkpoints, not from our
 models' state dicts: they carry the official-only keys (teacher, scaling layer, dead quantizer buffers,
 `relative_position_index`), the `model`/`module` wrappers, a `module.` prefix and a pickled `args` Namespace.
 Independent references are timm's `Beit` (same official names) and plain tensor code.
@@ -73,7 +73,7 @@ def official_block(r: Gen, p: str, *, gamma: bool, table: bool) -> dict:
 
 
 def official_vqkd(seed: int = 0, dec_depth: int = 2) -> dict:
-    """`vqkd_encoder_base_decoder_*` training checkpoint ['model'] (facts §4.1), teacher and all, shrunk."""
+    """`vqkd_encoder_base_decoder_*` training checkpoint ['model'], teacher and all, shrunk."""
     r = Gen(seed)
     n = GRID * GRID
     sd = {"encoder.cls_token": r(1, 1, D), "encoder.pos_embed": r(1, n + 1, D),
@@ -103,7 +103,7 @@ def official_vqkd(seed: int = 0, dec_depth: int = 2) -> dict:
 
 
 def official_pretrain(seed: int = 1, head_layers: int = 2, shared_lm_head: bool = True) -> dict:
-    """`beit_base_patch16_224_8k_vocab_cls_pt` checkpoint ['model'] (facts §4.2), shrunk."""
+    """`beit_base_patch16_224_8k_vocab_cls_pt` checkpoint ['model'], shrunk."""
     r = Gen(seed)
     sd = {"cls_token": r(1, 1, D), "mask_token": r(1, 1, D), "patch_embed.proj.weight": r(D, 3, PATCH, PATCH),
           "patch_embed.proj.bias": r(D),
@@ -121,7 +121,7 @@ def official_pretrain(seed: int = 1, head_layers: int = 2, shared_lm_head: bool 
 
 
 def official_classifier(seed: int = 2, classes: int = 7) -> dict:
-    """Fine-tuned `beit_base_patch16_224` checkpoint (facts §4.3), shrunk: per-layer tables, fc_norm, head."""
+    """Fine-tuned `beit_base_patch16_224` checkpoint, shrunk: per-layer tables, fc_norm, head."""
     r = Gen(seed)
     sd = {"cls_token": r(1, 1, D), "patch_embed.proj.weight": r(D, 3, PATCH, PATCH), "patch_embed.proj.bias": r(D),
           "fc_norm.weight": r(D, mean=1.0), "fc_norm.bias": r(D), "head.weight": r(classes, D),

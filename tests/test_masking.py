@@ -28,7 +28,7 @@ def test_mean_number_of_blocks_matches_reference():
         m = g()
         blocks.append(g.last_num_blocks)
         topups += count_blocks(m) > g.last_num_blocks  # scattered single patches from the top-up
-    assert 3.9 < np.mean(blocks) < 4.3  # reference: about 4.1 per mask (facts 2.4)
+    assert 3.9 < np.mean(blocks) < 4.3  # the official generator: about 4.1 per mask
     assert 0.05 < topups / 3000 < 0.6  # the top-up happens for a sizeable minority of masks
 
 

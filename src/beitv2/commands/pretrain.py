@@ -1,6 +1,6 @@
 """`beitv2 pretrain`: masked image modeling against a frozen tokenizer (BEiT v2 with VQ-KD, BEiT v1 with a dVAE).
 
-Defaults reproduce the official ViT-B/16 1600-epoch recipe (PRETRAINING.md): patch aggregation on
+Defaults reproduce the official ViT-B/16 1600-epoch recipe (beit2/PRETRAINING.md): patch aggregation on
 layer 9 with 2 head layers and a shared lm_head, 75 blockwise-masked patches, lr 1.5e-3 with 10 warmup epochs,
 clip 3.0, weight decay 0.05, 128 images per GPU. The tokenizer (``--tokenizer.checkpoint``) is a file made by
 this project (``beitv2 train-tokenizer`` or ``beitv2 convert``) or, for BEiT v1, OpenAI DALL-E's ``encoder.pkl``;
@@ -89,7 +89,7 @@ class TokenizerRef:
 
 @dataclass
 class PretrainAugConfig:
-    min_crop_scale: float = opt(0.2, "RandomResizedCrop minimum scale (PRETRAINING.md: 0.2; code default 0.08)")
+    min_crop_scale: float = opt(0.2, "RandomResizedCrop minimum scale (beit2/PRETRAINING.md: 0.2; code default 0.08)")
     color_jitter: float = opt(0.4, "ColorJitter strength (official: hard-coded 0.4)")
     color_jitter_after_crop: bool = opt(True, "jitter the resized crop (cheaper: 224 px instead of the full image) "
                                               "instead of the full image before the crop (official order)")

@@ -1,6 +1,6 @@
 """`beitv2 train-tokenizer`: train a VQ-KD tokenizer against a frozen teacher (BEiT v2), or a dVAE (BEiT v1).
 
-Defaults reproduce the official VQ-KD recipe (TOKENIZER.md): ViT-B/16 encoder, 3-layer decoder,
+Defaults reproduce the official VQ-KD recipe (beit2/TOKENIZER.md): ViT-B/16 encoder, 3-layer decoder,
 8192 x 32 codebook with k-means init, CLIP ViT-B/16 teacher, AdamW betas (0.9, 0.99), lr 5e-5 scaled by
 total_batch / 128, min_lr 1e-5, 10 warmup epochs, weight decay 1e-4 (constant), 100 epochs of 64 images per GPU.
 """
@@ -54,7 +54,7 @@ class TokenizerSection:
 
 @dataclass
 class TokenizerAugConfig:
-    min_crop_scale: float = opt(0.08, "RandomResizedCrop minimum scale (TOKENIZER.md: 0.08)")
+    min_crop_scale: float = opt(0.08, "RandomResizedCrop minimum scale (beit2/TOKENIZER.md: 0.08)")
     color_jitter: float = opt(0.0, "ColorJitter strength (official default 0 = off)")
     color_jitter_after_crop: bool = opt(True, "jitter the resized crop (cheaper) instead of the full image before "
                                               "the crop (official order)")
