@@ -6,14 +6,19 @@ task classes only changes the construction helpers below. The references never c
 
 from __future__ import annotations
 
+import contextlib
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from beitv2.checkpoint import save_model
 from beitv2.commands.pretrain import PretrainConfig
+from beitv2.commands.train_tokenizer import TrainTokenizerConfig, build_task
+from beitv2.config import from_dict
 from beitv2.mim_targets import build_target
-from beitv2.models.backbone import ViTConfig
+from beitv2.models.backbone import BEiTViT, ViTConfig
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
 from beitv2.tasks import MIMTask
 from beitv2.teachers import TeacherConfig
@@ -129,3 +134,150 @@ def test_pixel_target_gradient_reaches_the_model_through_the_mse():
         (out,) = model(batch["image"], batch["mask"].reshape(2, -1))
     (g,) = grads
     torch.testing.assert_close(g, 2 * (out - labels) / labels.numel(), rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------- tokenizer validation
+
+NUM_CODES, BETA = 16, 0.5
+
+
+def write_teacher(folder: Path) -> Path:
+    """A tiny 'vit' checkpoint made by this project: the VQ-KD teacher (24-d patch features)."""
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=(16,), patch_size=4, embed_dim=24, depth=1, num_heads=2, use_mean_pooling=True,
+                    init_std=0.3)
+    return save_model(folder / "teacher.safetensors", BEiTViT(cfg), "vit", cfg)
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory) -> Path:
+    return write_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+def tokenizer_task(teacher_path: Path, input_norm: str = "default"):
+    """The VQ-KD task as `beitv2 train-tokenizer` builds it."""
+    torch.manual_seed(0)
+    cfg = from_dict(TrainTokenizerConfig, {
+        "tokenizer": {"vqkd": {"encoder": {"img_size": [16], "patch_size": 4, "embed_dim": 32, "depth": 1,
+                                           "num_heads": 2},
+                               "decoder_depth": 1, "teacher_dim": 24, "input_norm": input_norm,
+                               "quantizer": {"num_codes": NUM_CODES, "code_dim": 8, "beta": BETA}}},
+        "teacher": {"kind": "beitv2", "name_or_path": str(teacher_path), "bf16": False}})
+    return build_task(cfg)
+
+
+def trained_tokenizer_task(teacher_path: Path):
+    """The task after one training step (k-means init, one EMA update, training-time usage counts)."""
+    task = tokenizer_task(teacher_path).train()
+    task({"tokenizer_image": torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(11))})
+    return task.eval()
+
+
+def val_batches() -> list[torch.Tensor]:
+    """Three validation batches of different sizes and content (so an unweighted mean of batch means differs)."""
+    g = torch.Generator().manual_seed(12)
+    return [torch.rand(3, 3, 16, 16, generator=g), torch.rand(2, 3, 16, 16, generator=g) ** 3,
+            torch.rand(1, 3, 16, 16, generator=g) * 0.5]
+
+
+def val_loader(batches: list[torch.Tensor]) -> list[dict]:
+    """As `collate_skip_bad` yields them: a skip count beside the images, and an all-unreadable batch."""
+    out: list[dict] = [{"tokenizer_image": batches[0].clone(), "num_skipped": 1}, {"num_skipped": 2}]
+    return out + [{"tokenizer_image": b.clone()} for b in batches[1:]]
+
+
+@torch.no_grad()
+def tokenizer_metrics_by_hand(task, images: torch.Tensor) -> dict[str, float]:
+    """Validation metrics over all ``images`` from their definitions: the cosine of the decoder's output for the
+    codes `tokenize` returns against the teacher's features, per patch; the commitment term beta * mse(z_q, z) on
+    unit vectors; the usage histogram of those codes and its perplexity exp(entropy)."""
+    vq = task.model
+    teacher = task.teacher(images)
+    codes = vq.tokenize(images)
+    z = vq.encode(images)
+    z = z / z.norm(dim=-1, keepdim=True)
+    z_q = vq.quantize.codebook[codes]
+    dec = vq.decode(z_q)
+    cos = (dec * teacher).sum(-1) / (dec.norm(dim=-1) * teacher.norm(dim=-1))
+    quant = BETA * ((z_q - z) ** 2).mean()
+    hist = torch.bincount(codes.flatten(), minlength=NUM_CODES).double()
+    p = hist[hist > 0] / hist.sum()
+    used = int((hist > 0).sum())
+    return {"teacher_cos": float(cos.mean()), "rec_loss": float((1 - cos).mean()), "quant_loss": float(quant),
+            "loss": float((1 - cos).mean() + quant), "codebook_codes_used": used,
+            "codebook_dead_codes": NUM_CODES - used, "codebook_usage": used / NUM_CODES,
+            "codebook_perplexity": math.exp(float(-(p * p.log()).sum())), "images": images.shape[0]}
+
+
+def perplexity(counts: torch.Tensor) -> float:
+    p = counts[counts > 0].double() / counts.sum()
+    return math.exp(float(-(p * p.log()).sum()))
+
+
+def assert_metrics(got: dict, want: dict) -> None:
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+def test_tokenizer_evaluate_metrics_by_hand_and_training_usage_restored(teacher_path):
+    task = trained_tokenizer_task(teacher_path)
+    q = task.model.quantize
+    saved, codebook, ema = q.usage_counts.clone(), q.codebook.detach().clone(), q.cluster_size.clone()
+    assert saved.sum() == 4 * 16  # the training step's assignments
+    batches = val_batches()
+    out = task.evaluate(val_loader(batches), torch.device("cpu"), contextlib.nullcontext)
+    want = tokenizer_metrics_by_hand(task, torch.cat(batches))
+    assert_metrics(out, want)
+    assert out["codebook_ema_dead_codes"] == task.epoch_metrics()["codebook_ema_dead_codes"]
+    # training-time usage counts, the codebook and its EMA statistics are as before the validation pass
+    assert torch.equal(q.usage_counts, saved)
+    assert torch.equal(q.codebook, codebook) and torch.equal(q.cluster_size, ema)
+    # preconditions: what a bug would report instead differs from the reference beyond the tolerance
+    codes = torch.cat([task.model.tokenize(b).flatten() for b in batches])
+    hist = torch.bincount(codes, minlength=NUM_CODES).double()
+    assert 1 < want["codebook_codes_used"] < NUM_CODES
+    assert abs(perplexity(hist + saved) - want["codebook_perplexity"]) > 1e-2  # counts not reset before the pass
+    assert abs(perplexity(hist[:-1]) - want["codebook_perplexity"]) > 1e-3 or hist[-1] == 0
+    per_batch = [tokenizer_metrics_by_hand(task, b) for b in batches]
+    unweighted = sum(m["rec_loss"] for m in per_batch) / len(per_batch)
+    assert abs(unweighted - want["rec_loss"]) > 1e-4  # a mean of batch means is not the mean over images
+    assert abs(want["quant_loss"]) > 1e-3 and abs(want["teacher_cos"]) > 1e-3
+
+
+# ------------------------------------------------------------------------------------- VQ-KD input_norm
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def encoder_input(vq, images: torch.Tensor) -> torch.Tensor:
+    """What the encoder's patch embedding receives for ``images`` (read by a forward pre-hook)."""
+    seen = []
+    handle = vq.encoder.patch_embed.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            vq.tokenize(images)
+    finally:
+        handle.remove()
+    (x,) = seen
+    return x
+
+
+@pytest.mark.parametrize("input_norm", ["imagenet", "default"])
+def test_vqkd_input_norm_is_what_the_encoder_sees(teacher_path, input_norm):
+    vq = tokenizer_task(teacher_path, input_norm).model.eval()
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(13))
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    want = (images - mean) / std if input_norm == "imagenet" else images * 2 - 1
+    torch.testing.assert_close(encoder_input(vq, images), want, rtol=1e-6, atol=1e-6)
+    # preconditions: swapped mean / std, the channels' statistics reversed, or the other mapping all differ
+    wrong = [(images - std) / mean, (images - mean.flip(1)) / std.flip(1), images]
+    wrong.append(images * 2 - 1 if input_norm == "imagenet" else (images - mean) / std)
+    for other in wrong:
+        assert (other - want).abs().max() > 0.1
+    if input_norm == "imagenet":  # same encoding as the default mapping fed the image that maps to the same input
+        default = tokenizer_task(teacher_path, "default").model.eval()
+        default.load_state_dict(vq.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(vq.encode(images), default.encode(((images - mean) / std + 1) / 2),
+                                       rtol=1e-5, atol=1e-5)
