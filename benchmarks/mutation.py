@@ -8,7 +8,9 @@ it is CPU-heavy. Run it niced, sampling mutants per module::
 
     nice -n 15 python benchmarks/mutation.py --max-mutants 12 --seed 0 [--module masking.py ...] [--jobs 1]
 
-Prints one line per mutant and the kill rate per module and overall; ``--json PATH`` writes the survivors.
+Prints one line per mutant and the kill rate per module and overall; ``--json PATH`` writes every result, and
+``--rerun PATH`` runs only the survivors of such a file again (after adding tests; the sources must be unchanged).
+The sample is one shuffle per (seed, module), so ``--max-mutants 8`` extends the ``--max-mutants 4`` sample.
 """
 
 from __future__ import annotations
@@ -155,8 +157,16 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=300, help="seconds per mutant")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None, help="write every mutant's result here")
+    ap.add_argument("--rerun", type=Path, default=None,
+                    help="only the survivors listed in this --json file (same module, line and mutation)")
     args = ap.parse_args()
+    wanted = None
+    if args.rerun:
+        wanted = {(r["module"], r["line"], r["mutation"]) for r in json.loads(args.rerun.read_text())
+                  if r["status"] == "survived"}
     modules = args.module or list(TARGETS)
+    if wanted is not None:
+        modules = [m for m in modules if any(w[0] == m for w in wanted)]
     jobs = []
     for module in modules:
         src = (PKG / module).read_text()
@@ -166,6 +176,8 @@ def main() -> int:
         # not change each other's mutants
         random.Random(f"{args.seed}:{module}").shuffle(sites)
         picked = sites[:args.max_mutants] if args.max_mutants > 0 else sites
+        if wanted is not None:
+            picked = [x for x in sites if (module, x.line, x.desc) in wanted]
         for site in picked:
             try:
                 mutated = ast.unparse(apply(tree, site))

@@ -1,9 +1,12 @@
 """The backbone against timm's Beit: same config, same state dict, identical outputs."""
 
+import dataclasses
+
 import pytest
 import torch
 from timm.models.beit import Beit
 
+from beitv2.config import ConfigError
 from beitv2.models.backbone import BEiTViT, ViTConfig
 
 CASES = {
@@ -150,3 +153,14 @@ def test_cpu_training_on_short_sequences_uses_the_math_kernel_with_the_same_grad
         model(x).square().sum().backward()
     for a, b in zip(ours, (p.grad for p in model.parameters())):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_default_config_is_the_official_base_and_checks_its_options():
+    """`ViTConfig()` is BEiT v2 base pre-training (`beit_base_patch16_224_8k_vocab`): 224 px, 16 px patches, 768 wide,
+    12 blocks of 12 heads, MLP ratio 4, q/v biases, shared relative position bias."""
+    c = ViTConfig()
+    assert (c.img_hw, c.patch_size, c.in_chans, c.embed_dim, c.depth, c.num_heads) == ((224, 224), 16, 3, 768, 12, 12)
+    assert c.mlp_ratio == 4.0 and c.qkv_bias is True
+    assert c.use_shared_rel_pos_bias and not c.use_rel_pos_bias and not c.use_abs_pos_emb
+    with pytest.raises(ConfigError, match="use_rel_pos_bias"):  # per-layer and shared tables are exclusive
+        dataclasses.replace(c, use_rel_pos_bias=True).validate()

@@ -28,6 +28,7 @@ from beitv2.engine import (
     warmup_iterations,
 )
 from beitv2.engine import state as S
+from beitv2.engine.schedule import poly_schedule
 from beitv2.models.backbone import BEiTViT, ViTConfig
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
 from beitv2.tasks import TrainTask
@@ -131,6 +132,20 @@ def test_cosine_schedule_warmup_from_zero_to_min_lr():
     assert s[-1] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * (n - 1) / n)))
     assert s[-1] < 1.1e-5
     assert s[55] == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5))  # the cosine's midpoint
+
+
+def test_poly_schedule_with_final_lr_and_warmup_by_hand():
+    """mmcv's `PolyLrUpdaterHook` written out: (base - min_lr) * (1 - i / total) ** power + min_lr, times the linear
+    warmup factor 1 - (1 - i / warmup) * (1 - warmup_ratio) during the warmup steps."""
+    base, final, total, warm, power, ratio = 0.1, 0.02, 12, 4, 0.9, 0.1
+    want = []
+    for i in range(total):
+        lr = (base - final) * (1 - i / total) ** power + final
+        if i < warm:
+            lr *= 1 - (1 - i / warm) * (1 - ratio)
+        want.append(lr)
+    got = poly_schedule(base, final, total, warmup_steps=warm, power=power, warmup_ratio=ratio)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
 
 
 def test_warmup_in_epochs_or_steps():

@@ -55,3 +55,30 @@ def test_bad_arguments_name_the_field():
         BlockwiseMaskGenerator(4, 17)
     with pytest.raises(ConfigError, match="mask.kind"):
         build_mask_generator("spiral", 4, 3)
+
+
+def test_block_aspect_ratio_spans_tall_and_wide_blocks():
+    """Aspect ratios are log-uniform in [min_aspect, 1 / min_aspect] (official `max_aspect = 1 / min_aspect`): single
+    16-patch blocks come out taller than wide about as often as wider than tall (seeded: 78 tall, 88 wide of 288)."""
+    g = BlockwiseMaskGenerator(14, 16, min_num_patches=16, max_num_patches=16, top_up=False, seed=3)
+    tall = wide = singles = 0
+    for _ in range(400):
+        m = g()
+        if g.last_num_blocks != 1:
+            continue
+        singles += 1
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        h, w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+        assert h * w == m.sum()  # one filled rectangle
+        tall += h > w
+        wide += h < w
+    assert singles > 200
+    # log-uniform aspect: as many tall as wide blocks (squares are the rest); one fixed aspect gives one kind only
+    assert tall > 0.2 * singles and wide > 0.2 * singles and abs(tall - wide) < 0.1 * singles
+
+
+def test_build_mask_generator_defaults_to_the_v2_exact_count():
+    g = build_mask_generator("block", 14, 75, seed=0)
+    assert all(int(g().sum()) == 75 for _ in range(300))
+    v1 = build_mask_generator("block", 14, 75, seed=0, top_up=False)
+    assert min(int(v1().sum()) for _ in range(300)) < 75  # without the top-up some masks stop short

@@ -87,6 +87,20 @@ def test_kmeans_recovers_clusters_and_lazy_init():
     assert (q.codebook @ centers.t()).max(dim=0).values.min() > 0.95
 
 
+def test_kmeans_init_sets_the_ema_cluster_sizes_to_the_cluster_counts():
+    """Official `kmeans` init copies the clusters' sizes into `cluster_size`; the first EMA update on the same vectors
+    (d * bins + (1 - d) * bins) leaves them there."""
+    torch.manual_seed(0)
+    centers = torch.eye(8)[:4]  # orthogonal clusters of different sizes
+    counts = torch.tensor([20, 40, 60, 80])
+    pts = F.normalize(centers.repeat_interleave(counts, 0) + 0.05 * torch.randn(200, 8), dim=-1)
+    q = NormEMAQuantizer(QuantizerConfig(num_codes=4, code_dim=8, kmeans_init=True, decay=0.9)).train()
+    q(pts[None])
+    code_of_center = (centers @ q.codebook.t()).argmax(dim=1)
+    assert sorted(code_of_center.tolist()) == [0, 1, 2, 3]
+    torch.testing.assert_close(q.cluster_size[code_of_center], counts.float())
+
+
 def test_dead_code_restart_reseeds_from_batch():
     codebook = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
     q = _quantizer(codebook, decay=0.5, restart_threshold=0.2).train()
@@ -113,3 +127,5 @@ def test_state_dict_round_trip(tmp_path):
 def test_config_validation():
     with pytest.raises(ConfigError, match="decay"):
         QuantizerConfig(decay=1.5).validate()
+    with pytest.raises(ConfigError, match="decay"):  # the quantizer checks the config it is given
+        NormEMAQuantizer(QuantizerConfig(decay=1.5))

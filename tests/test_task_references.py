@@ -7,6 +7,7 @@ task classes only changes the construction helpers below. The references never c
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from pathlib import Path
 
@@ -136,6 +137,28 @@ def test_pixel_target_gradient_reaches_the_model_through_the_mse():
     torch.testing.assert_close(g, 2 * (out - labels) / labels.numel(), rtol=1e-4, atol=1e-6)
 
 
+def test_task_forward_runs_the_module_the_trainer_wrapped():
+    """The trainer hands the task its DDP / compiled wrapper through `wrap`; the forward must run that module (a bare
+    model would skip DDP's gradient all-reduce), and `unwrapped()` (validation) the bare model. A second model with
+    other head weights stands in for the wrapper, so the loss shows which module ran."""
+    task, model = pixel_task(True, False)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(3.0)
+    batch = pixel_batch()
+    labels = pixel_labels_by_hand(batch["image"], batch["mask"], True)
+    flat = batch["mask"].reshape(2, -1)
+    with torch.no_grad():
+        own = float(((model(batch["image"], flat)[0] - labels) ** 2).mean())
+        wrapped = float(((other(batch["image"], flat)[0] - labels) ** 2).mean())
+        assert abs(own - wrapped) > 1e-2
+        task.wrap(other)
+        assert float(task(batch)[0]) == pytest.approx(wrapped, rel=1e-5)
+        with task.unwrapped():
+            assert float(task(batch)[0]) == pytest.approx(own, rel=1e-5)
+        assert float(task(batch)[0]) == pytest.approx(wrapped, rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------- tokenizer validation
 
 NUM_CODES, BETA = 16, 0.5
@@ -217,6 +240,14 @@ def perplexity(counts: torch.Tensor) -> float:
 def assert_metrics(got: dict, want: dict) -> None:
     for k, v in want.items():
         assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+def test_tokenizer_task_keeps_the_teacher_frozen(teacher_path):
+    task = tokenizer_task(teacher_path)
+    assert not task.teacher.training and not any(p.requires_grad for p in task.teacher.parameters())
+    task.train()
+    assert task.model.training and not task.teacher.training
+    assert all(p.requires_grad for p in task.model.parameters() if p is not task.model.quantize.codebook)
 
 
 def test_tokenizer_evaluate_metrics_by_hand_and_training_usage_restored(teacher_path):
