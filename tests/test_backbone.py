@@ -164,3 +164,5 @@ def test_default_config_is_the_official_base_and_checks_its_options():
     assert c.use_shared_rel_pos_bias and not c.use_rel_pos_bias and not c.use_abs_pos_emb
     with pytest.raises(ConfigError, match="use_rel_pos_bias"):  # per-layer and shared tables are exclusive
         dataclasses.replace(c, use_rel_pos_bias=True).validate()
+    with pytest.raises(ConfigError, match="num_classes"):
+        dataclasses.replace(c, num_classes=-1).validate()

@@ -242,12 +242,18 @@ def assert_metrics(got: dict, want: dict) -> None:
         assert got[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
 
 
-def test_tokenizer_task_keeps_the_teacher_frozen(teacher_path):
+def test_tasks_keep_their_frozen_helpers_in_eval_mode_without_gradients(teacher_path):
     task = tokenizer_task(teacher_path)
     assert not task.teacher.training and not any(p.requires_grad for p in task.teacher.parameters())
     task.train()
     assert task.model.training and not task.teacher.training
     assert all(p.requires_grad for p in task.model.parameters() if p is not task.model.quantize.codebook)
+    # a tokenizer handed over in training mode is frozen by the MIM task itself
+    tokenizer = tokenizer_task(teacher_path).model.train()
+    mim = MIMTask(BEiTv2ForMIM(MIMConfig(backbone=ViTConfig(img_size=(16,), patch_size=4, embed_dim=32, depth=1,
+                                                            num_heads=2), vocab_size=NUM_CODES, early_layers=1,
+                                         head_layers=1)), tokenizer)
+    assert not mim.tokenizer.training and not any(p.requires_grad for p in tokenizer.parameters())
 
 
 def test_tokenizer_evaluate_metrics_by_hand_and_training_usage_restored(teacher_path):
