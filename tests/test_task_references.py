@@ -18,7 +18,7 @@ from beitv2.checkpoint import save_model
 from beitv2.commands.pretrain import PretrainConfig
 from beitv2.commands.train_tokenizer import TrainTokenizerConfig, build_task
 from beitv2.config import from_dict
-from beitv2.mim_targets import build_target
+from beitv2.mim_targets import TokenTarget, build_target
 from beitv2.models.backbone import BEiTViT, ViTConfig
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
 from beitv2.tasks import MIMTask
@@ -252,8 +252,10 @@ def test_tasks_keep_their_frozen_helpers_in_eval_mode_without_gradients(teacher_
     tokenizer = tokenizer_task(teacher_path).model.train()
     mim = MIMTask(BEiTv2ForMIM(MIMConfig(backbone=ViTConfig(img_size=(16,), patch_size=4, embed_dim=32, depth=1,
                                                             num_heads=2), vocab_size=NUM_CODES, early_layers=1,
-                                         head_layers=1)), tokenizer)
-    assert not mim.tokenizer.training and not any(p.requires_grad for p in tokenizer.parameters())
+                                         head_layers=1)), TokenTarget(tokenizer))
+    assert not tokenizer.training and not any(p.requires_grad for p in tokenizer.parameters())
+    mim.train()
+    assert mim.model.training and not tokenizer.training
 
 
 def test_tokenizer_evaluate_metrics_by_hand_and_training_usage_restored(teacher_path):
