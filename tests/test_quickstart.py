@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from idx_files import write_idx_split
 from PIL import Image
 
@@ -208,3 +209,15 @@ def test_grid_features_keep_where_the_patches_are():
     # the mean of the four cells is the plain mean-pooled feature
     mean = layer_features(model, x, [2], "cls+mean")[2][:, 32:]
     assert torch.allclose(f[2][:, 32:].reshape(3, 32, 4).mean(-1), mean, atol=1e-5)
+
+
+def test_plans_long_is_the_full_plan_with_more_mim_epochs(capsys):
+    def plan(*flags):
+        capsys.readouterr()
+        assert main(["quickstart", *flags, "--print-config"]) == 0
+        return yaml.safe_load(capsys.readouterr().out)["plan"]
+
+    full, long = plan(), plan("--plan", "long")
+    assert long["mim_epochs"] == 4 and full["mim_epochs"] == 1
+    assert {k: v for k, v in long.items() if k != "mim_epochs"} == {k: v for k, v in full.items() if k != "mim_epochs"}
+    assert plan("--fast") == plan("--plan", "fast") != full

@@ -73,7 +73,7 @@ def build_report(out: Path, plan, root: str, args, results: dict[str, dict[str, 
                  sections=sections)
     atlas = drawn["atlas"]
     return {
-        "mode": "fast" if args.fast else "full",
+        "mode": args.plan,
         "teacher": {"stand_in": stand_in, "description": teacher_desc, "spec": teacher_spec, **teacher_ft},
         "results": results,
         "linprobe_gain_over_random_init": gap,
@@ -179,7 +179,7 @@ def _precision_words() -> str:
 def _settings(plan, args, root: str, teacher_spec: dict, stand_in: bool) -> dict[str, Any]:
     """The report's Settings section: every choice of the run."""
     return {
-        "run": {"mode": "fast" if args.fast else "full", "threads": args.threads, "seed": args.seed,
+        "run": {"mode": args.plan, "threads": args.threads, "seed": args.seed,
                 "data": root, "precision": _precision_words()},
         "teacher": teacher_spec | ({"architecture": "timm resnet10t, widths 32/48/64/96, 56 px, output stride 8"
                                     if plan.teacher_arch == "cnn" else
