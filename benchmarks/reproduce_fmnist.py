@@ -1,9 +1,11 @@
 """Reproduce the BEiT v1 / v2 ablation ordering on Fashion-MNIST with one fixed budget per row.
 
 Every row uses the same backbone (28 px, patch 4, a small ViT), the same seed, data subsets and epochs; rows differ
-only in the pre-training target / head / masking. Shared stages run once per seed: the stand-in teacher (the same
-ViT supervised on a share of the training labels with the recipe of `beitv2 quickstart`, since no CLIP can be
-downloaded here), the VQ-KD tokenizer distilled from it, and the BEiT v1 dVAE. Every stage calls the `beitv2`
+only in the pre-training target / head / masking. Shared stages run once per seed: the stand-in teacher (the
+quickstart's small CNN, timm resnet10t at quarter width, supervised on a share of the training labels with the
+recipe of `beitv2 quickstart`, since no CLIP can be downloaded here), the VQ-KD tokenizer distilled from its
+layer-normed feature map, and the BEiT v1 dVAE. Pre-training uses the quickstart's MIM schedule (batch
+``mim_batch``, lr ``mim_lr``). Every stage calls the `beitv2`
 commands in-process (`beitv2.cli.main`), so this is also an end-to-end test of the CLI.
 
     python benchmarks/reproduce_fmnist.py --budget full --out results/fmnist
@@ -35,6 +37,7 @@ from typing import Any
 import yaml
 
 CLASSES = 10
+TEACHER_DIM = 96  # channels of the CNN teacher's last feature map
 
 
 @dataclass(frozen=True)
@@ -53,14 +56,17 @@ class Budget:
     tok_heads: int
     tokenizer_epochs: int
     pretrain_epochs: int
-    teacher_fraction: float  # share of `train` whose labels the stand-in teacher sees
+    teacher_fraction: float  # share of `train` whose labels the stand-in teacher (the quickstart's CNN) sees
     teacher_epochs: int
     teacher_batch: int
+    teacher_lr: float
     finetune_train: int  # labelled images for fine-tuning
     finetune_epochs: int
     probe_train: int  # training images the linear probe and k-NN fit on
     probe_epochs: int
-    batch: int
+    batch: int  # tokenizer (2x), dVAE and fine-tuning batch
+    mim_batch: int  # pre-training batch (the quickstart's: more, smaller steps beat fewer, larger ones here)
+    mim_lr: float
     mask_patches: int  # of the 7 x 7 = 49 patches (official: 75 of 196, ~38%)
     dvae_hidden: int  # dVAE width (its convolutions at 28 px dominate a CPU's time)
     dvae_train: int  # images the dVAE trains on (BEiT v1 took DALL-E's dVAE, trained on other data, as given)
@@ -70,18 +76,22 @@ BUDGETS = {
     # seconds on 2 CPU cores; also the smoke test (with --subset)
     "tiny": Budget(train=512, val=256, width=32, depth=2, heads=2, early_layers=1, vocab=64, tok_width=32,
                    tok_depth=1, tok_heads=2, tokenizer_epochs=1, pretrain_epochs=1, teacher_fraction=0.25,
-                   teacher_epochs=2, teacher_batch=64, finetune_train=256, finetune_epochs=1, probe_train=512,
-                   probe_epochs=10, batch=64, mask_patches=18, dvae_hidden=8, dvae_train=512),
+                   teacher_epochs=2, teacher_batch=64, teacher_lr=3e-3, finetune_train=256, finetune_epochs=1,
+                   probe_train=512, probe_epochs=10, batch=64, mim_batch=64, mim_lr=1.5e-3, mask_patches=18,
+                   dvae_hidden=8, dvae_train=512),
     # about 20 minutes on 2 CPU cores: a quick look, too small to order the rows
     "small": Budget(train=4000, val=1500, width=64, depth=4, heads=2, early_layers=3, vocab=256, tok_width=64,
                     tok_depth=2, tok_heads=4, tokenizer_epochs=3, pretrain_epochs=2, teacher_fraction=0.25,
-                    teacher_epochs=10, teacher_batch=64, finetune_train=1000, finetune_epochs=4, probe_train=4000,
-                    probe_epochs=50, batch=64, mask_patches=20, dvae_hidden=16, dvae_train=4000),
-    # the quickstart's scale (all 60k training images, all 10k test images): about an hour on 2 CPU cores
+                    teacher_epochs=10, teacher_batch=64, teacher_lr=3e-3, finetune_train=1000, finetune_epochs=4,
+                    probe_train=4000, probe_epochs=50, batch=64, mim_batch=64, mim_lr=1.5e-3, mask_patches=20,
+                    dvae_hidden=16, dvae_train=4000),
+    # the quickstart's scale and recipe (all 60k training images, all 10k test images; teacher on 38,400 labels,
+    # 300 steps of 128; MIM batch 64 at lr 3e-3): about 25 minutes per seed on 2 CPU cores with native bf16
     "full": Budget(train=60000, val=10000, width=96, depth=4, heads=3, early_layers=2, vocab=256, tok_width=64,
-                   tok_depth=2, tok_heads=4, tokenizer_epochs=1, pretrain_epochs=1, teacher_fraction=0.1,
-                   teacher_epochs=5, teacher_batch=64, finetune_train=10000, finetune_epochs=2, probe_train=10000,
-                   probe_epochs=15, batch=128, mask_patches=20, dvae_hidden=16, dvae_train=20000),
+                   tok_depth=2, tok_heads=4, tokenizer_epochs=1, pretrain_epochs=1, teacher_fraction=0.64,
+                   teacher_epochs=1, teacher_batch=128, teacher_lr=3e-3, finetune_train=10000, finetune_epochs=2,
+                   probe_train=10000, probe_epochs=15, batch=128, mim_batch=64, mim_lr=3e-3, mask_patches=20,
+                   dvae_hidden=16, dvae_train=20000),
 }
 
 
@@ -109,7 +119,7 @@ ROWS = [
         {"model": {"target": "tokens", "patch_aggregation": True}, "mask": {"kind": "random"}}, tokenizer="vqkd"),
     Row("features", "teacher-feature regression (cosine), no aggregation",
         {"model": {"target": "features", "patch_aggregation": False}}),
-    Row("teacher", "the teacher itself (supervised on labels)", None, backbone="teacher"),
+    Row("teacher", "the teacher itself (the CNN supervised on labels)", None, backbone="teacher"),
 ]
 # the order in which rows are computed: the paper's method first, so a cut-short run still has the key comparison
 RUN_ORDER = ["raw_pixels", "random", "vqkd", "vqkd_noagg", "pixels", "dvae", "teacher", "vqkd_random", "features"]
@@ -182,14 +192,33 @@ class Plan:
             dump(path.parent / "config.yaml", {"aug": {"normalize": "imagenet"}})
         return path
 
-    def teacher(self) -> list[str]:
-        """The quickstart's stand-in teacher recipe: supervised from scratch (no layer decay, no drop path, a full-
-        scale head init, the pre-training layout), since a weak teacher makes every VQ-KD row meaningless."""
+    def quickstart_plan(self):
+        """The quickstart plan whose CNN teacher recipe this budget uses (its sizes replaced by the budget's)."""
+        from beitv2.commands.quickstart import FULL
+
         b = self.b
-        n = max(CLASSES, round(b.train * b.teacher_fraction))
-        return self.finetune_argv(str(self.random_init()), self.stage_dir("teacher"), n, b.teacher_epochs, lr=1e-3,
-                                  layer_decay=1.0, min_crop_scale=0.6, batch=b.teacher_batch,
-                                  model={"drop_path": 0.0, "rel_pos_bias": False, "head_init_scale": 1.0})
+        return replace(FULL, teacher_labels=max(CLASSES, round(b.train * b.teacher_fraction)),
+                       teacher_val_subset=b.val, teacher_epochs=b.teacher_epochs, teacher_batch=b.teacher_batch,
+                       teacher_lr=b.teacher_lr, num_workers=self.data["num_workers"], eval_train_subset=b.probe_train,
+                       test_subset=b.val)
+
+    def teacher(self) -> float:
+        """Train the quickstart's stand-in CNN teacher (supervised from scratch on a labelled subset drawn with the
+        run's seed, as `beitv2 quickstart --seed` does); returns its wall time."""
+        import torch
+
+        from beitv2.commands.quickstart import resolve_data_path, train_cnn_teacher
+
+        t = time.perf_counter()
+        torch.manual_seed(self.seed)
+        out = self.stage_dir("teacher")
+        train_cnn_teacher(self.quickstart_plan(), resolve_data_path(self.data["path"]), out, self.out / "configs",
+                          self.seed, False)
+        return time.perf_counter() - t
+
+    def teacher_spec(self, teacher: Path) -> dict:
+        """The teacher section for VQ-KD and the feature-regression row: the CNN's last map, layer-normed."""
+        return {"kind": "beitv2", "name_or_path": str(teacher), "bf16": True, "feature_norm": "layernorm"}
 
     def vqkd(self, teacher: Path) -> list[str]:
         b = self.b
@@ -198,8 +227,8 @@ class Plan:
                                        use_shared_rel_pos_bias=False, use_mean_pooling=True, num_classes=0,
                                        embed_dim=b.tok_width, depth=b.tok_depth, num_heads=b.tok_heads),
                    "decoder_depth": 1, "quantizer": {"num_codes": b.vocab, "code_dim": 32, "kmeans_init": True},
-                   "teacher_dim": b.width}},
-               "teacher": {"kind": "beitv2", "name_or_path": str(teacher), "bf16": True},
+                   "teacher_dim": TEACHER_DIM}},
+               "teacher": self.teacher_spec(teacher),
                "data": self.data, "aug": {"min_crop_scale": 0.5},
                "optim": {"lr": 2e-3, "lr_reference_batch": 0, "min_lr": 1e-5, "warmup_epochs": 0.1 * b.tokenizer_epochs,
                          "betas": [0.9, 0.99], "weight_decay": 1e-4},
@@ -228,7 +257,7 @@ class Plan:
                  "vocab_size": b.vocab, "early_layers": b.early_layers, "head_layers": 2, "shared_lm_head": True}
         model.update(over)
         if model.get("target") == "features":
-            model["target_dim"] = b.width
+            model["target_dim"] = TEACHER_DIM
         return model
 
     def pretrain(self, row: Row, tokenizer: Path | None, teacher: Path | None) -> list[str]:
@@ -239,14 +268,14 @@ class Plan:
                "aug": {"min_crop_scale": 0.5, "color_jitter": 0.0, "hflip": 0.5, "normalize": "imagenet"},
                "mask": {"kind": "block", "num_masking_patches": b.mask_patches, "min_num_patches": 4,
                         **over.get("mask", {})},
-               "optim": {"lr": 1.5e-3, "min_lr": 1e-5, "warmup_epochs": 0.1 * b.pretrain_epochs, "betas": [0.9, 0.98],
-                         "weight_decay": 0.05, "clip_grad": 3.0},
-               "train": {**self.train, "epochs": b.pretrain_epochs,
+               "optim": {"lr": b.mim_lr, "min_lr": 1e-5, "warmup_epochs": 0.1 * b.pretrain_epochs,
+                         "betas": [0.9, 0.98], "weight_decay": 0.05, "clip_grad": 3.0},
+               "train": {**self.train, "epochs": b.pretrain_epochs, "batch_size": b.mim_batch,
                          "output_dir": str(self.stage_dir(f"pretrain_{row.name}"))}}
         if tokenizer is not None:
             cfg["tokenizer"] = {"checkpoint": str(tokenizer)}
         if teacher is not None:
-            cfg["teacher"] = {"kind": "beitv2", "name_or_path": str(teacher)}
+            cfg["teacher"] = self.teacher_spec(teacher)
         return ["pretrain", "--config", str(dump(self.out / "configs" / f"pretrain_{row.name}.yaml", cfg))]
 
     def features(self, cache: Path) -> dict:
@@ -328,6 +357,30 @@ def evaluate_pixels(plan: Plan, row_dir: Path) -> tuple[dict[str, Any], float]:
     lp, kn = raw_pixel_scores(resolve_data_path(plan.data["path"]), plan.b.probe_train, plan.b.val,
                               plan.data["seed"], cfg["probe"], cfg.get("optim", {}), cfg["train"], (20,),
                               row_dir / "knn")
+    return {"linprobe_top1": lp["acc1"], "linprobe_block": 0, "knn_top1": kn["acc1"], "knn_block": 0,
+            "finetune_top1": None}, time.perf_counter() - t
+
+
+def evaluate_cnn_teacher(plan: Plan, ckpt: Path, row_dir: Path) -> tuple[dict[str, Any], float]:
+    """The teacher row: the rows' linear probe and k-NN on the CNN's mean-pooled last feature map (a CNN has no CLS
+    token and no ViT blocks to fine-tune with layer decay, so no fine-tune column)."""
+    import torch
+
+    from beitv2.checkpoint import load_model
+    from beitv2.commands.quickstart import raw_pixel_scores, resolve_data_path
+
+    t = time.perf_counter()
+    net = load_model(ckpt)[0].eval()
+
+    @torch.no_grad()
+    def encode(images01: torch.Tensor) -> torch.Tensor:
+        return torch.cat([net.forward_features(images01[i:i + 1000]).mean((2, 3))
+                          for i in range(0, len(images01), 1000)])
+
+    cfg = plan.linprobe_config("-", row_dir / "linprobe")
+    lp, kn = raw_pixel_scores(resolve_data_path(plan.data["path"]), plan.b.probe_train, plan.b.val,
+                              plan.data["seed"], cfg["probe"], cfg.get("optim", {}), cfg["train"], (20,),
+                              row_dir / "knn", encode=encode, source="CNN teacher, mean-pooled last feature map")
     return {"linprobe_top1": lp["acc1"], "linprobe_block": 0, "knn_top1": kn["acc1"], "knn_block": 0,
             "finetune_top1": None}, time.perf_counter() - t
 
@@ -446,9 +499,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--seeds", type=int, default=1,
                     help="run every row with seeds 0..N-1 (each seed in OUT/seed<i>/, its own teacher and tokenizers) "
                          "and report mean ± std in OUT/results.md; 1 = one seed (0) directly in OUT")
+    ap.add_argument("--only-seed", type=int, default=None, metavar="S",
+                    help="with --seeds N: run seed S alone (OUT/seed<S>/), e.g. one seed per machine or process; a "
+                         "later run without it skips the finished rows and writes the mean ± std")
     args = ap.parse_args(argv)
     if args.seeds < 1:
         ap.error("--seeds: must be >= 1")
+    if args.only_seed is not None and not (args.seeds > 1 and 0 <= args.only_seed < args.seeds):
+        ap.error(f"--only-seed: must be in 0..{args.seeds - 1} with --seeds > 1 (got {args.only_seed}, --seeds "
+                 f"{args.seeds})")
     return args
 
 
@@ -492,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
         n = args.subset
         budget = replace(budget, train=min(budget.train, n), val=min(budget.val, max(CLASSES, n // 2)),
                          finetune_train=min(budget.finetune_train, max(CLASSES, n // 2)),
-                         batch=min(budget.batch, max(2, n // 4)))
+                         batch=min(budget.batch, max(2, n // 4)), mim_batch=min(budget.mim_batch, max(2, n // 4)),
+                         teacher_batch=min(budget.teacher_batch, max(2, round(n * budget.teacher_fraction) // 4)))
     names = [s for s in args.rows.split(",") if s] or [r.name for r in ROWS]
     unknown = set(names) - {r.name for r in ROWS}
     if unknown:
@@ -502,6 +562,9 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.out)
     if args.seeds == 1:
         run_seed(args, budget, names, root, 0, command)
+        return 0
+    if args.only_seed is not None:
+        run_seed(args, budget, names, root / f"seed{args.only_seed}", args.only_seed, command)
         return 0
     states = [run_seed(args, budget, names, root / f"seed{s}", s, command) for s in range(args.seeds)]
     root.mkdir(parents=True, exist_ok=True)
@@ -541,10 +604,14 @@ def run_seed(args: argparse.Namespace, budget: Budget, names: list[str], out: Pa
         state["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         render(out, state)
 
-    def shared(name: str, argv_fn) -> Path:
+    def shared(name: str, run_fn) -> Path:
+        """Run a shared stage once; ``run_fn`` returns the `beitv2` argv to run, or runs the stage and returns its
+        wall seconds."""
         model = plan.stage_dir(name) / "model.safetensors"
         if not model.is_file():
-            state["shared_wall_s"][name] = state["shared_wall_s"].get(name, 0.0) + cli(argv_fn())
+            ran = run_fn()
+            state["shared_wall_s"][name] = state["shared_wall_s"].get(name, 0.0) + (
+                ran if isinstance(ran, float) else cli(ran))
             save()
         return model
 
@@ -568,7 +635,8 @@ def run_seed(args: argparse.Namespace, budget: Budget, names: list[str], out: Pa
         if row.backbone == "random":
             ckpt = str(plan.random_init())
         elif row.backbone == "teacher":
-            ckpt = str(teacher)
+            res, t_eval = evaluate_cnn_teacher(plan, teacher, out / "rows" / row.name)
+            return res | {"pretrain_s": 0.0, "eval_s": t_eval, "wall_s": t_eval}
         else:
             t_pre = cli(plan.pretrain(row, tok, teacher if row.name == "features" else None))
             ckpt = str(plan.stage_dir(f"pretrain_{row.name}") / "model.safetensors")

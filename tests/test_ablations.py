@@ -249,3 +249,40 @@ def test_reproduce_script_raw_pixels_row_and_seeds(tmp_path):
     cell = f"{raw['linprobe_top1']:.1f} ± {raw['linprobe_top1_std']:.1f}"
     assert f"| raw pixels (normalised, no network) | {cell} |" in md
     assert "Mean ± standard deviation over seeds [0, 1]" in md
+
+
+def test_reproduce_script_cnn_teacher_rows(tmp_path):
+    """The shared stages of the quickstart's recipe: the CNN teacher, VQ-KD from its layer-normed map, the teacher
+    row read from its pooled map (no fine-tune column) and the feature-regression row against it."""
+    mod = _reproduce_module()
+    idx = write_idx(tmp_path / "fmnist")
+    out = tmp_path / "res"
+    assert mod.main(["--budget", "tiny", "--subset", "80", "--rows", "vqkd,teacher,features", "--out", str(out),
+                     "--data-path", str(idx), "--device", "cpu", "--workers", "0"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["rows"]) == {"vqkd", "teacher", "features"} and not res.get("failed")
+    assert res["rows"]["teacher"]["finetune_top1"] is None
+    assert res["rows"]["features"]["finetune_top1"] is not None
+    assert 0 < res["rows"]["vqkd"]["codebook"]["codes_used"] <= 64
+    vqkd_cfg = yaml.safe_load((out / "configs" / "vqkd.yaml").read_text())
+    assert vqkd_cfg["teacher"]["feature_norm"] == "layernorm" and vqkd_cfg["tokenizer"]["vqkd"]["teacher_dim"] == 96
+    teacher = yaml.safe_load((out / "configs" / "teacher.yaml").read_text())
+    assert teacher["net"]["name"] == "resnet10t"
+    assert res["teacher_top1"] == json.loads((out / "runs" / "teacher" / "metrics.json").read_text())["acc1"]
+
+
+def test_reproduce_script_only_seed_runs_one_seed_and_is_checked(tmp_path, capsys):
+    mod = _reproduce_module()
+    idx = write_idx(tmp_path / "fmnist")
+    out = tmp_path / "res"
+    argv = ["--budget", "tiny", "--subset", "40", "--rows", "raw_pixels", "--seeds", "2", "--out", str(out),
+            "--data-path", str(idx), "--device", "cpu", "--workers", "0"]
+    assert mod.main([*argv, "--only-seed", "1"]) == 0
+    assert (out / "seed1" / "results.json").is_file() and not (out / "seed0").exists()
+    assert not (out / "results.json").exists()  # no mean over one seed
+    capsys.readouterr()
+    assert mod.main(argv) == 0  # seed 0 runs, seed 1 is skipped, the mean is written
+    assert capsys.readouterr().out.count("done, skipped") == 1 and (out / "results.json").is_file()
+    for bad in (["--only-seed", "2"], ["--only-seed", "-1"]):
+        with pytest.raises(SystemExit):
+            mod.parse_args([*argv, *bad])
