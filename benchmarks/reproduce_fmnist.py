@@ -37,7 +37,6 @@ from typing import Any
 import yaml
 
 CLASSES = 10
-TEACHER_DIM = 96  # channels of the CNN teacher's last feature map
 
 
 @dataclass(frozen=True)
@@ -199,8 +198,7 @@ class Plan:
         b = self.b
         return replace(FULL, teacher_labels=max(CLASSES, round(b.train * b.teacher_fraction)),
                        teacher_val_subset=b.val, teacher_epochs=b.teacher_epochs, teacher_batch=b.teacher_batch,
-                       teacher_lr=b.teacher_lr, num_workers=self.data["num_workers"], eval_train_subset=b.probe_train,
-                       test_subset=b.val)
+                       teacher_lr=b.teacher_lr, num_workers=self.data["num_workers"])
 
     def teacher(self) -> float:
         """Train the quickstart's stand-in CNN teacher (supervised from scratch on a labelled subset drawn with the
@@ -216,6 +214,13 @@ class Plan:
                           self.seed, False)
         return time.perf_counter() - t
 
+    @property
+    def teacher_dim(self) -> int:
+        """The CNN teacher's feature width (its last stage's channels)."""
+        from beitv2.commands.quickstart import CNN_CHANNELS
+
+        return CNN_CHANNELS[-1]
+
     def teacher_spec(self, teacher: Path) -> dict:
         """The teacher section for VQ-KD and the feature-regression row: the CNN's last map, layer-normed."""
         return {"kind": "beitv2", "name_or_path": str(teacher), "bf16": True, "feature_norm": "layernorm"}
@@ -227,7 +232,7 @@ class Plan:
                                        use_shared_rel_pos_bias=False, use_mean_pooling=True, num_classes=0,
                                        embed_dim=b.tok_width, depth=b.tok_depth, num_heads=b.tok_heads),
                    "decoder_depth": 1, "quantizer": {"num_codes": b.vocab, "code_dim": 32, "kmeans_init": True},
-                   "teacher_dim": TEACHER_DIM}},
+                   "teacher_dim": self.teacher_dim}},
                "teacher": self.teacher_spec(teacher),
                "data": self.data, "aug": {"min_crop_scale": 0.5},
                "optim": {"lr": 2e-3, "lr_reference_batch": 0, "min_lr": 1e-5, "warmup_epochs": 0.1 * b.tokenizer_epochs,
@@ -257,7 +262,7 @@ class Plan:
                  "vocab_size": b.vocab, "early_layers": b.early_layers, "head_layers": 2, "shared_lm_head": True}
         model.update(over)
         if model.get("target") == "features":
-            model["target_dim"] = TEACHER_DIM
+            model["target_dim"] = self.teacher_dim
         return model
 
     def pretrain(self, row: Row, tokenizer: Path | None, teacher: Path | None) -> list[str]:
@@ -364,19 +369,10 @@ def evaluate_pixels(plan: Plan, row_dir: Path) -> tuple[dict[str, Any], float]:
 def evaluate_cnn_teacher(plan: Plan, ckpt: Path, row_dir: Path) -> tuple[dict[str, Any], float]:
     """The teacher row: the rows' linear probe and k-NN on the CNN's mean-pooled last feature map (a CNN has no CLS
     token and no ViT blocks to fine-tune with layer decay, so no fine-tune column)."""
-    import torch
-
-    from beitv2.checkpoint import load_model
-    from beitv2.commands.quickstart import raw_pixel_scores, resolve_data_path
+    from beitv2.commands.quickstart import cnn_pooled_encoder, raw_pixel_scores, resolve_data_path
 
     t = time.perf_counter()
-    net = load_model(ckpt)[0].eval()
-
-    @torch.no_grad()
-    def encode(images01: torch.Tensor) -> torch.Tensor:
-        return torch.cat([net.forward_features(images01[i:i + 1000]).mean((2, 3))
-                          for i in range(0, len(images01), 1000)])
-
+    encode = cnn_pooled_encoder(ckpt, 1000)
     cfg = plan.linprobe_config("-", row_dir / "linprobe")
     lp, kn = raw_pixel_scores(resolve_data_path(plan.data["path"]), plan.b.probe_train, plan.b.val,
                               plan.data["seed"], cfg["probe"], cfg.get("optim", {}), cfg["train"], (20,),
@@ -605,13 +601,10 @@ def run_seed(args: argparse.Namespace, budget: Budget, names: list[str], out: Pa
         render(out, state)
 
     def shared(name: str, run_fn) -> Path:
-        """Run a shared stage once; ``run_fn`` returns the `beitv2` argv to run, or runs the stage and returns its
-        wall seconds."""
+        """Run a shared stage once; ``run_fn`` runs it and returns its wall seconds."""
         model = plan.stage_dir(name) / "model.safetensors"
         if not model.is_file():
-            ran = run_fn()
-            state["shared_wall_s"][name] = state["shared_wall_s"].get(name, 0.0) + (
-                ran if isinstance(ran, float) else cli(ran))
+            state["shared_wall_s"][name] = state["shared_wall_s"].get(name, 0.0) + run_fn()
             save()
         return model
 
@@ -626,9 +619,9 @@ def run_seed(args: argparse.Namespace, budget: Budget, names: list[str], out: Pa
     def run_row(row: Row) -> dict:
         t_pre, tok = 0.0, None
         if row.tokenizer == "vqkd":
-            tok = shared("vqkd", lambda: plan.vqkd(teacher))
+            tok = shared("vqkd", lambda: cli(plan.vqkd(teacher)))
         elif row.tokenizer == "dvae":
-            tok = shared("dvae", plan.dvae)
+            tok = shared("dvae", lambda: cli(plan.dvae()))
         if row.backbone == "pixels":
             res, t_eval = evaluate_pixels(plan, out / "rows" / row.name)
             return res | {"pretrain_s": 0.0, "eval_s": t_eval, "wall_s": t_eval}

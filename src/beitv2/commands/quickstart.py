@@ -98,6 +98,8 @@ FAST = Plan(train_subset=1000, test_subset=400, eval_train_subset=1000, teacher_
 LONG_MIM_EPOCHS = 4
 LONG = replace(FULL, mim_epochs=LONG_MIM_EPOCHS)
 PLANS = {"full": FULL, "long": LONG, "fast": FAST}
+CNN_CHANNELS = (32, 48, 64, 96)  # the CNN stand-in's stage widths (timm resnet10t at quarter width); the last is its
+# feature width
 
 
 class StageError(RuntimeError):
@@ -361,7 +363,7 @@ def build_teacher_spec(args: argparse.Namespace, plan: Plan, root: str, out: Pat
                 f"labels ({plan.teacher_epochs} epoch{'s' if plan.teacher_epochs > 1 else ''}), because no CLIP or "
                 "DINO weights can be fetched offline; "
                 "VQ-KD reads its last feature map, layer-normed per patch")
-        return {"kind": "beitv2", "name_or_path": str(path), "feature_norm": "layernorm"}, 96, path, desc
+        return {"kind": "beitv2", "name_or_path": str(path), "feature_norm": "layernorm"}, CNN_CHANNELS[-1], path, desc
     # no layer scale and a full-scale head: a from-scratch ViT on a few thousand labels learns faster so
     vit_cfg = ViTConfig(**_vit(plan.teacher_vit, init_values=0.0, use_abs_pos_emb=True,
                                use_shared_rel_pos_bias=False, use_mean_pooling=True))
@@ -379,7 +381,7 @@ def cnn_teacher_config(plan: Plan, root: str, out: Path, seed: int, progress: bo
     """The CNN stand-in's training: plain supervised cross-entropy (label smoothing 0.1), flips only, AdamW."""
     return {
         "net": {"name": "resnet10t", "num_classes": 10, "in_chans": 1, "img_size": 56,
-                "model_kwargs": {"channels": [32, 48, 64, 96], "output_stride": 8}},
+                "model_kwargs": {"channels": list(CNN_CHANNELS), "output_stride": 8}},
         "data": _data(root, plan.teacher_labels, plan.teacher_val_subset, plan, seed),
         "optim": {"lr": plan.teacher_lr, "min_lr": 1e-5, "weight_decay": 0.05, "warmup_epochs": 0.08},
         "train": _train(out, plan.teacher_epochs, plan.teacher_batch, seed, progress,
@@ -492,10 +494,9 @@ def raw_pixel_scores(root: str, train_subset: float, test_subset: float, data_se
     return lp, knn
 
 
-def cnn_teacher_scores(plan: Plan, root: str, checkpoint: Path, out: Path, seed: int, progress: bool
-                       ) -> dict[str, Any]:
-    """The CNN teacher's row: the same probe and k-NN on its last feature map, mean-pooled (timm's global pool; a
-    CNN has no CLS token), computed in batches without gradients."""
+def cnn_pooled_encoder(checkpoint: Path, batch: int):
+    """``encode(images01) -> [B, C]``: the CNN teacher's last feature map, mean-pooled (timm's global pool; a CNN has
+    no CLS token), computed in batches without gradients."""
     import torch
 
     from ..checkpoint import load_model
@@ -504,9 +505,16 @@ def cnn_teacher_scores(plan: Plan, root: str, checkpoint: Path, out: Path, seed:
 
     @torch.no_grad()
     def encode(images01: torch.Tensor) -> torch.Tensor:
-        return torch.cat([net.forward_features(images01[i:i + plan.feature_batch]).mean((2, 3))
-                          for i in range(0, len(images01), plan.feature_batch)])
+        return torch.cat([net.forward_features(images01[i:i + batch]).mean((2, 3))
+                          for i in range(0, len(images01), batch)])
 
+    return encode
+
+
+def cnn_teacher_scores(plan: Plan, root: str, checkpoint: Path, out: Path, seed: int, progress: bool
+                       ) -> dict[str, Any]:
+    """The CNN teacher's row: the same probe and k-NN on its mean-pooled last feature map."""
+    encode = cnn_pooled_encoder(checkpoint, plan.feature_batch)
     lp_dir, knn_dir = out / "eval" / "teacher" / "linprobe", out / "eval" / "teacher" / "knn"
     cfg = linprobe_config(plan, root, checkpoint, lp_dir, out / "eval" / "features", seed, progress)
     lp, knn = raw_pixel_scores(root, plan.eval_train_subset, plan.test_subset, seed, cfg["probe"], cfg["optim"],
@@ -539,10 +547,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
-    if getattr(args, "fast", False):
+    if args.fast:
         args.plan = "fast"
-    args.fast = getattr(args, "plan", "full") == "fast"
-    plan = PLANS[getattr(args, "plan", "full")]
+    args.fast = args.plan == "fast"
+    plan = PLANS[args.plan]
     if getattr(args, "probe_feature", ""):
         plan = replace(plan, probe_feature=args.probe_feature)
     if getattr(args, "stand_in", ""):
