@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from beitv2.data import EvalTransform, TokenizerTrainTransform, TwoViewTransform, resolve_norm
+from beitv2.data import EvalTransform, RandomErasing, TokenizerTrainTransform, TwoViewTransform, resolve_norm
 from beitv2.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 
@@ -237,9 +237,9 @@ def test_jitter_after_the_crop_draws_the_same_and_differs_only_by_the_crop_stati
         assert 0 < np.mean(diffs) < mean_bound, (jitter, np.mean(diffs))
 
 
-def test_finetune_view_is_uint8_without_random_erasing_and_float_with_it():
+def test_finetune_view_is_uint8_with_and_without_random_erasing():
     """timm's ToTensor divides by 255 where ImageSpec multiplies by 1/255: the same image to one float32 ulp before
-    normalisation. RandomErasing fills with noise in the normalised space, so with it the worker normalises."""
+    normalisation. RandomErasing runs on the device after normalising, so the view stays uint8 with it too."""
     from timm.data.transforms import MaybeToTensor
     from torchvision import transforms
 
@@ -264,4 +264,64 @@ def test_finetune_view_is_uint8_without_random_erasing_and_float_with_it():
         diff = (spec(u8) - ref).abs().max().item()
         assert diff <= bound, diff
     erasing = train_transform(FinetuneAugConfig(reprob=0.25), (32, 32), 3, "imagenet")
-    assert erasing.specs == (None,) and erasing(img).dtype == torch.float32
+    (espec,) = erasing.specs
+    assert espec.erasing == RandomErasing(0.25, "pixel", 1) and espec.norm == spec.norm
+    assert erasing(img).dtype == torch.uint8
+
+
+def _erased(out: torch.Tensor) -> torch.Tensor:
+    """[B] erased pixel counts of a batch of ones erased with zeros (mode const)."""
+    return (out[:, 0] == 0).flatten(1).sum(1)
+
+
+@pytest.mark.parametrize("max_count", [1, 3])
+def test_device_random_erasing_matches_timms_distribution(max_count):
+    """The vectorised erasing draws what timm's per-image RandomErasing draws: the share of images erased, the
+    erased area's mean and spread, the rectangles' aspect ratios (max_count 1), and one rectangle per draw."""
+    import random
+
+    from timm.data.random_erasing import RandomErasing as TimmErasing
+
+    b, h, w = 4000, 24, 32
+    ones = torch.ones(b, 2, h, w)
+    torch.manual_seed(0)
+    half = (_erased(RandomErasing(0.5, "const", max_count)(ones.clone())) > 0).float().mean()
+    assert abs(half - 0.5) < 0.04  # std 0.008
+    ours = RandomErasing(1.0, "const", max_count)(ones.clone())
+    random.seed(0)
+    ref = TimmErasing(1.0, mode="const", max_count=max_count, device="cpu")(ones.clone())
+    a, r = _erased(ours).float(), _erased(ref).float()
+    # about 130 of 768 pixels with a spread of about 75: the means' standard error is about 1.2 each
+    assert abs(a.mean() - r.mean()) < 0.05 * r.mean(), (a.mean(), r.mean())
+    assert abs(a.std() - r.std()) < 0.1 * r.std(), (a.std(), r.std())
+    assert torch.equal(ours[:, 0] == 0, ours[:, 1] == 0)  # every channel of a rectangle
+    if max_count == 1:
+        aspects = []
+        for m in (ours[:, 0] == 0)[:200]:
+            if m.any():
+                ys, xs = m.nonzero(as_tuple=True)
+                hh, ww = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+                assert hh * ww == m.sum()  # a filled rectangle
+                aspects.append(float(hh / ww))
+        log_aspect = torch.tensor(aspects).log()
+        assert abs(log_aspect.mean()) < 0.2 and 0.45 < log_aspect.std() < 0.9  # U(log .3, log 3.3): std 0.70
+
+
+def test_device_random_erasing_noise_is_normalised_space_and_seeded():
+    """pixel mode fills with N(0, 1) per pixel, rand mode one N(0, 1) value per channel; the same torch seed draws
+    the same batch (resume draws from the checkpointed generator), and nothing is erased at probability 0."""
+    x = torch.full((400, 3, 16, 16), 7.0)
+    torch.manual_seed(1)
+    a = RandomErasing(1.0, "pixel")(x.clone())
+    torch.manual_seed(1)
+    assert torch.equal(a, RandomErasing(1.0, "pixel")(x.clone()))
+    noise = a[a != 7.0]
+    assert noise.numel() > 400 * 3 * 5 and abs(noise.mean()) < 0.05 and abs(noise.std() - 1) < 0.05
+    per_channel = RandomErasing(1.0, "rand")(x.clone())
+    for img in per_channel[:20]:
+        for ch in img:
+            vals = ch[ch != 7.0].unique()
+            assert vals.numel() == 1
+    assert torch.equal(RandomErasing(0.0, "pixel")(x.clone()), x)
+    with pytest.raises(ValueError, match="mode"):
+        RandomErasing(0.5, "noise")

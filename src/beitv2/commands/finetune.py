@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..config import check, opt
 from ..data import DataConfig, collate_skip_bad
-from ..data.transforms import EvalTransform, ImageSpec, resolve_norm
+from ..data.transforms import EvalTransform, ImageSpec, RandomErasing, resolve_norm
 from ..engine import (
     NonFiniteLossError,
     OptimConfig,
@@ -164,20 +164,19 @@ def train_transform(a: FinetuneAugConfig, img_hw: tuple[int, int], channels: int
     """timm `create_transform(is_training=True)`: RandomResizedCrop, flip, RandAugment, normalise, RandomErasing.
 
     For inputs of 32 px or less (``small_image_rule``) the first step is ``RandomCrop(size, padding=4)``, as the
-    official `build_transform` does (CIFAR-style). Without RandomErasing (``aug.reprob 0``) the view is a uint8
-    tensor normalised on the device (``specs``, see `beitv2.data.transforms`); RandomErasing fills with noise in the
-    normalised space, so with it the worker normalises (float32)."""
+    official `build_transform` does (CIFAR-style). The view leaves the worker as a uint8 tensor; normalising and
+    RandomErasing (noise in the normalised space, as timm's prefetcher applies it) run on the device, once per batch
+    (``specs``, see `beitv2.data.transforms.ImageSpec`)."""
     from timm.data import create_transform
     from timm.data.auto_augment import RandAugment
     from torchvision import transforms
 
     norm = resolve_norm(normalize, channels) or ((0.0,) * channels, (1.0,) * channels)
-    uint8 = a.reprob == 0
     tf = create_transform((channels, *img_hw), is_training=True, scale=(a.min_crop_scale, 1.0), hflip=a.hflip,
                           color_jitter=a.color_jitter, auto_augment=a.rand_aug or None, interpolation=a.interpolation,
-                          mean=norm[0], std=norm[1], re_prob=a.reprob, re_mode=a.remode, re_count=a.recount,
-                          use_prefetcher=uint8)
-    tf.specs = (ImageSpec(norm) if uint8 else None,)
+                          mean=norm[0], std=norm[1], re_prob=0.0, use_prefetcher=True)
+    erasing = RandomErasing(a.reprob, a.remode, a.recount) if a.reprob > 0 else None
+    tf.specs = (ImageSpec(norm, erasing),)
     if is_small_image(a, img_hw):
         tf.transforms[0] = transforms.RandomCrop(img_hw, padding=4)
     for t in getattr(tf, "transforms", []):

@@ -18,6 +18,7 @@ from .shards import WebDatasetShards, count_samples, expand_shards
 from .transforms import (
     EvalTransform,
     ImageSpec,
+    RandomErasing,
     TokenizerTrainTransform,
     TwoViewTransform,
     prepare_batch,
@@ -35,6 +36,7 @@ __all__ = [
     "fashion_mnist_tensors",
     "IDXFormatError",
     "ImageSpec",
+    "RandomErasing",
     "ImageFolderDataset",
     "IterableView",
     "MIMDataset",

@@ -12,6 +12,7 @@ the operations torchvision's ToDtype + Normalize run, so the result equals the w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -84,14 +85,78 @@ class ImageSpec:
     the data-loader worker, on any device."""
 
     norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    erasing: RandomErasing | None = None  # applied after normalising (fine-tuning's training view)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.uint8:
             raise TypeError(f"expected a uint8 image tensor, got {x.dtype}")
         x = x.to(torch.float32).mul_(1.0 / 255)
-        if self.norm is None:
-            return x
-        return x.sub_(_column(self.norm[0], x)).div_(_column(self.norm[1], x))
+        if self.norm is not None:
+            x = x.sub_(_column(self.norm[0], x)).div_(_column(self.norm[1], x))
+        return x if self.erasing is None else self.erasing(x)
+
+
+ERASE_MODES = ("pixel", "rand", "const")
+
+
+@dataclass(frozen=True)
+class RandomErasing:
+    """Random Erasing (Zhong et al. 2017) on a normalised batch [B, C, H, W] on its device: timm's `RandomErasing`
+    (the official fine-tuning's ``reprob`` / ``remode`` / ``recount``) with the same distribution, drawn differently.
+
+    Per image: with ``probability``, 1..``max_count`` rectangles (uniform count), each of area U(min_area, max_area)
+    x H x W / count and aspect ratio exp(U(log min_aspect, -log min_aspect)), the first of 10 attempts that fits,
+    at a uniform position; filled with N(0, 1) noise per pixel (``pixel``), per channel (``rand``) or zeros
+    (``const``), i.e. noise in the normalised space. timm's class loops over the images in Python and draws from the
+    process-global `random`; here all draws are one vectorised set of tensors from torch's generator on the batch's
+    device (its state is in every checkpoint, so a resumed run draws the same), with no host sync, which lets the
+    images travel as uint8 and be normalised on the device even when fine-tuning erases."""
+
+    probability: float = 0.25
+    mode: str = "pixel"
+    max_count: int = 1
+    min_area: float = 0.02
+    max_area: float = 1 / 3
+    min_aspect: float = 0.3
+    attempts: int = 10
+
+    def __post_init__(self):
+        if self.mode not in ERASE_MODES:
+            raise ValueError(f"random erasing mode must be one of {ERASE_MODES}, got {self.mode!r}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:
+            return self(x.unsqueeze(0)).squeeze(0)
+        b, c, h, w = x.shape
+        dev = x.device
+        erase = torch.rand(b, device=dev) < self.probability
+        count = torch.randint(1, self.max_count + 1, (b,), device=dev)
+        rows = torch.arange(h, device=dev).view(1, h, 1)
+        cols = torch.arange(w, device=dev).view(1, 1, w)
+        lo, hi = math.log(self.min_aspect), -math.log(self.min_aspect)
+        for k in range(self.max_count):
+            u = torch.rand(b, self.attempts, 2, device=dev)
+            area = (self.min_area + (self.max_area - self.min_area) * u[..., 0]) * (h * w) / count[:, None]
+            aspect = torch.exp(lo + (hi - lo) * u[..., 1])
+            eh, ew = torch.round(torch.sqrt(area * aspect)).long(), torch.round(torch.sqrt(area / aspect)).long()
+            fits = (eh < h) & (ew < w)
+            first = fits.long().argmax(1, keepdim=True)  # the first attempt that fits (0 when none does)
+            eh, ew = eh.gather(1, first).squeeze(1), ew.gather(1, first).squeeze(1)
+            pos = torch.rand(b, 2, device=dev)
+            top = (pos[:, 0] * (h - eh + 1)).long().clamp_max(h - eh)
+            left = (pos[:, 1] * (w - ew + 1)).long().clamp_max(w - ew)
+            on = erase & fits.any(1) & (k < count)
+            t, l_ = top.view(b, 1, 1), left.view(b, 1, 1)
+            region = (rows >= t) & (rows < t + eh.view(b, 1, 1)) & (cols >= l_) & (cols < l_ + ew.view(b, 1, 1))
+            region = (region & on.view(b, 1, 1)).unsqueeze(1)  # [B, 1, H, W]
+            if self.mode == "pixel":
+                fill = torch.randn_like(x)
+            elif self.mode == "rand":
+                fill = torch.randn(b, c, 1, 1, device=dev, dtype=x.dtype)
+            else:
+                fill = torch.zeros((), device=dev, dtype=x.dtype)
+            x = torch.where(region, fill, x)
+        return x
 
 
 def _column(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
