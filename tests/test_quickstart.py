@@ -218,6 +218,6 @@ def test_plans_long_is_the_full_plan_with_more_mim_epochs(capsys):
         return yaml.safe_load(capsys.readouterr().out)["plan"]
 
     full, long = plan(), plan("--plan", "long")
-    assert long["mim_epochs"] == 4 and full["mim_epochs"] == 1
+    assert long["mim_epochs"] == 4 and full["mim_epochs"] == 2
     assert {k: v for k, v in long.items() if k != "mim_epochs"} == {k: v for k, v in full.items() if k != "mim_epochs"}
     assert plan("--fast") == plan("--plan", "fast") != full

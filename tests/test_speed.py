@@ -132,6 +132,21 @@ def test_compiled_mim_step_matches_eager():
     torch._dynamo.reset()
 
 
+def test_bf16_autocast_traces_without_a_graph_break():
+    """A compiled teacher forward enters `bf16_autocast`, which asks whether the CPU computes bf16 natively: the
+    answer must be readable by Dynamo without a graph break (a `functools.cache` probe broke every teacher graph)."""
+    from beitv2.engine.precision import bf16_autocast, cpu_bf16_native
+
+    cpu_bf16_native()  # probed once, as the trainer does before compiling
+
+    def f(x):
+        with bf16_autocast(x.device):
+            return (x @ x).float().sum()
+
+    x = torch.randn(8, 8)
+    assert torch.compile(f, fullgraph=True, backend="eager")(x).item() == pytest.approx(f(x).item())
+
+
 def test_a_failing_compile_falls_back_to_eager(tmp_path, monkeypatch, caplog):
     """No working C++ compiler for Inductor: the run warns and trains eagerly, with the eager run's result."""
     import torch._inductor.config as inductor_config

@@ -82,7 +82,7 @@ FULL = Plan(train_subset=0, test_subset=0, eval_train_subset=5000, teacher_label
             teacher_arch="cnn", teacher_vit=(96, 4, 3), teacher_epochs=1, teacher_batch=128, teacher_lr=3e-3,
             tok_vit=(64, 2, 4), tok_codes=256, tok_code_dim=32, tok_restart=0.0, tok_epochs=1, tok_batch=256,
             tok_lr=2e-3,
-            mim_vit=(96, 4, 3), mim_early_layers=2, mim_epochs=1, mim_batch=64, mim_lr=3e-3,
+            mim_vit=(96, 4, 3), mim_early_layers=2, mim_epochs=2, mim_batch=64, mim_lr=3e-3,
             mask_patches=20, mask_min_block=4, probe_epochs=15, probe_batch=512, probe_lr=5e-3, knn_k=(10, 20),
             probe_feature="cls+mean", feature_batch=1000, num_workers=1)
 # Every stage on a subset with tiny models: a test of the pipeline (about a minute), not of the method.
@@ -110,7 +110,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", help="report folder (its stage sub-folders are replaced)")
     parser.add_argument("--plan", choices=tuple(PLANS), default="full",
                         help="sizes and schedules: full (the demo, aimed at 10 minutes on 2 cores), long (the full "
-                             f"plan with {LONG_MIM_EPOCHS} MIM epochs instead of 1) or fast (tiny models on subsets, "
+                             f"plan with {LONG_MIM_EPOCHS} MIM epochs instead of {FULL.mim_epochs}) or fast (tiny models on subsets, "
                              "about a minute: a test of the pipeline, not of the method)")
     parser.add_argument("--fast", action="store_true", help="the same as --plan fast")
     parser.add_argument("--data-path", default="", help="folder holding the Fashion-MNIST IDX files (default: "

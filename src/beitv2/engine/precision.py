@@ -27,10 +27,19 @@ def choose_precision(requested: str, device_type: str, bf16_native: bool) -> str
     return "fp16" if device_type == "cuda" else "fp32" if device_type == "cpu" else requested
 
 
-@functools.cache
+_CPU_BF16: list[bool] = []  # the probe's answer, once (a plain global: torch.compile reads it without a graph break)
+
+
 def cpu_bf16_native() -> bool:
     """Whether this CPU computes bf16 matmuls natively (x86: AVX512-BF16 or AMX). Other architectures are trusted:
     torch has no query for them (aarch64 with BF16, e.g. Graviton 3, is fast; one without it is not)."""
+    if not _CPU_BF16:
+        _CPU_BF16.append(_probe_cpu_bf16())
+    return _CPU_BF16[0]
+
+
+@torch.compiler.disable
+def _probe_cpu_bf16() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
         return True
     cpu = torch.backends.cpu.get_cpu_capability()  # noqa: F841 - initialises the dispatcher's CPU probe
