@@ -30,6 +30,7 @@ import sys
 import time
 
 import torch
+from timm.models.beit import Attention
 from torch.utils.flop_counter import FlopCounterMode
 
 from beitv2.engine import OptimConfig, build_optimizer, seed_everything
@@ -37,6 +38,7 @@ from beitv2.engine.precision import autocast, grad_scaler, resolve_precision
 from beitv2.engine.trainer import COMPILE_AUTO_MIN_STEPS, compile_task, resolve_compile
 from beitv2.masking import build_mask_generator
 from beitv2.mim_targets import TokenTarget
+from beitv2.models.backbone import unfuse_short_cpu_attention
 from beitv2.models.mim import BEiTv2ForMIM
 from beitv2.models.presets import get_preset
 from beitv2.models.vqkd import VQKD
@@ -98,6 +100,12 @@ def make_step(task, device: torch.device, precision: str, path: str, name: str =
     """One optimizer step as the trainer runs it; ``path`` "eager" is the unfused, uncompiled baseline."""
     if name == "tokenize":
         return make_inference(task, device, precision, path)
+    attns = [m for m in task.model.modules() if isinstance(m, Attention)]
+    if path == "default" and device.type == "cpu":
+        unfuse_short_cpu_attention(task.model)  # as the Trainer does on a CPU
+    fused = [m.fused_attn for m in attns]  # this path's attention form, set again before each of its steps
+    for m in attns:
+        m.fused_attn = True  # the eager baseline: SDPA (the math kernel for short CPU training sequences)
     opt = build_optimizer(task.model, OptimConfig(lr=1e-4, clip_grad=3.0), fused=False if path == "eager" else None)
     scaler = grad_scaler(device, precision)
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -108,7 +116,9 @@ def make_step(task, device: torch.device, precision: str, path: str, name: str =
         net, helpers = task.model, {}
 
     def step(batch: dict) -> torch.Tensor:
-        task.wrap(net, helpers)  # the paths share the task: each step sets its own wrapping
+        task.wrap(net, helpers)  # the paths share the task: each step sets its own wrapping and attention form
+        for m, f in zip(attns, fused):
+            m.fused_attn = f
         if path == "eager":
             batch = {k: v for k, v in batch.items() if k != "mask_index"}
         with autocast(device, precision):

@@ -132,6 +132,35 @@ def test_compiled_mim_step_matches_eager():
     torch._dynamo.reset()
 
 
+def test_short_cpu_attention_is_explicit_in_cpu_training_with_the_same_loss_and_grads(tmp_path):
+    """The Trainer on a CPU switches the trained network's attention to timm's explicit form when its ViTs see fewer
+    than 128 tokens (SDPA's math kernel upcasts and costs more there; a compiled graph would get the flash kernel,
+    slow to differentiate), leaves the frozen helpers and longer sequences on SDPA, and the step's loss and gradients
+    stay those of the SDPA path."""
+    from timm.models.beit import Attention
+
+    from beitv2.models.backbone import BEiTViT, unfuse_short_cpu_attention
+
+    mim, vq = tiny_parts()
+    task = MIMTask(mim, TokenTarget(vq)).train()
+    batch = mim_batch()
+    l_sdpa, _, g_sdpa = loss_and_grads(task, batch)
+    assert sum(isinstance(m, Attention) and m.fused_attn for m in mim.modules()) == 3  # 2 blocks + 1 head block
+    trainer = mim_trainer(tmp_path / "run")
+    assert trainer.fit().status == "finished"
+    trained, frozen = trainer.task.model, trainer.task.target.tokenizer
+    assert not any(m.fused_attn for m in trained.modules() if isinstance(m, Attention))
+    assert all(m.fused_attn for m in frozen.modules() if isinstance(m, Attention))
+    assert unfuse_short_cpu_attention(mim) == 3
+    l_exp, _, g_exp = loss_and_grads(task, batch)
+    assert torch.allclose(l_sdpa, l_exp, atol=1e-5)
+    for n in g_sdpa:
+        assert torch.allclose(g_sdpa[n], g_exp[n], atol=1e-6, rtol=1e-4), n
+    long = BEiTViT(ViTConfig(img_size=(224,), patch_size=16, embed_dim=32, depth=1, num_heads=2))  # 197 tokens
+    assert unfuse_short_cpu_attention(long) == 0
+    assert all(m.fused_attn for m in long.modules() if isinstance(m, Attention))
+
+
 def test_bf16_autocast_traces_without_a_graph_break():
     """A compiled teacher forward enters `bf16_autocast`, which asks whether the CPU computes bf16 natively: the
     answer must be readable by Dynamo without a graph break (a `functools.cache` probe broke every teacher graph)."""

@@ -140,7 +140,9 @@ def test_offline_run_logs_metrics_config_and_resumes_same_run(tmp_path, folder, 
     assert wandb.run is None  # finished by the trainer, not left to wandb's exit hook
     assert (out / "wandb_run_id").read_text().strip() == run_id
     runs = offline_runs(offline)
-    assert len(runs) == 2 and all(r.name.endswith(f"-{run_id}") for r in runs), runs
+    # wandb names a run's folder offline-run-<start second>-<id>, with -1 appended when the resumed run starts in the
+    # same second as the first one
+    assert len(runs) == 2 and all(re.search(rf"-{run_id}(-\d+)?$", r.name) for r in runs), runs
     records = [wandb_records(r / f"run-{run_id}.wandb") for r in runs]
     assert [of_type(rs, "run")[0].display_name for rs in records] == ["tiny", "tiny"]
     assert [of_type(rs, "run")[0].project for rs in records] == ["test", "test"]

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from ..config import ConfigError, save_yaml, to_dict
 from ..data.transforms import ImageSpec, prepare_batch
 from ..models.registry import kind_of
+from ..models.backbone import unfuse_short_cpu_attention
 from . import distributed as D
 from . import state as S
 from .config import OptimConfig, TrainConfig
@@ -317,6 +318,8 @@ class Trainer:
             net = DDP(net, device_ids=ids, find_unused_parameters=self.cfg.find_unused_parameters,
                       broadcast_buffers=running_stats, gradient_as_bucket_view=True)
         self.eager_net = net
+        if self.device.type == "cpu":
+            unfuse_short_cpu_attention(net)  # the frozen helpers run forward only, where SDPA wins: left as they are
         self.compiled = resolve_compile(self.cfg.compile, self.device, self.total_steps - self.global_step)
         if self.compiled:
             net = compile_task(self.task, net, self.device)

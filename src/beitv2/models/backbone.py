@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import PatchEmbed, trunc_normal_
-from timm.models.beit import Block, RelativePositionBias
+from timm.models.beit import Attention, Block, RelativePositionBias
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
@@ -40,6 +40,21 @@ def attention_kernel(x: torch.Tensor) -> contextlib.AbstractContextManager:
             and not torch.compiler.is_compiling()):
         return sdpa_kernel(SDPBackend.MATH)
     return contextlib.nullcontext()
+
+
+def unfuse_short_cpu_attention(net: nn.Module) -> int:
+    """Before ``torch.compile`` of a network trained on a CPU: timm's explicit attention (matmul, softmax, matmul)
+    in every block, when all its ViTs see fewer than `CPU_MATH_ATTENTION_MAX_TOKENS` tokens. Eager training picks
+    SDPA's math kernel there (`attention_kernel`), but a compiled graph gets the flash kernel, whose CPU backward is
+    3-7x slower at these lengths; Inductor fuses the explicit form instead (VQ-KD tiny step of 32, 28 px, 2 threads:
+    244 -> 106-118 ms, eager 139). The same arithmetic as SDPA up to rounding. Returns how many modules switched."""
+    vits = [m for m in net.modules() if isinstance(m, BEiTViT)]
+    if not vits or any(v.num_patches + 1 >= CPU_MATH_ATTENTION_MAX_TOKENS for v in vits):
+        return 0
+    attns = [m for m in net.modules() if isinstance(m, Attention) and m.fused_attn]
+    for m in attns:
+        m.fused_attn = False
+    return len(attns)
 
 
 @dataclass
