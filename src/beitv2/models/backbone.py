@@ -4,7 +4,8 @@ Parameter names are the official ones (`cls_token`, `patch_embed.proj`, `pos_emb
 `blocks.i.{norm1, attn.qkv, attn.q_bias, attn.v_bias, attn.proj, norm2, mlp.fc1, mlp.fc2, gamma_1, gamma_2}`, `norm`,
 `fc_norm`, `head`), so a state dict moves between this model, timm's `Beit` and microsoft/unilm without renaming.
 Attention runs through `F.scaled_dot_product_attention` with the relative position bias as the additive mask
-(timm's fused path). On CPU, training on short sequences picks SDPA's math kernel (see `attention_kernel`).
+(timm's fused path). On CPU, training on short sequences picks SDPA's math kernel (see `attention_kernel`), and
+the Trainer switches such networks to timm's explicit attention (`unfuse_short_cpu_attention`).
 """
 
 from __future__ import annotations
