@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..config import check, opt
 from ..data import DataConfig, collate_skip_bad
-from ..data.transforms import EvalTransform, ImageSpec, RandomErasing, resolve_norm
+from ..data.transforms import ERASE_MODES, EvalTransform, ImageSpec, RandomErasing, resolve_norm
 from ..engine import (
     NonFiniteLossError,
     OptimConfig,
@@ -85,7 +85,7 @@ class FinetuneAugConfig:
         check(not self.rand_aug or self.rand_aug.startswith("rand"), prefix + "rand_aug",
               f"a timm RandAugment string like rand-m9-mstd0.5-inc1, got {self.rand_aug!r}")
         check(0 <= self.reprob <= 1, prefix + "reprob", "must be in [0, 1]")
-        check(self.remode in ("pixel", "rand", "const"), prefix + "remode",
+        check(self.remode in ERASE_MODES, prefix + "remode",
               f"pixel, rand or const, got {self.remode!r}")
         check(self.recount >= 1, prefix + "recount", "must be >= 1")
         check(0 <= self.crop_pct <= 1, prefix + "crop_pct", "must be in [0, 1] (0 = official rule)")

@@ -110,8 +110,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", help="report folder (its stage sub-folders are replaced)")
     parser.add_argument("--plan", choices=tuple(PLANS), default="full",
                         help="sizes and schedules: full (the demo, aimed at 10 minutes on 2 cores), long (the full "
-                             f"plan with {LONG_MIM_EPOCHS} MIM epochs instead of {FULL.mim_epochs}) or fast (tiny models on subsets, "
-                             "about a minute: a test of the pipeline, not of the method)")
+                             f"plan with {LONG_MIM_EPOCHS} MIM epochs instead of {FULL.mim_epochs}) or fast (tiny "
+                             "models on subsets, about a minute: a test of the pipeline, not of the method)")
     parser.add_argument("--fast", action="store_true", help="the same as --plan fast")
     parser.add_argument("--data-path", default="", help="folder holding the Fashion-MNIST IDX files (default: "
                                                         "/usr/share/datasets/fashion-mnist, else a torchvision "

@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from ..config import ConfigError, save_yaml, to_dict
 from ..data.transforms import ImageSpec, prepare_batch
-from ..models.registry import kind_of
 from ..models.backbone import unfuse_short_cpu_attention
+from ..models.registry import kind_of
 from . import distributed as D
 from . import state as S
 from .config import OptimConfig, TrainConfig

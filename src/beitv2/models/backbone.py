@@ -44,11 +44,12 @@ def attention_kernel(x: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 def unfuse_short_cpu_attention(net: nn.Module) -> int:
-    """Before ``torch.compile`` of a network trained on a CPU: timm's explicit attention (matmul, softmax, matmul)
-    in every block, when all its ViTs see fewer than `CPU_MATH_ATTENTION_MAX_TOKENS` tokens. Eager training picks
-    SDPA's math kernel there (`attention_kernel`), but a compiled graph gets the flash kernel, whose CPU backward is
-    3-7x slower at these lengths; Inductor fuses the explicit form instead (VQ-KD tiny step of 32, 28 px, 2 threads:
-    244 -> 106-118 ms, eager 139). The same arithmetic as SDPA up to rounding. Returns how many modules switched."""
+    """For a network trained on a CPU (the Trainer calls it, compiled or not): timm's explicit attention (matmul,
+    softmax, matmul) in every block, when all its ViTs see fewer than `CPU_MATH_ATTENTION_MAX_TOKENS` tokens. Eager,
+    it beats SDPA's math kernel (`attention_kernel`, which then no longer applies) under bf16 autocast; compiled, a
+    graph would otherwise get the flash kernel, whose CPU backward is 3-7x slower at these lengths, while Inductor
+    fuses the explicit form (VQ-KD tiny step of 32, 28 px, 2 threads: 244 -> 106-118 ms, eager with SDPA 139). The
+    same arithmetic as SDPA up to rounding. Returns how many modules switched."""
     vits = [m for m in net.modules() if isinstance(m, BEiTViT)]
     if not vits or any(v.num_patches + 1 >= CPU_MATH_ATTENTION_MAX_TOKENS for v in vits):
         return 0
