@@ -67,6 +67,9 @@ class Budget:
     mim_batch: int  # pre-training batch (the quickstart's: more, smaller steps beat fewer, larger ones here)
     mim_lr: float
     mask_patches: int  # of the 7 x 7 = 49 patches (official: 75 of 196, ~38%)
+    mask_min_block: int  # blockwise masking's smallest and largest block (official: 16 and no limit at 14 x 14)
+    mask_max_block: int | None
+    crop_scale: float  # pre-training view: smallest RandomResizedCrop area (1 = the whole image, flip only)
     dvae_hidden: int  # dVAE width (its convolutions at 28 px dominate a CPU's time)
     dvae_train: int  # images the dVAE trains on (BEiT v1 took DALL-E's dVAE, trained on other data, as given)
 
@@ -77,20 +80,21 @@ BUDGETS = {
                    tok_depth=1, tok_heads=2, tokenizer_epochs=1, pretrain_epochs=1, teacher_fraction=0.25,
                    teacher_epochs=2, teacher_batch=64, teacher_lr=3e-3, finetune_train=256, finetune_epochs=1,
                    probe_train=512, probe_epochs=10, batch=64, mim_batch=64, mim_lr=1.5e-3, mask_patches=18,
-                   dvae_hidden=8, dvae_train=512),
+                   mask_min_block=4, mask_max_block=None, crop_scale=0.5, dvae_hidden=8, dvae_train=512),
     # about 20 minutes on 2 CPU cores: a quick look, too small to order the rows
     "small": Budget(train=4000, val=1500, width=64, depth=4, heads=2, early_layers=3, vocab=256, tok_width=64,
                     tok_depth=2, tok_heads=4, tokenizer_epochs=3, pretrain_epochs=2, teacher_fraction=0.25,
                     teacher_epochs=10, teacher_batch=64, teacher_lr=3e-3, finetune_train=1000, finetune_epochs=4,
                     probe_train=4000, probe_epochs=50, batch=64, mim_batch=64, mim_lr=1.5e-3, mask_patches=20,
-                    dvae_hidden=16, dvae_train=4000),
+                    mask_min_block=4, mask_max_block=None, crop_scale=0.5, dvae_hidden=16, dvae_train=4000),
     # the quickstart's scale and recipe (all 60k training images, all 10k test images; teacher on 38,400 labels,
-    # 300 steps of 128; MIM batch 64 at lr 3e-3): about 25 minutes per seed on 2 CPU cores with native bf16
+    # 300 steps of 128; MIM batch 64 at lr 8e-3, blocks of 2-6 patches, whole-image views): about 25 minutes per
+    # seed on 2 CPU cores with native bf16
     "full": Budget(train=60000, val=10000, width=96, depth=4, heads=3, early_layers=2, vocab=256, tok_width=64,
                    tok_depth=2, tok_heads=4, tokenizer_epochs=1, pretrain_epochs=1, teacher_fraction=0.64,
                    teacher_epochs=1, teacher_batch=128, teacher_lr=3e-3, finetune_train=10000, finetune_epochs=2,
-                   probe_train=10000, probe_epochs=15, batch=128, mim_batch=64, mim_lr=3e-3, mask_patches=20,
-                   dvae_hidden=16, dvae_train=20000),
+                   probe_train=10000, probe_epochs=15, batch=128, mim_batch=64, mim_lr=8e-3, mask_patches=20,
+                   mask_min_block=2, mask_max_block=6, crop_scale=1.0, dvae_hidden=16, dvae_train=20000),
 }
 
 
@@ -270,9 +274,9 @@ class Plan:
         over = row.pretrain or {}
         cfg = {"model": self.mim_model(over.get("model", {})),
                "data": self.data,
-               "aug": {"min_crop_scale": 0.5, "color_jitter": 0.0, "hflip": 0.5, "normalize": "imagenet"},
-               "mask": {"kind": "block", "num_masking_patches": b.mask_patches, "min_num_patches": 4,
-                        **over.get("mask", {})},
+               "aug": {"min_crop_scale": b.crop_scale, "color_jitter": 0.0, "hflip": 0.5, "normalize": "imagenet"},
+               "mask": {"kind": "block", "num_masking_patches": b.mask_patches, "min_num_patches": b.mask_min_block,
+                        "max_num_patches": b.mask_max_block, **over.get("mask", {})},
                "optim": {"lr": b.mim_lr, "min_lr": 1e-5, "warmup_epochs": 0.1 * b.pretrain_epochs,
                          "betas": [0.9, 0.98], "weight_decay": 0.05, "clip_grad": 3.0},
                "train": {**self.train, "epochs": b.pretrain_epochs, "batch_size": b.mim_batch,

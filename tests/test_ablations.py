@@ -286,3 +286,24 @@ def test_reproduce_script_only_seed_runs_one_seed_and_is_checked(tmp_path, capsy
     for bad in (["--only-seed", "2"], ["--only-seed", "-1"]):
         with pytest.raises(SystemExit):
             mod.parse_args([*argv, *bad])
+
+
+def test_reproduce_full_budget_pretrains_with_the_quickstart_recipe(tmp_path):
+    """The ablation's `full` budget claims the quickstart's MIM recipe: the two must not drift apart."""
+    from beitv2.commands.quickstart import FULL
+
+    mod = _reproduce_module()
+    b = mod.BUDGETS["full"]
+    assert (b.width, b.depth, b.heads) == FULL.mim_vit and b.early_layers == FULL.mim_early_layers
+    assert (b.mim_batch, b.mim_lr, b.mask_patches, b.mask_min_block, b.mask_max_block, b.crop_scale) == (
+        FULL.mim_batch, FULL.mim_lr, FULL.mask_patches, FULL.mask_min_block, FULL.mask_max_block, FULL.mim_crop_scale)
+    # and the written pre-training config carries them (a row's own mask override still wins)
+    plan = mod.Plan(b, tmp_path, str(tmp_path), "cpu", 0, seed=0)
+    row = next(r for r in mod.ROWS if r.name == "vqkd")
+    cfg = yaml.safe_load(Path(plan.pretrain(row, tmp_path / "tok.safetensors", None)[-1]).read_text())
+    assert cfg["mask"] == {"kind": "block", "num_masking_patches": 20, "min_num_patches": FULL.mask_min_block,
+                           "max_num_patches": FULL.mask_max_block}
+    assert cfg["aug"]["min_crop_scale"] == FULL.mim_crop_scale and cfg["optim"]["lr"] == FULL.mim_lr
+    random_row = next(r for r in mod.ROWS if r.name == "vqkd_random")
+    assert yaml.safe_load(Path(plan.pretrain(random_row, tmp_path / "tok.safetensors", None)[-1]).read_text()
+                          )["mask"]["kind"] == "random"

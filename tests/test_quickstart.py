@@ -59,6 +59,27 @@ def test_fast_run_succeeds_and_times_every_stage(fast_run):
         assert (out / "configs" / f"{stage}.yaml").is_file()
 
 
+def test_pretrain_stage_masks_small_blocks_of_the_whole_image(fast_run):
+    """The plan's masking and crop reach the pre-training config, and its generator keeps every block small."""
+    from beitv2.commands.quickstart import FAST
+    from beitv2.masking import build_mask_generator
+
+    _, out = fast_run
+    cfg = yaml.safe_load((out / "configs" / "pretrain.yaml").read_text())
+    assert cfg["mask"] == {"kind": "block", "num_masking_patches": FAST.mask_patches,
+                           "min_num_patches": FAST.mask_min_block, "max_num_patches": FAST.mask_max_block}
+    assert cfg["aug"]["min_crop_scale"] == FAST.mim_crop_scale == 1.0
+    m = cfg["mask"]
+    gen = build_mask_generator(m["kind"], 7, m["num_masking_patches"], m["min_num_patches"], m["max_num_patches"])
+    rng = np.random.default_rng(0)
+    blocks = []
+    for _ in range(200):
+        assert gen(rng).sum() == m["num_masking_patches"]
+        blocks.append(gen.last_num_blocks)
+    # 20 patches in blocks of at most 6 take at least 4 rectangles (an unbounded first block often takes 10-20)
+    assert min(blocks) >= 4, blocks
+
+
 def test_accuracies_above_chance(fast_run):
     _, out = fast_run
     m = json.loads((out / "metrics.json").read_text())
@@ -98,7 +119,8 @@ def test_report_md_holds_the_table_and_the_stand_in_note(fast_run):
     assert f"| raw pixels | {raw['linprobe_acc1']:.2f} | {raw['knn_acc1']:.2f} |" in text
     assert "stand-in" in text and "10% of the training labels" not in text  # fast: a count, said as such
     assert "500 images of the training labels" in text
-    assert "blockwise, 20 of 49 patches" in text and "min block 4" in text
+    assert "blockwise, 20 of 49 patches" in text and "blocks of 2-6 patches" in text
+    assert "views: `the whole image, random flips`" in text
     for stage in ("teacher", "tokenizer (VQ-KD)", "pre-training (BEiT v2 MIM)"):
         assert f"| {stage} |" in text
     for name in FIGURES:

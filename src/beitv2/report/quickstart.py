@@ -116,10 +116,11 @@ def _draw_figures(out: Path, plan, seed: int, x_test: torch.Tensor, y_test: torc
     attn_cls = attention_figure(model, normed, figs / "attention_cls.png", layer=-1, query="cls",
                                 display_images=shown, title="pre-trained BEiT v2: attention of the CLS token, "
                                                             "last block")
-    gen = BlockwiseMaskGenerator((7, 7), plan.mask_patches, min_num_patches=plan.mask_min_block)
+    gen = BlockwiseMaskGenerator((7, 7), plan.mask_patches, min_num_patches=plan.mask_min_block,
+                                 max_num_patches=plan.mask_max_block)
     masks = mask_examples(gen, figs / "masks.png", n=8, images=x_test[:8], seed=seed,
-                          title=f"blockwise masks: {plan.mask_patches} of 49 patches, blocks of at least "
-                                f"{plan.mask_min_block} patches")
+                          title=f"blockwise masks: {plan.mask_patches} of 49 patches, blocks of "
+                                f"{plan.mask_min_block}-{plan.mask_max_block} patches")
     cm = out / "eval" / "beitv2" / "linprobe" / "confusion_matrix.png"
     if cm.is_file():
         shutil.copyfile(cm, figs / "confusion_matrix_beitv2.png")
@@ -196,8 +197,11 @@ def _settings(plan, args, root: str, teacher_spec: dict, stand_in: bool) -> dict
                                    "patch aggregation": f"patch tokens of block {plan.mim_early_layers} + final "
                                                         f"CLS through a 2-block head, shared lm_head",
                                    "masking": f"blockwise, {plan.mask_patches} of 49 patches "
-                                              f"({100 * plan.mask_patches / 49:.0f}%), min block "
-                                              f"{plan.mask_min_block} (official: 75 of 196, min 16)",
+                                              f"({100 * plan.mask_patches / 49:.0f}%), blocks of "
+                                              f"{plan.mask_min_block}-{plan.mask_max_block} patches (official: 75 "
+                                              "of 196, blocks of at least 16)",
+                                   "views": ("the whole image, random flips" if plan.mim_crop_scale >= 1 else
+                                             f"RandomResizedCrop scale [{plan.mim_crop_scale}, 1], random flips"),
                                    "epochs": plan.mim_epochs, "batch": plan.mim_batch, "lr": plan.mim_lr},
         "evaluation": {"linear probe": f"BatchNorm (no affine) + linear head, AdamW, {plan.probe_epochs} "
                                        f"epochs, batch {plan.probe_batch}, on cached features",
