@@ -243,3 +243,22 @@ def test_plans_long_is_the_full_plan_with_more_mim_epochs(capsys):
     assert long["mim_epochs"] == 4 and full["mim_epochs"] == 2
     assert {k: v for k, v in long.items() if k != "mim_epochs"} == {k: v for k, v in full.items() if k != "mim_epochs"}
     assert plan("--fast") == plan("--plan", "fast") != full
+
+
+def test_cnn_teacher_row_is_read_like_the_vits(fast_run):
+    """With the grid reading the teacher's row gets its map's mean (in place of a CLS token) and the 3x3 grid, as the
+    ViT rows get CLS and their patch grid; the default reading is the mean-pooled map."""
+    from beitv2.checkpoint import load_model
+    from beitv2.commands.quickstart import cnn_pooled_encoder
+
+    _, out = fast_run
+    ckpt = out / "teacher" / "model.safetensors"
+    images = torch.rand(5, 1, 28, 28)
+    fmap = load_model(ckpt)[0].eval().forward_features(images).detach()
+    mean = cnn_pooled_encoder(ckpt, 2)(images)
+    grid = cnn_pooled_encoder(ckpt, 2, "cls+grid3")(images)
+    c = fmap.shape[1]
+    assert mean.shape == (5, c) and grid.shape == (5, 10 * c)
+    assert torch.allclose(mean, fmap.mean((2, 3)), atol=1e-5) and torch.allclose(grid[:, :c], mean, atol=1e-6)
+    cell = fmap[:, :, :3, :3].mean((2, 3))  # the 7x7 map's top-left 3x3 cell of adaptive pooling to 3x3
+    assert torch.allclose(grid[:, c:].reshape(5, c, 9)[:, :, 0], cell, atol=1e-5)

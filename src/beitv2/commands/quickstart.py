@@ -497,18 +497,27 @@ def raw_pixel_scores(root: str, train_subset: float, test_subset: float, data_se
     return lp, knn
 
 
-def cnn_pooled_encoder(checkpoint: Path, batch: int):
-    """``encode(images01) -> [B, C]``: the CNN teacher's last feature map, mean-pooled (timm's global pool; a CNN has
-    no CLS token), computed in batches without gradients."""
+def cnn_pooled_encoder(checkpoint: Path, batch: int, feature: str = "cls+mean"):
+    """``encode(images01) -> [B, F]``: the CNN teacher's last feature map, mean-pooled (timm's global pool; a CNN has
+    no CLS token), computed in batches without gradients. For a grid ``feature`` (cls+grid3) the map's mean is
+    followed by the map average-pooled to that grid, as the ViTs' CLS is by their patch tokens, so every row of the
+    table is read the same way."""
     import torch
+    import torch.nn.functional as F
 
     from ..checkpoint import load_model
+    from ..eval.features import GRID_FEATURES
 
     net = load_model(checkpoint)[0].eval()
+    grid = GRID_FEATURES.get(feature)
+
+    def pool(fmap: torch.Tensor) -> torch.Tensor:
+        mean = fmap.mean((2, 3))
+        return torch.cat([mean, F.adaptive_avg_pool2d(fmap, grid).flatten(1)], 1) if grid else mean
 
     @torch.no_grad()
     def encode(images01: torch.Tensor) -> torch.Tensor:
-        return torch.cat([net.forward_features(images01[i:i + batch]).mean((2, 3))
+        return torch.cat([pool(net.forward_features(images01[i:i + batch]))
                           for i in range(0, len(images01), batch)])
 
     return encode
@@ -517,12 +526,12 @@ def cnn_pooled_encoder(checkpoint: Path, batch: int):
 def cnn_teacher_scores(plan: Plan, root: str, checkpoint: Path, out: Path, seed: int, progress: bool
                        ) -> dict[str, Any]:
     """The CNN teacher's row: the same probe and k-NN on its mean-pooled last feature map."""
-    encode = cnn_pooled_encoder(checkpoint, plan.feature_batch)
+    encode = cnn_pooled_encoder(checkpoint, plan.feature_batch, plan.probe_feature)
     lp_dir, knn_dir = out / "eval" / "teacher" / "linprobe", out / "eval" / "teacher" / "knn"
     cfg = linprobe_config(plan, root, checkpoint, lp_dir, out / "eval" / "features", seed, progress)
     lp, knn = raw_pixel_scores(root, plan.eval_train_subset, plan.test_subset, seed, cfg["probe"], cfg["optim"],
                                cfg["train"], plan.knn_k, knn_dir, encode=encode,
-                               source="CNN teacher, mean-pooled last feature map")
+                               source=f"CNN teacher, last feature map ({plan.probe_feature}: mean in place of CLS)")
     return {"linprobe_acc1": lp.get("acc1"), "knn_acc1": _knn_at(knn, 20) if 20 in plan.knn_k else knn.get("acc1"),
             "knn_best": {"acc1": knn.get("acc1"), "k": knn.get("best_k")}, "checkpoint": str(checkpoint)}
 
