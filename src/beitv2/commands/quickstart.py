@@ -525,7 +525,7 @@ def cnn_pooled_encoder(checkpoint: Path, batch: int, feature: str = "cls+mean"):
 
 def cnn_teacher_scores(plan: Plan, root: str, checkpoint: Path, out: Path, seed: int, progress: bool
                        ) -> dict[str, Any]:
-    """The CNN teacher's row: the same probe and k-NN on its mean-pooled last feature map."""
+    """The CNN teacher's row: the same probe and k-NN on its last feature map, pooled as the plan reads the ViTs."""
     encode = cnn_pooled_encoder(checkpoint, plan.feature_batch, plan.probe_feature)
     lp_dir, knn_dir = out / "eval" / "teacher" / "linprobe", out / "eval" / "teacher" / "knn"
     cfg = linprobe_config(plan, root, checkpoint, lp_dir, out / "eval" / "features", seed, progress)
