@@ -526,12 +526,16 @@ def cnn_pooled_encoder(checkpoint: Path, batch: int, feature: str = "cls+mean"):
 def cnn_teacher_scores(plan: Plan, root: str, checkpoint: Path, out: Path, seed: int, progress: bool
                        ) -> dict[str, Any]:
     """The CNN teacher's row: the same probe and k-NN on its last feature map, pooled as the plan reads the ViTs."""
+    from ..eval.features import GRID_FEATURES
+
+    grid = GRID_FEATURES.get(plan.probe_feature)
     encode = cnn_pooled_encoder(checkpoint, plan.feature_batch, plan.probe_feature)
     lp_dir, knn_dir = out / "eval" / "teacher" / "linprobe", out / "eval" / "teacher" / "knn"
     cfg = linprobe_config(plan, root, checkpoint, lp_dir, out / "eval" / "features", seed, progress)
     lp, knn = raw_pixel_scores(root, plan.eval_train_subset, plan.test_subset, seed, cfg["probe"], cfg["optim"],
                                cfg["train"], plan.knn_k, knn_dir, encode=encode,
-                               source=f"CNN teacher, last feature map ({plan.probe_feature}: mean in place of CLS)")
+                               source="CNN teacher, last feature map: " + (
+                                   f"mean + {grid}x{grid} grid" if grid else "mean-pooled"))
     return {"linprobe_acc1": lp.get("acc1"), "knn_acc1": _knn_at(knn, 20) if 20 in plan.knn_k else knn.get("acc1"),
             "knn_best": {"acc1": knn.get("acc1"), "k": knn.get("best_k")}, "checkpoint": str(checkpoint)}
 
