@@ -262,3 +262,49 @@ def test_cnn_teacher_row_is_read_like_the_vits(fast_run):
     assert torch.allclose(mean, fmap.mean((2, 3)), atol=1e-5) and torch.allclose(grid[:, :c], mean, atol=1e-6)
     cell = fmap[:, :, :3, :3].mean((2, 3))  # the 7x7 map's top-left 3x3 cell of adaptive pooling to 3x3
     assert torch.allclose(grid[:, c:].reshape(5, c, 9)[:, :, 0], cell, atol=1e-5)
+
+
+def _tokenizer_information():
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tokenizer_information.py"
+    spec = importlib.util.spec_from_file_location("tokenizer_information", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["tokenizer_information"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_tokenizer_information_reads_the_codes_alone(fast_run, tmp_path, capsys):
+    """benchmarks/tokenizer_information.py: each reading is a function of the codes only, and the quickstart's probe
+    protocol scores it (fast plan: 1,000 / 400 images)."""
+    from beitv2.checkpoint import load_model
+
+    mod = _tokenizer_information()
+    _, out = fast_run
+    ckpt = out / "tokenizer" / "model.safetensors"
+    tok = load_model(ckpt)[0].eval()
+    images = torch.rand(6, 1, 28, 28)
+    codes = tok.tokenize(images)
+    vectors = mod.code_encoder(tok, mod.READINGS["code vectors"], 4)(images)
+    assert torch.equal(vectors, tok.quantize.lookup(codes).flatten(1).float())
+    hist = mod.code_encoder(tok, mod.READINGS["code histogram"], 4)(images)
+    assert hist.shape == (6, tok.cfg.quantizer.num_codes) and torch.allclose(hist.sum(1), torch.ones(6))
+    counts = torch.nn.functional.one_hot(codes, tok.cfg.quantizer.num_codes).sum(1)
+    assert torch.equal((hist * codes.shape[1]).round().long(), counts)  # how often each code occurs, not where
+    root = yaml.safe_load((out / "configs" / "linprobe.beitv2.yaml").read_text())["data"]["path"]
+    res = tmp_path / "info.json"
+    assert mod.main(["--tokenizer", str(ckpt), "--data-path", root, "--plan", "fast", "--json", str(res),
+                     "--threads", "1"]) == 0
+    table = capsys.readouterr().out
+    got = json.loads(res.read_text())["results"]
+    assert set(got) == set(mod.READINGS) and all(f"| {name} |" in table for name in got)
+    for name, r in got.items():
+        assert 0.0 <= r["linprobe_acc1"] <= 100.0 and 0.0 <= r["knn_acc1"] <= 100.0, (name, r)
+    assert got["code vectors"]["linprobe_acc1"] > 20.0  # the codes in place carry the class (chance: 10%)
+
+    assert mod.main(["--tokenizer", str(tmp_path / "missing.safetensors")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="not a VQ-KD tokenizer"):
+        mod.main(["--tokenizer", str(out / "teacher" / "model.safetensors"), "--data-path", root, "--plan", "fast"])
