@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from beitv2.checkpoint import load_model
-from beitv2.commands.quickstart import PLANS, linprobe_config, raw_pixel_scores
+from beitv2.commands.quickstart import PLANS, linprobe_config, raw_pixel_scores, row_scores
 from beitv2.data import FASHION_MNIST_ROOT
 from beitv2.models.vqkd import VQKD
 
@@ -75,8 +75,8 @@ def measure(tokenizer: Path, root: str, plan_name: str = "full", seed: int = 0, 
                                        cfg["optim"], cfg["train"], plan.knn_k, sub / "knn",
                                        encode=code_encoder(tok, READINGS[name], plan.feature_batch),
                                        source=f"tokenizer codes: {name}")
-            at_k = knn["layers"][str(knn["best_layer"])]
-            results[name] = {"linprobe_acc1": lp["acc1"], "knn_acc1": at_k.get("20", {"acc1": knn["acc1"]})["acc1"]}
+            row = row_scores(plan, lp, knn, None)  # read as the quickstart's report reads its rows
+            results[name] = {"linprobe_acc1": row["linprobe_acc1"], "knn_acc1": row["knn_acc1"]}
     return results
 
 

@@ -1,10 +1,13 @@
-"""Small real files shared by the CLI-level tests: Fashion-MNIST IDX files and a Hugging Face hub cache."""
+"""Small real files shared by the CLI-level tests: Fashion-MNIST IDX files and a Hugging Face hub cache; and the
+benchmark scripts as modules."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,3 +40,13 @@ def populate_hf_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> Path
         (snap / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, snap / name)
     return snap
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` (not a package) imported as module ``name``."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod

@@ -3,16 +3,15 @@ separate head, dVAE tokenizer) and the Fashion-MNIST reproduction script, on tin
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from _helpers import load_benchmark
 from idx_files import write_idx_split
 from PIL import Image
 
@@ -26,7 +25,6 @@ from beitv2.models.mim import BEiTv2ForMIM, MIMConfig, pixel_targets
 from beitv2.tasks import MIMTask
 from beitv2.teachers import TeacherConfig, build_teacher
 
-ROOT = Path(__file__).resolve().parents[1]
 VIT = {"img_size": [16], "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, "init_values": 0.1}
 MIM = {"backbone": VIT, "vocab_size": 32, "early_layers": 1, "head_layers": 1}
 TRAIN = {"epochs": 1, "batch_size": 8, "log_every_steps": 1, "progress": False, "tensorboard": False,
@@ -182,16 +180,8 @@ def test_tokenizer_checkpoint_rules(tmp_path, folder, capsys):
     assert rc == 2 and "unused with model.target pixels" in capsys.readouterr().err
 
 
-def _reproduce_module():
-    spec = importlib.util.spec_from_file_location("reproduce_fmnist", ROOT / "benchmarks" / "reproduce_fmnist.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce_fmnist"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_reproduce_script_smoke(tmp_path, capsys):
-    mod = _reproduce_module()
+    mod = load_benchmark("reproduce_fmnist")
     idx = write_idx(tmp_path / "fmnist")
     out = tmp_path / "res"
     argv = ["--budget", "tiny", "--subset", "40", "--rows", "pixels", "--out", str(out),
@@ -220,7 +210,7 @@ def test_reproduce_script_smoke(tmp_path, capsys):
 
 
 def test_reproduce_script_raw_pixels_row_and_seeds(tmp_path):
-    mod = _reproduce_module()
+    mod = load_benchmark("reproduce_fmnist")
     idx = tmp_path / "fmnist"
     idx.mkdir()
     rng = np.random.default_rng(0)
@@ -254,7 +244,7 @@ def test_reproduce_script_raw_pixels_row_and_seeds(tmp_path):
 def test_reproduce_script_cnn_teacher_rows(tmp_path):
     """The shared stages of the quickstart's recipe: the CNN teacher, VQ-KD from its layer-normed map, the teacher
     row read from its pooled map (no fine-tune column) and the feature-regression row against it."""
-    mod = _reproduce_module()
+    mod = load_benchmark("reproduce_fmnist")
     idx = write_idx(tmp_path / "fmnist")
     out = tmp_path / "res"
     assert mod.main(["--budget", "tiny", "--subset", "80", "--rows", "vqkd,teacher,features", "--out", str(out),
@@ -272,7 +262,7 @@ def test_reproduce_script_cnn_teacher_rows(tmp_path):
 
 
 def test_reproduce_script_only_seed_runs_one_seed_and_is_checked(tmp_path, capsys):
-    mod = _reproduce_module()
+    mod = load_benchmark("reproduce_fmnist")
     idx = write_idx(tmp_path / "fmnist")
     out = tmp_path / "res"
     argv = ["--budget", "tiny", "--subset", "40", "--rows", "raw_pixels", "--seeds", "2", "--out", str(out),
@@ -292,7 +282,7 @@ def test_reproduce_full_budget_pretrains_with_the_quickstart_recipe(tmp_path):
     """The ablation's `full` budget claims the quickstart's MIM recipe: the two must not drift apart."""
     from beitv2.commands.quickstart import FULL
 
-    mod = _reproduce_module()
+    mod = load_benchmark("reproduce_fmnist")
     b = mod.BUDGETS["full"]
     assert (b.width, b.depth, b.heads) == FULL.mim_vit and b.early_layers == FULL.mim_early_layers
     assert (b.mim_batch, b.mim_lr, b.mask_patches, b.mask_min_block, b.mask_max_block, b.crop_scale) == (

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from _helpers import load_benchmark
 from idx_files import write_idx_split
 from PIL import Image
 
@@ -264,24 +265,12 @@ def test_cnn_teacher_row_is_read_like_the_vits(fast_run):
     assert torch.allclose(grid[:, c:].reshape(5, c, 9)[:, :, 0], cell, atol=1e-5)
 
 
-def _tokenizer_information():
-    import importlib.util
-    import sys
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tokenizer_information.py"
-    spec = importlib.util.spec_from_file_location("tokenizer_information", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["tokenizer_information"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_tokenizer_information_reads_the_codes_alone(fast_run, tmp_path, capsys):
     """benchmarks/tokenizer_information.py: each reading is a function of the codes only, and the quickstart's probe
     protocol scores it (fast plan: 1,000 / 400 images)."""
     from beitv2.checkpoint import load_model
 
-    mod = _tokenizer_information()
+    mod = load_benchmark("tokenizer_information")
     _, out = fast_run
     ckpt = out / "tokenizer" / "model.safetensors"
     tok = load_model(ckpt)[0].eval()

@@ -336,6 +336,13 @@ def _knn_at(metrics: dict, k: int) -> float | None:
     return None if v is None else float(v["acc1"])
 
 
+def row_scores(plan: Plan, lp: dict, knn: dict, checkpoint: str | None) -> dict[str, Any]:
+    """One row of the report's table from a linear probe's and a k-NN's metrics: the k-NN at k = 20 (DINO's) when the
+    plan scores it, else its best k, and the best k beside it."""
+    return {"linprobe_acc1": lp.get("acc1"), "knn_acc1": _knn_at(knn, 20) if 20 in plan.knn_k else knn.get("acc1"),
+            "knn_best": {"acc1": knn.get("acc1"), "k": knn.get("best_k")}, "checkpoint": checkpoint}
+
+
 def build_teacher_spec(args: argparse.Namespace, plan: Plan, root: str, out: Path, cfg_dir: Path, progress: bool
                        ) -> tuple[dict[str, Any], int, Path | None, str]:
     """(teacher section for train-tokenizer, feature width, beitv2 checkpoint to evaluate or None, description)."""
@@ -447,8 +454,7 @@ def evaluate(name: str, checkpoint: Path, plan: Plan, root: str, out: Path, cfg_
     run_command(f"linprobe.{name}", linprobe_config(plan, root, checkpoint, lp_dir, cache, seed, progress), cfg_dir)
     run_command(f"knn.{name}", knn_config(plan, root, checkpoint, knn_dir, cache, seed, progress), cfg_dir)
     lp, knn = _read_json(lp_dir / "metrics.json"), _read_json(knn_dir / "metrics.json")
-    return {"linprobe_acc1": lp.get("acc1"), "knn_acc1": _knn_at(knn, 20) if 20 in plan.knn_k else knn.get("acc1"),
-            "knn_best": {"acc1": knn.get("acc1"), "k": knn.get("best_k")}, "checkpoint": str(checkpoint)}
+    return row_scores(plan, lp, knn, str(checkpoint))
 
 
 def raw_pixel_scores(root: str, train_subset: float, test_subset: float, data_seed: int, probe: dict[str, Any],
@@ -536,8 +542,7 @@ def cnn_teacher_scores(plan: Plan, root: str, checkpoint: Path, out: Path, seed:
                                cfg["train"], plan.knn_k, knn_dir, encode=encode,
                                source="CNN teacher, last feature map: " + (
                                    f"mean + {grid}x{grid} grid" if grid else "mean-pooled"))
-    return {"linprobe_acc1": lp.get("acc1"), "knn_acc1": _knn_at(knn, 20) if 20 in plan.knn_k else knn.get("acc1"),
-            "knn_best": {"acc1": knn.get("acc1"), "k": knn.get("best_k")}, "checkpoint": str(checkpoint)}
+    return row_scores(plan, lp, knn, str(checkpoint))
 
 
 def raw_pixel_baseline(plan: Plan, root: str, out: Path, seed: int, progress: bool) -> dict[str, Any]:
@@ -546,8 +551,7 @@ def raw_pixel_baseline(plan: Plan, root: str, out: Path, seed: int, progress: bo
     cfg = linprobe_config(plan, root, Path("-"), lp_dir, out / "eval" / "features", seed, progress)
     lp, knn = raw_pixel_scores(root, plan.eval_train_subset, plan.test_subset, seed, cfg["probe"], cfg["optim"],
                                cfg["train"], plan.knn_k, knn_dir)
-    return {"linprobe_acc1": lp.get("acc1"), "knn_acc1": _knn_at(knn, 20) if 20 in plan.knn_k else knn.get("acc1"),
-            "knn_best": {"acc1": knn.get("acc1"), "k": knn.get("best_k")}, "checkpoint": None}
+    return row_scores(plan, lp, knn, None)
 
 
 def run(args: argparse.Namespace) -> int:
