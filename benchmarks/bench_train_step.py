@@ -11,11 +11,16 @@ matmul). Memory: CUDA max allocated, or the process's peak RSS on CPU (monotonic
 Two step paths: ``default`` is what `beitv2 pretrain` / `beitv2 train-tokenizer` run (torch.compile of the model
 and the frozen helpers where `beitv2.engine.trainer.resolve_compile` enables it, fused AdamW, the masked tokens
 gathered by index); ``eager`` is the baseline kept for comparison (no compile, the unfused for-loop AdamW, boolean
-indexing of the masked tokens). ``--compare`` times both side by side, interleaved, and prints the speed-up; the
-compile warm-up (first steps) is reported separately and not counted in the timed steps.
+indexing of the masked tokens, every block whole); ``untrimmed`` is the default pre-training step with
+`BEiTv2ForMIM.trim_unused_rows` off (the last backbone and aggregation blocks compute every token, not only the ones
+the loss reads), to measure that one change. ``--compare`` times eager and default (and any other ``--path``) side by
+side, interleaved, and prints the speed-ups; the compile warm-up (first steps) is reported separately and not
+counted in the timed steps. The FLOPs of every path are the eager step's (the whole model), so MFU is model FLOPs
+utilisation: work a path skips raises it.
 
     python benchmarks/bench_train_step.py --preset tiny            # CPU or GPU, fp32 and bf16
     python benchmarks/bench_train_step.py --preset tiny small base --precision bf16 --compare
+    python benchmarks/bench_train_step.py --preset small --precision fp32 --compare --path untrimmed --steps-only mim
     python benchmarks/bench_train_step.py --preset base --json out.json
 """
 
@@ -85,7 +90,7 @@ def batch_for(parts: dict, bs: int, device: torch.device) -> dict:
 def make_inference(task, device: torch.device, precision: str, path: str):
     """The frozen tokenizer's `tokenize` alone (what pre-training and `beitv2 tokenize` run), no gradients."""
     fn = task.target.tokenizer.tokenize
-    if path == "default" and resolve_compile(USE_COMPILE, device, COMPILE_AUTO_MIN_STEPS):
+    if path != "eager" and resolve_compile(USE_COMPILE, device, COMPILE_AUTO_MIN_STEPS):
         fn = torch.compile(fn)
 
     @torch.no_grad()
@@ -97,11 +102,13 @@ def make_inference(task, device: torch.device, precision: str, path: str):
 
 
 def make_step(task, device: torch.device, precision: str, path: str, name: str = "mim"):
-    """One optimizer step as the trainer runs it; ``path`` "eager" is the unfused, uncompiled baseline."""
+    """One optimizer step as the trainer runs it; ``path`` "eager" is the unfused, uncompiled baseline, "untrimmed"
+    the default step with full last blocks."""
     if name == "tokenize":
         return make_inference(task, device, precision, path)
     attns = [m for m in task.model.modules() if isinstance(m, Attention)]
-    if path == "default" and device.type == "cpu":
+    trims = hasattr(task.model, "trim_unused_rows")
+    if path != "eager" and device.type == "cpu":
         unfuse_short_cpu_attention(task.model)  # as the Trainer does on a CPU
     fused = [m.fused_attn for m in attns]  # this path's attention form, set again before each of its steps
     for m in attns:
@@ -119,6 +126,8 @@ def make_step(task, device: torch.device, precision: str, path: str, name: str =
         task.wrap(net, helpers)  # the paths share the task: each step sets its own wrapping and attention form
         for m, f in zip(attns, fused):
             m.fused_attn = f
+        if trims:
+            task.model.trim_unused_rows = path != "untrimmed"
         if path == "eager":
             batch = {k: v for k, v in batch.items() if k != "mask_index"}
         with autocast(device, precision):
@@ -228,9 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, nargs="+", default=[10], help="timed steps per round, one per preset or one")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile happens here)")
     ap.add_argument("--rounds", type=int, default=1, help="interleaved timing rounds per path (best counts)")
-    ap.add_argument("--path", nargs="+", default=["default"], choices=["default", "eager"],
-                    help="step paths to time (see the module doc)")
-    ap.add_argument("--compare", action="store_true", help="time eager and default side by side; print speed-ups")
+    ap.add_argument("--path", nargs="+", default=["default"], choices=["default", "eager", "untrimmed"],
+                    help="step paths to time (see the module doc); untrimmed applies to the pre-training step only")
+    ap.add_argument("--compare", action="store_true",
+                    help="time eager, default and any other --path side by side; print speed-ups against eager")
     ap.add_argument("--steps-only", nargs="+", default=["mim", "tokenizer"], choices=["mim", "tokenizer", "tokenize"],
                     help="which steps to time: the pre-training step, the tokenizer-training step, the frozen "
                          "tokenizer's inference (images/s of `tokenize`)")
@@ -243,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch default)")
     ap.add_argument("--json", default="", help="also write the results to this file")
     args = ap.parse_args(argv)
-    paths = ["eager", "default"] if args.compare else args.path
+    paths = ["eager", "default"] + [p for p in args.path if p not in ("eager", "default")] if args.compare \
+        else args.path
     global USE_COMPILE, CPU_TIME
     USE_COMPILE, CPU_TIME = args.compile, not args.wall_clock
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -267,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             peak = peaks[precision]
             for name in args.steps_only:
                 task = parts["mim" if name == "tokenize" else name]
-                for r in bench(name, task, batch, device, precision, paths, per_preset(args.steps, i),
+                step_paths = [p for p in paths if p != "untrimmed" or name == "mim"]
+                for r in bench(name, task, batch, device, precision, step_paths, per_preset(args.steps, i),
                                args.warmup, args.rounds):
                     r.update(preset=preset, device=str(device), matmul_peak_tflops=peak / 1e12,
                              mfu=r["achieved_tflops"] * 1e12 / peak)
@@ -280,13 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     unit = "wall clock" if device.type == "cuda" or not CPU_TIME else "process CPU time (img/s = images per CPU-s)"
     print(f"\n{' '.join(args.preset)} on {name}, torch {torch.__version__}; rounds {args.rounds}; timed by {unit}")
-    hdr = f"{'preset':<7}{'step':<10}{'path':<8}{'prec':<6}{'batch':>6}{'img/s':>9}{'ms/step':>10}{'warm-up s':>10}" \
+    hdr = f"{'preset':<7}{'step':<10}{'path':<10}{'prec':<6}{'batch':>6}{'img/s':>9}{'ms/step':>10}{'warm-up s':>10}" \
           f"{'GFLOP':>9}{'TFLOP/s':>9}{'peak TF/s':>10}{'MFU':>7}{'x eager':>8}{'peak MB':>9}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         sp = r.get("speedup_vs_eager")
-        print(f"{r['preset']:<7}{r['step']:<10}{r['path']:<8}{r['precision']:<6}{r['batch']:>6}"
+        print(f"{r['preset']:<7}{r['step']:<10}{r['path']:<10}{r['precision']:<6}{r['batch']:>6}"
               f"{r['images_per_s']:>9.1f}{r['ms_per_step']:>10.1f}{r['warmup_s']:>10.1f}{r['gflops_per_step']:>9.2f}"
               f"{r['achieved_tflops']:>9.3f}{r['matmul_peak_tflops']:>10.3f}{r['mfu']:>7.1%}"
               f"{(f'{sp:.2f}x' if sp else ''):>8}{r['peak_mem_mb']:>9.0f}")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 from torch.utils.data import Dataset
 
 from beitv2.engine import OptimConfig, TrainConfig, Trainer, build_optimizer, init_distributed, seed_everything
@@ -16,7 +17,7 @@ from beitv2.engine import state as S
 from beitv2.engine.trainer import COMPILE_AUTO_MIN_STEPS, NonFiniteLossError, resolve_compile
 from beitv2.masking import build_mask_generator
 from beitv2.mim_targets import TokenTarget
-from beitv2.models.backbone import ViTConfig
+from beitv2.models.backbone import ViTConfig, block_at_rows, make_block
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig, gather_tokens
 from beitv2.models.quantizer import NormEMAQuantizer, QuantizerConfig
 from beitv2.models.vqkd import VQKD, VQKDConfig, vqkd_encoder_config
@@ -71,6 +72,61 @@ def test_mim_step_with_index_gather_equals_boolean_path():
     assert g_bool.keys() == g_idx.keys() and len(g_idx) > 10
     for n in g_bool:
         assert torch.allclose(g_bool[n], g_idx[n], atol=1e-6), n
+
+
+@pytest.mark.parametrize("qkv_bias,own_table,fused", [(True, False, True), (True, True, False), (False, False, True)])
+def test_block_at_rows_equals_the_whole_block_at_those_rows(qkv_bias, own_table, fused):
+    """Outputs and gradients of `block_at_rows` are the whole block's at the chosen rows, whatever the bias layout
+    (shared table, per-layer table, no q/v bias) and attention form; stochastic depth draws the same masks."""
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=(16,), patch_size=4, embed_dim=32, depth=1, num_heads=2, qkv_bias=qkv_bias,
+                    drop_path_rate=0.0)
+    blk = make_block(cfg, drop_path=0.3, window_size=(4, 4) if own_table else None).train()
+    blk.attn.fused_attn = fused
+    if own_table:
+        nn.init.normal_(blk.attn.relative_position_bias_table)
+    x = torch.randn(3, 17, 32, requires_grad=True)
+    shared = torch.randn(2, 17, 17, requires_grad=True)
+    rows = torch.stack([torch.tensor([0, 2, 5, 16]), torch.tensor([0, 1, 3, 4]), torch.tensor([0, 9, 10, 11])])
+    torch.manual_seed(1)
+    full = blk(x, shared_rel_pos_bias=shared).gather(1, rows[..., None].expand(-1, -1, 32))
+    g_full = torch.autograd.grad(full.square().sum(), [x, shared, *blk.parameters()])
+    torch.manual_seed(1)
+    part = block_at_rows(blk, x, shared, rows)
+    g_part = torch.autograd.grad(part.square().sum(), [x, shared, *blk.parameters()])
+    assert part.shape == (3, 4, 32) and torch.allclose(full, part, atol=1e-5)
+    assert not torch.equal(full, blk.eval()(x, shared_rel_pos_bias=shared).gather(
+        1, rows[..., None].expand(-1, -1, 32)))  # stochastic depth did drop something, so the draws were compared
+    for a, b in zip(g_full, g_part):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(patch_aggregation=False), dict(early_layers=2),
+                                dict(drop_path=0.2), dict(grad_checkpointing=True)])
+def test_trimmed_last_blocks_give_the_full_blocks_loss_and_grads(kw):
+    """The default static path computes only CLS + masked rows in the last backbone block and masked rows in the
+    last aggregation block; loss, metrics and every gradient equal the full blocks' (trimming off) and the boolean
+    path's. early_layers = depth feeds the whole last block to the aggregation head, so the backbone is not trimmed."""
+    kw = dict(kw)
+    torch.manual_seed(0)
+    vit = ViTConfig(img_size=(16,), patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                    drop_path_rate=kw.pop("drop_path", 0.0), grad_checkpointing=kw.pop("grad_checkpointing", False))
+    mim = BEiTv2ForMIM(MIMConfig(backbone=vit, vocab_size=16, **{"early_layers": 1, "head_layers": 2, **kw}))
+    _, vq = tiny_parts()
+    task = MIMTask(mim, TokenTarget(vq)).train()
+    batch = mim_batch()
+    runs = []
+    for trim, b in ((True, batch), (False, batch), (False, {k: v for k, v in batch.items() if k != "mask_index"})):
+        mim.trim_unused_rows = trim
+        torch.manual_seed(3)
+        runs.append(loss_and_grads(task, b))
+    (l0, m0, g0) = runs[0]
+    for l1, m1, g1 in runs[1:]:
+        assert torch.allclose(l0, l1, atol=1e-6)
+        assert all(torch.allclose(m0[k], m1[k], atol=1e-6) for k in m0)
+        assert g0.keys() == g1.keys() and len(g0) > 10
+        for n in g0:
+            assert torch.allclose(g0[n], g1[n], atol=1e-6), n
 
 
 def test_fused_adamw_is_the_default_and_matches_the_for_loop():

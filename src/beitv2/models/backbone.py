@@ -132,6 +132,55 @@ def make_block(cfg: ViTConfig, drop_path: float, window_size: tuple[int, int] | 
     return blk
 
 
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Tokens ``x`` [B, N, D] at positions ``rows`` [B, Q] -> [B, Q, D] (a gather of static shape)."""
+    return x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def block_at_rows(blk: Block, x: torch.Tensor, rel_pos_bias: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """``blk(x, shared_rel_pos_bias=rel_pos_bias)`` at the token positions ``rows`` [B, Q] only -> [B, Q, D].
+
+    Keys and values come from every token; the queries, the attention output, the MLP and the residuals run for the
+    Q rows alone. A MIM model's last block feeds only its masked tokens (and CLS) to the loss: 21 of 50 tokens at 7x7
+    with 40% masking, 76 of 197 at 14x14, so this skips about half of that block's work. The same arithmetic as timm's
+    `Block.forward` on those rows, up to rounding (it is written out here because timm's blocks take one token set for
+    queries and keys alike); stochastic depth draws the same per-sample mask."""
+    attn = blk.attn
+    B, N, C = x.shape
+    H = attn.num_heads
+    y = blk.norm1(x)
+    w = attn.qkv.weight
+    if attn.q_bias is not None:
+        b_q, b_kv = attn.q_bias, torch.cat((attn.k_bias, attn.v_bias))
+    else:
+        b = attn.qkv.bias
+        b_q, b_kv = (b[:C], b[C:]) if b is not None else (None, None)
+    q = F.linear(gather_rows(y, rows), w[:C], b_q).reshape(B, -1, H, C // H).transpose(1, 2)  # [B, H, Q, hd]
+    k, v = F.linear(y, w[C:], b_kv).reshape(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, hd]
+    bias = rel_pos_bias
+    if attn.relative_position_bias_table is not None:
+        own = attn._get_rel_pos_bias()
+        bias = own if bias is None else own + bias
+    if bias is not None:  # [.., H, N, N] -> the query rows [B, H, Q, N]
+        bias = bias.reshape(-1, H, N, N).expand(B, H, N, N)
+        bias = bias.gather(2, rows[:, None, :, None].expand(B, H, rows.shape[1], N))
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    else:
+        a = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            a = a + bias
+        out = attn.attn_drop(a.softmax(dim=-1)) @ v
+    out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, -1, C)))
+    x = gather_rows(x, rows)
+    if blk.gamma_1 is None:
+        x = x + blk.drop_path1(out)
+        return x + blk.drop_path2(blk.mlp(blk.norm2(x)))
+    x = x + blk.drop_path1(blk.gamma_1 * out)
+    return x + blk.drop_path2(blk.gamma_2 * blk.mlp(blk.norm2(x)))
+
+
 def rescale_block(block: Block, layer_id: int) -> None:
     """Official `fix_init_weight`: divide the residual-branch output projections of layer l (1-based) by sqrt(2l)."""
     with torch.no_grad():
@@ -247,22 +296,31 @@ class BEiTViT(nn.Module):
             x = x + self.pos_embed
         return self.pos_drop(x)
 
-    def run_block(self, blk: nn.Module, x: torch.Tensor, rel_pos_bias: torch.Tensor | None) -> torch.Tensor:
+    def run_block(self, blk: nn.Module, x: torch.Tensor, rel_pos_bias: torch.Tensor | None,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One block; with ``rows`` [B, Q] only those token positions' outputs (`block_at_rows`)."""
         with attention_kernel(x):
+            fn = blk if rows is None else partial(block_at_rows, blk)
+            args = (x, rel_pos_bias) if rows is None else (x, rel_pos_bias, rows)
             if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
-                return checkpoint(blk, x, rel_pos_bias, use_reentrant=False)
-            return blk(x, shared_rel_pos_bias=rel_pos_bias)
+                return checkpoint(fn, *args, use_reentrant=False)
+            return fn(*args)
 
     def forward_features(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None,
-                         mask_token: torch.Tensor | None = None, return_layers: Sequence[int] = ()
-                         ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Tokens after the last block (before the final norm) and the outputs of blocks ``return_layers`` (1-based)."""
+                         mask_token: torch.Tensor | None = None, return_layers: Sequence[int] = (),
+                         last_block_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Tokens after the last block (before the final norm) and the outputs of blocks ``return_layers`` (1-based).
+
+        With ``last_block_rows`` [B, Q] the last block computes only those token positions and the first output is
+        [B, Q, D]; ``return_layers`` may then not include the last block."""
+        if last_block_rows is not None and self.depth in return_layers:
+            raise ValueError("last_block_rows trims the last block, whose full output return_layers asks for")
         x = self.embed(x, bool_masked_pos, mask_token)
         rel_pos_bias = self.rel_pos_bias_for_blocks()
         wanted = set(return_layers)
         saved: dict[int, torch.Tensor] = {}
         for i, blk in enumerate(self.blocks, start=1):
-            x = self.run_block(blk, x, rel_pos_bias)
+            x = self.run_block(blk, x, rel_pos_bias, last_block_rows if i == self.depth else None)
             if i in wanted:
                 saved[i] = x
         return x, saved

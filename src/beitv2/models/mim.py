@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..config import check, opt
-from .backbone import BEiTViT, ViTConfig, make_block, rescale_block
+from .backbone import BEiTViT, ViTConfig, gather_rows, make_block, rescale_block
 
 
 @dataclass
@@ -84,7 +84,7 @@ def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Patch tokens [B, N, D] at positions ``index`` [B, M] -> [B*M, D], in the order of ``tokens[mask]`` when
     ``index`` lists each row's masked positions in ascending order. Unlike boolean indexing, the output shape is known
     without reading the mask (no host sync, one graph for torch.compile)."""
-    return tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1])).flatten(0, 1)
+    return gather_rows(tokens, index).flatten(0, 1)
 
 
 class BEiTv2ForMIM(BEiTViT):
@@ -92,6 +92,9 @@ class BEiTv2ForMIM(BEiTViT):
 
     # state-dict prefixes that exist only for pre-training (dropped when the backbone is evaluated or fine-tuned)
     pretrain_only_keys = ("mask_token", "lm_head.", "cls_pt_layers.", "cls_pt_norm.", "cls_pt_lm_head.")
+    # With ``masked_index``, the last backbone block and the last aggregation block compute only the rows the loss
+    # reads (CLS + masked tokens, masked tokens): the same outputs there; False runs them whole (benchmarks compare).
+    trim_unused_rows: bool = True
 
     def __init__(self, cfg: MIMConfig):
         cfg.validate()
@@ -138,27 +141,46 @@ class BEiTv2ForMIM(BEiTViT):
         """Predictions at the masked positions: [head 1] or [head 1, aggregation head], each [B*M, out_dim].
 
         ``masked_index`` [B, M] (each row's masked positions, ascending; `MIMDataset` ships it as ``mask_index``)
-        selects the masked tokens by a gather of static shape; without it they are picked by boolean indexing
-        (a host sync and a data-dependent shape; the eager baseline of benchmarks/bench_train_step.py)."""
+        selects the masked tokens by a gather of static shape, and lets the last backbone block and the last
+        aggregation block compute only the tokens the loss reads (`trim_unused_rows`); without it they are picked by
+        boolean indexing after full blocks (a host sync and a data-dependent shape; the eager baseline of
+        benchmarks/bench_train_step.py)."""
         bool_masked_pos = bool_masked_pos.reshape(images.shape[0], -1).bool()
+        if masked_index is None:
+            return self._forward_boolean(images, bool_masked_pos)
+        cfg = self.config
+        layers = (cfg.early_layers,) if cfg.patch_aggregation else ()
+        rows = masked_index + 1  # token positions (CLS is 0)
+        trim = self.trim_unused_rows and not (cfg.patch_aggregation and cfg.early_layers == self.depth)
+        last_rows = torch.cat([torch.zeros_like(rows[:, :1]), rows], dim=1) if trim else None  # CLS + masked
+        x, saved = self.forward_features(images, bool_masked_pos, self.mask_token, return_layers=layers,
+                                         last_block_rows=last_rows)
+        masked = x[:, 1:].flatten(0, 1) if trim else gather_tokens(x[:, 1:], masked_index)
+        outs = [self.lm_head(self.norm(masked))]  # norm and head are per token: gather first, less work
+        if cfg.patch_aggregation:
+            h = torch.cat([x[:, :1], saved[cfg.early_layers][:, 1:]], dim=1)
+            bias = self.rel_pos_bias_for_blocks()
+            *first, last = self.cls_pt_layers
+            for blk in first:
+                h = self.run_block(blk, h, bias)
+            h = self.run_block(last, h, bias, rows).flatten(0, 1) if self.trim_unused_rows \
+                else gather_tokens(self.run_block(last, h, bias)[:, 1:], masked_index)
+            norm, head = (self.norm, self.lm_head) if cfg.shared_lm_head else (self.cls_pt_norm, self.cls_pt_lm_head)
+            outs.append(head(norm(h)))
+        return outs
+
+    def _forward_boolean(self, images: torch.Tensor, bool_masked_pos: torch.Tensor) -> list[torch.Tensor]:
         cfg = self.config
         layers = (cfg.early_layers,) if cfg.patch_aggregation else ()
         x, saved = self.forward_features(images, bool_masked_pos, self.mask_token, return_layers=layers)
-        if masked_index is not None:
-            def select(t: torch.Tensor) -> torch.Tensor:  # norm and head are per token: gather first, less work
-                return gather_tokens(t[:, 1:], masked_index)
-            outs = [self.lm_head(self.norm(select(x)))]
-        else:
-            def select(t: torch.Tensor) -> torch.Tensor:
-                return t[:, 1:][bool_masked_pos]
-            outs = [self.lm_head(select(self.norm(x)))]
+        outs = [self.lm_head(self.norm(x)[:, 1:][bool_masked_pos])]
         if cfg.patch_aggregation:
             h = torch.cat([x[:, :1], saved[cfg.early_layers][:, 1:]], dim=1)
             bias = self.rel_pos_bias_for_blocks()
             for blk in self.cls_pt_layers:
                 h = self.run_block(blk, h, bias)
             norm, head = (self.norm, self.lm_head) if cfg.shared_lm_head else (self.cls_pt_norm, self.cls_pt_lm_head)
-            outs.append(head(norm(select(h))) if masked_index is not None else head(select(norm(h))))
+            outs.append(head(norm(h)[:, 1:][bool_masked_pos]))
         return outs
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
