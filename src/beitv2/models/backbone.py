@@ -300,8 +300,8 @@ class BEiTViT(nn.Module):
                   rows: torch.Tensor | None = None) -> torch.Tensor:
         """One block; with ``rows`` [B, Q] only those token positions' outputs (`block_at_rows`)."""
         with attention_kernel(x):
-            fn = blk if rows is None else partial(block_at_rows, blk)
-            args = (x, rel_pos_bias) if rows is None else (x, rel_pos_bias, rows)
+            fn, args = (blk, (x, rel_pos_bias)) if rows is None else \
+                (partial(block_at_rows, blk), (x, rel_pos_bias, rows))
             if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
                 return checkpoint(fn, *args, use_reentrant=False)
             return fn(*args)
