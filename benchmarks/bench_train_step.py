@@ -116,7 +116,9 @@ def make_step(task, device: torch.device, precision: str, path: str, name: str =
     opt = build_optimizer(task.model, OptimConfig(lr=1e-4, clip_grad=3.0), fused=False if path == "eager" else None)
     scaler = grad_scaler(device, precision)
     params = [p for g in opt.param_groups for p in g["params"]]
-    if path == "default" and resolve_compile(USE_COMPILE, device, COMPILE_AUTO_MIN_STEPS):
+    if path in ("default", "untrimmed") and resolve_compile(USE_COMPILE, device, COMPILE_AUTO_MIN_STEPS):
+        # untrimmed is the default step with one change, so it compiles as default does (its own graph: Dynamo
+        # guards on trim_unused_rows)
         net = compile_task(task, task.model, device)
         helpers = dict(task._helpers)
     else:
