@@ -98,8 +98,8 @@ FAST = Plan(train_subset=1000, test_subset=400, eval_train_subset=1000, teacher_
 # The best recipe measured, at about 4x the full plan's time: a tokenizer trained 8x as many steps (batch 64, two
 # epochs), whose codes carry more class information, 4x the MIM epochs, and probes that read the patch tokens on a 3x3
 # grid (as the pixels keep their layout). Measured end to end (docs/quickstart.md, "The long plan end to end"): linear
-# probe 86.8 / k-NN 82.0 against 82.4 / 80.5 for the raw pixels (83.6 / 79.4 read as CLS + mean; the full plan: 78.7 /
-# 75.2). Everything else is the full plan's.
+# probe 86.8 / k-NN 82.0 against 82.4 / 80.5 for the raw pixels (83.6 / 79.4 read as CLS + mean; the full plan: 78.6 /
+# 73.8). Everything else is the full plan's.
 LONG_MIM_EPOCHS, LONG_TOK_EPOCHS, LONG_TOK_BATCH, LONG_PROBE_FEATURE = 8, 2, 64, "cls+grid3"
 LONG = replace(FULL, mim_epochs=LONG_MIM_EPOCHS, tok_epochs=LONG_TOK_EPOCHS, tok_batch=LONG_TOK_BATCH,
                probe_feature=LONG_PROBE_FEATURE)
