@@ -54,6 +54,7 @@ class Budget:
     tok_depth: int
     tok_heads: int
     tokenizer_epochs: int
+    tok_batch: int  # VQ-KD batch (the quickstart's 64: more steps per epoch distil the teacher better)
     pretrain_epochs: int
     teacher_fraction: float  # share of `train` whose labels the stand-in teacher (the quickstart's CNN) sees
     teacher_epochs: int
@@ -63,7 +64,8 @@ class Budget:
     finetune_epochs: int
     probe_train: int  # training images the linear probe and k-NN fit on
     probe_epochs: int
-    batch: int  # tokenizer (2x), dVAE and fine-tuning batch
+    probe_feature: str  # what the probes read from each block: cls+grid3 (the quickstart's) or cls+mean
+    batch: int  # dVAE and fine-tuning batch
     mim_batch: int  # pre-training batch (the quickstart's: more, smaller steps beat fewer, larger ones here)
     mim_lr: float
     mask_patches: int  # of the 7 x 7 = 49 patches (official: 75 of 196, ~38%)
@@ -77,24 +79,27 @@ class Budget:
 BUDGETS = {
     # seconds on 2 CPU cores; also the smoke test (with --subset)
     "tiny": Budget(train=512, val=256, width=32, depth=2, heads=2, early_layers=1, vocab=64, tok_width=32,
-                   tok_depth=1, tok_heads=2, tokenizer_epochs=1, pretrain_epochs=1, teacher_fraction=0.25,
-                   teacher_epochs=2, teacher_batch=64, teacher_lr=3e-3, finetune_train=256, finetune_epochs=1,
-                   probe_train=512, probe_epochs=10, batch=64, mim_batch=64, mim_lr=1.5e-3, mask_patches=18,
-                   mask_min_block=4, mask_max_block=None, crop_scale=0.5, dvae_hidden=8, dvae_train=512),
+                   tok_depth=1, tok_heads=2, tokenizer_epochs=1, tok_batch=128, pretrain_epochs=1,
+                   teacher_fraction=0.25, teacher_epochs=2, teacher_batch=64, teacher_lr=3e-3, finetune_train=256,
+                   finetune_epochs=1, probe_train=512, probe_epochs=10, probe_feature="cls+grid3", batch=64,
+                   mim_batch=64, mim_lr=1.5e-3, mask_patches=18, mask_min_block=4, mask_max_block=None,
+                   crop_scale=0.5, dvae_hidden=8, dvae_train=512),
     # about 20 minutes on 2 CPU cores: a quick look, too small to order the rows
     "small": Budget(train=4000, val=1500, width=64, depth=4, heads=2, early_layers=3, vocab=256, tok_width=64,
-                    tok_depth=2, tok_heads=4, tokenizer_epochs=3, pretrain_epochs=2, teacher_fraction=0.25,
-                    teacher_epochs=10, teacher_batch=64, teacher_lr=3e-3, finetune_train=1000, finetune_epochs=4,
-                    probe_train=4000, probe_epochs=50, batch=64, mim_batch=64, mim_lr=1.5e-3, mask_patches=20,
-                    mask_min_block=4, mask_max_block=None, crop_scale=0.5, dvae_hidden=16, dvae_train=4000),
+                    tok_depth=2, tok_heads=4, tokenizer_epochs=3, tok_batch=128, pretrain_epochs=2,
+                    teacher_fraction=0.25, teacher_epochs=10, teacher_batch=64, teacher_lr=3e-3, finetune_train=1000,
+                    finetune_epochs=4, probe_train=4000, probe_epochs=50, probe_feature="cls+grid3", batch=64,
+                    mim_batch=64, mim_lr=1.5e-3, mask_patches=20, mask_min_block=4, mask_max_block=None,
+                    crop_scale=0.5, dvae_hidden=16, dvae_train=4000),
     # the quickstart's scale and recipe (all 60k training images, all 10k test images; teacher on 38,400 labels,
-    # 300 steps of 128; MIM batch 64 at lr 8e-3, blocks of 2-6 patches, whole-image views): about 25 minutes per
-    # seed on 2 CPU cores with native bf16
+    # 300 steps of 128; VQ-KD 2 epochs at batch 64; MIM batch 64 at lr 8e-3, blocks of 2-6 patches, whole-image
+    # views, one epoch per row; probes on the 3x3 grid)
     "full": Budget(train=60000, val=10000, width=96, depth=4, heads=3, early_layers=2, vocab=256, tok_width=64,
-                   tok_depth=2, tok_heads=4, tokenizer_epochs=1, pretrain_epochs=1, teacher_fraction=0.64,
-                   teacher_epochs=1, teacher_batch=128, teacher_lr=3e-3, finetune_train=10000, finetune_epochs=2,
-                   probe_train=10000, probe_epochs=15, batch=128, mim_batch=64, mim_lr=8e-3, mask_patches=20,
-                   mask_min_block=2, mask_max_block=6, crop_scale=1.0, dvae_hidden=16, dvae_train=20000),
+                   tok_depth=2, tok_heads=4, tokenizer_epochs=2, tok_batch=64, pretrain_epochs=1,
+                   teacher_fraction=0.64, teacher_epochs=1, teacher_batch=128, teacher_lr=3e-3, finetune_train=10000,
+                   finetune_epochs=2, probe_train=10000, probe_epochs=15, probe_feature="cls+grid3", batch=128,
+                   mim_batch=64, mim_lr=8e-3, mask_patches=20, mask_min_block=2, mask_max_block=6, crop_scale=1.0,
+                   dvae_hidden=16, dvae_train=20000),
 }
 
 
@@ -239,9 +244,9 @@ class Plan:
                    "teacher_dim": self.teacher_dim}},
                "teacher": self.teacher_spec(teacher),
                "data": self.data, "aug": {"min_crop_scale": 0.5},
-               "optim": {"lr": 2e-3, "lr_reference_batch": 0, "min_lr": 1e-5, "warmup_epochs": 0.1 * b.tokenizer_epochs,
+               "optim": {"lr": 2e-3, "lr_reference_batch": 0, "min_lr": 1e-5, "warmup_epochs": 0.1,
                          "betas": [0.9, 0.99], "weight_decay": 1e-4},
-               "train": {**self.train, "batch_size": 2 * b.batch, "epochs": b.tokenizer_epochs,
+               "train": {**self.train, "batch_size": b.tok_batch, "epochs": b.tokenizer_epochs,
                          "output_dir": str(self.stage_dir("vqkd")), "eval_every_epochs": b.tokenizer_epochs}}
         return ["train-tokenizer", "--config", str(dump(self.out / "configs" / "vqkd.yaml", cfg))]
 
@@ -288,7 +293,7 @@ class Plan:
         return ["pretrain", "--config", str(dump(self.out / "configs" / f"pretrain_{row.name}.yaml", cfg))]
 
     def features(self, cache: Path) -> dict:
-        return {"feature": "cls+mean", "layers": list(range(1, self.b.depth + 1)), "cache_dir": str(cache)}
+        return {"feature": self.b.probe_feature, "layers": list(range(1, self.b.depth + 1)), "cache_dir": str(cache)}
 
     def linprobe_config(self, ckpt: str, out: Path) -> dict:
         return {"model": {"checkpoint": ckpt}, "data": {**self.data, "subset": self.b.probe_train},
@@ -371,16 +376,18 @@ def evaluate_pixels(plan: Plan, row_dir: Path) -> tuple[dict[str, Any], float]:
 
 
 def evaluate_cnn_teacher(plan: Plan, ckpt: Path, row_dir: Path) -> tuple[dict[str, Any], float]:
-    """The teacher row: the rows' linear probe and k-NN on the CNN's mean-pooled last feature map (a CNN has no CLS
-    token and no ViT blocks to fine-tune with layer decay, so no fine-tune column)."""
+    """The teacher row: the rows' linear probe and k-NN on the CNN's last feature map, read as the ViTs are (the map's
+    mean in place of a CLS token, then its 3x3 pooling for the grid reading; a CNN has no ViT blocks to fine-tune with
+    layer decay, so no fine-tune column)."""
     from beitv2.commands.quickstart import cnn_pooled_encoder, raw_pixel_scores, resolve_data_path
 
     t = time.perf_counter()
-    encode = cnn_pooled_encoder(ckpt, 1000)
+    encode = cnn_pooled_encoder(ckpt, 1000, plan.b.probe_feature)
     cfg = plan.linprobe_config("-", row_dir / "linprobe")
     lp, kn = raw_pixel_scores(resolve_data_path(plan.data["path"]), plan.b.probe_train, plan.b.val,
                               plan.data["seed"], cfg["probe"], cfg.get("optim", {}), cfg["train"], (20,),
-                              row_dir / "knn", encode=encode, source="CNN teacher, mean-pooled last feature map")
+                              row_dir / "knn", encode=encode,
+                              source=f"CNN teacher, last feature map read as {plan.b.probe_feature}")
     return {"linprobe_top1": lp["acc1"], "linprobe_block": 0, "knn_top1": kn["acc1"], "knn_block": 0,
             "finetune_top1": None}, time.perf_counter() - t
 
@@ -552,6 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         budget = replace(budget, train=min(budget.train, n), val=min(budget.val, max(CLASSES, n // 2)),
                          finetune_train=min(budget.finetune_train, max(CLASSES, n // 2)),
                          batch=min(budget.batch, max(2, n // 4)), mim_batch=min(budget.mim_batch, max(2, n // 4)),
+                         tok_batch=min(budget.tok_batch, max(2, n // 2)),
                          teacher_batch=min(budget.teacher_batch, max(2, round(n * budget.teacher_fraction) // 4)))
     names = [s for s in args.rows.split(",") if s] or [r.name for r in ROWS]
     unknown = set(names) - {r.name for r in ROWS}

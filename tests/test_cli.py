@@ -2,6 +2,7 @@
 files rejected with exit status 2 and one line naming the option (no traceback)."""
 
 import collections
+import re
 
 import pytest
 import torch
@@ -40,6 +41,22 @@ def test_every_command_prints_its_resolved_config(capsys):
     for name in COMMANDS:
         cfg = _printed(capsys, [name, *MINIMAL[name], "--print-config"])
         assert isinstance(cfg, dict) and cfg, name
+
+
+def test_help_states_each_default_once(capsys):
+    """Config options parse to None (so overrides can be told from defaults) and state their real default in their
+    help; argparse must not add a second, wrong "(default: None)"; plain options keep argparse's."""
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([name, "--help"])
+        assert e.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert not re.search(r"\(default: [^)]*\) \(default: None\)", text), name
+        if name == "knn":
+            assert "(default: 0.07)" in text and text.count("(default: 0.07)") == 1
+    with pytest.raises(SystemExit):
+        main(["quickstart", "--help"])
+    assert "(default: demo_out)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_print_config_layers_preset_and_overrides(capsys):

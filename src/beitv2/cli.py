@@ -59,10 +59,20 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
             logging.getLogger("beitv2").debug("command %s unavailable: %s", name, e)
             continue
         p = sub.add_parser(name, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP),
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_HelpFormatter)
         mod.configure(p)
         p.set_defaults(_run=mod.run)
     return parser
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends argparse's "(default: X)" only where the help does not say it already: config options parse to None
+    (so an override is told from a default) and state their real default themselves."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,17 +3,17 @@
 Stages, each run in-process through the project's own commands (``beitv2.cli.main``):
 
 1. teacher - a user-given one (``--teacher-kind hf|timm|open_clip|beitv2 --teacher NAME_OR_PATH``), or, since no
-   CLIP/DINO weights can be fetched offline, a *stand-in*: a small ViT trained supervised (``beitv2 finetune`` from
-   random init) on 10% of the training labels;
+   CLIP/DINO weights can be fetched offline, a *stand-in*: a small CNN (timm ``resnet10t`` at a quarter width)
+   trained supervised from random init on most of the training labels (``--stand-in vit``: a small ViT);
 2. tokenizer - ``beitv2 train-tokenizer``: VQ-KD distilled from the teacher on all training images;
 3. pre-training - ``beitv2 pretrain``: BEiT v2 masked image modeling (blockwise masking, patch aggregation) on all
    training images;
 4. evaluation - ``beitv2 linprobe`` and ``beitv2 knn`` on the test split for the pre-trained backbone, a randomly
-   initialised backbone of the same shape and the teacher;
+   initialised backbone of the same shape, the teacher and the raw pixels;
 5. report - ``metrics.json``, ``report.md`` and PNG figures (training curves, codebook atlas, attention maps, masks).
 
-The full run is sized for about 10 minutes on 2 CPU cores; ``--fast`` runs every stage on a subset (about a minute)
-for the test suite. See docs/quickstart.md.
+The full run takes about 9 minutes on 2 CPU cores with AMX; ``--fast`` runs every stage on a subset (about a
+minute) for the test suite. See docs/quickstart.md.
 """
 
 from __future__ import annotations
@@ -79,14 +79,19 @@ class Plan:
     num_workers: int
 
 
-# Aimed at 10 minutes on 2 CPU cores (measured figures: docs/quickstart.md).
+# Aimed at 10 minutes on 2 CPU cores with native bf16 (measured figures: docs/quickstart.md). The tokenizer trains
+# 937 steps per epoch (batch 64) for two epochs: its codes then carry more class information than the pixels, and
+# the student is close to saturated on them after three MIM epochs (linear probe / k-NN end to end: 85.9 / 81.8;
+# eight epochs: 86.8 / 82.9; raw pixels 82.4 / 80.5). The
+# probes read the CLS token and the patch tokens pooled to a 3x3 grid, as the pixels keep their layout. No data-loader
+# worker: on 2 cores a worker takes CPU from the step (9.9 against 8.8 MIM steps/s in-process).
 FULL = Plan(train_subset=0, test_subset=0, eval_train_subset=5000, teacher_labels=38400, teacher_val_subset=2000,
             teacher_arch="cnn", teacher_vit=(96, 4, 3), teacher_epochs=1, teacher_batch=128, teacher_lr=3e-3,
-            tok_vit=(64, 2, 4), tok_codes=256, tok_code_dim=32, tok_restart=0.0, tok_epochs=1, tok_batch=256,
+            tok_vit=(64, 2, 4), tok_codes=256, tok_code_dim=32, tok_restart=0.0, tok_epochs=2, tok_batch=64,
             tok_lr=2e-3,
-            mim_vit=(96, 4, 3), mim_early_layers=2, mim_epochs=2, mim_batch=64, mim_lr=8e-3, mim_crop_scale=1.0,
+            mim_vit=(96, 4, 3), mim_early_layers=2, mim_epochs=3, mim_batch=64, mim_lr=8e-3, mim_crop_scale=1.0,
             mask_patches=20, mask_min_block=2, mask_max_block=6, probe_epochs=15, probe_batch=512, probe_lr=5e-3,
-            knn_k=(10, 20), probe_feature="cls+mean", feature_batch=1000, num_workers=1)
+            knn_k=(10, 20), probe_feature="cls+grid3", feature_batch=1000, num_workers=0)
 # Every stage on a subset with tiny models: a test of the pipeline (about a minute), not of the method.
 FAST = Plan(train_subset=1000, test_subset=400, eval_train_subset=1000, teacher_labels=500, teacher_val_subset=400,
             teacher_arch="cnn", teacher_vit=(32, 2, 2), teacher_epochs=5, teacher_batch=50, teacher_lr=4e-3,
@@ -94,15 +99,11 @@ FAST = Plan(train_subset=1000, test_subset=400, eval_train_subset=1000, teacher_
             tok_lr=2e-3,
             mim_vit=(32, 2, 2), mim_early_layers=1, mim_epochs=1, mim_batch=50, mim_lr=1.5e-3, mim_crop_scale=1.0,
             mask_patches=20, mask_min_block=2, mask_max_block=6, probe_epochs=10, probe_batch=100, probe_lr=2e-2,
-            knn_k=(10, 20), probe_feature="cls+mean", feature_batch=500, num_workers=0)
-# The best recipe measured, at about 4x the full plan's time: a tokenizer trained 8x as many steps (batch 64, two
-# epochs), whose codes carry more class information, 4x the MIM epochs, and probes that read the patch tokens on a 3x3
-# grid (as the pixels keep their layout). Measured end to end (docs/quickstart.md, "The long plan end to end"): linear
-# probe 86.8 / k-NN 82.0 against 82.4 / 80.5 for the raw pixels (83.6 / 79.4 read as CLS + mean; the full plan: 78.6 /
-# 73.8). Everything else is the full plan's.
-LONG_MIM_EPOCHS, LONG_TOK_EPOCHS, LONG_TOK_BATCH, LONG_PROBE_FEATURE = 8, 2, 64, "cls+grid3"
-LONG = replace(FULL, mim_epochs=LONG_MIM_EPOCHS, tok_epochs=LONG_TOK_EPOCHS, tok_batch=LONG_TOK_BATCH,
-               probe_feature=LONG_PROBE_FEATURE)
+            knn_k=(10, 20), probe_feature="cls+grid3", feature_batch=500, num_workers=0)
+# The best recipe measured, at about twice the full plan's time: eight MIM epochs instead of three (86.8 / 82.9
+# against 85.9 / 81.8). Everything else is the full plan's.
+LONG_MIM_EPOCHS = 8
+LONG = replace(FULL, mim_epochs=LONG_MIM_EPOCHS)
 PLANS = {"full": FULL, "long": LONG, "fast": FAST}
 CNN_CHANNELS = (32, 48, 64, 96)  # the CNN stand-in's stage widths (timm resnet10t at quarter width); the last is its
 # feature width
@@ -115,12 +116,10 @@ class StageError(RuntimeError):
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="demo_out", help="report folder (its stage sub-folders are replaced)")
     parser.add_argument("--plan", choices=tuple(PLANS), default="full",
-                        help="sizes and schedules: full (the demo, aimed at 10 minutes on 2 cores), long (the best "
-                             f"recipe measured, about 30 minutes on 2 cores with native bf16: the full plan with "
-                             f"{LONG_MIM_EPOCHS} MIM epochs instead of {FULL.mim_epochs}, a tokenizer of "
-                             f"{LONG_TOK_EPOCHS} epochs at batch {LONG_TOK_BATCH} and probes reading "
-                             f"{LONG_PROBE_FEATURE}) or fast (tiny models on subsets, about a minute: a test of the "
-                             "pipeline, not of the method)")
+                        help="sizes and schedules: full (the demo, about 9 minutes on 2 cores with AMX), "
+                             f"long (the full plan with {LONG_MIM_EPOCHS} MIM epochs instead of {FULL.mim_epochs}, "
+                             "about 18 minutes: the best recipe measured) or fast (tiny models on subsets, about a "
+                             "minute: a test of the pipeline, not of the method)")
     parser.add_argument("--fast", action="store_true", help="the same as --plan fast")
     parser.add_argument("--data-path", default="", help="folder holding the Fashion-MNIST IDX files (default: "
                                                         "/usr/share/datasets/fashion-mnist, else a torchvision "
@@ -136,8 +135,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "plan's, cnn: timm resnet10t at 56 px, 7x7 feature map; vit: the earlier 4-block ViT)")
     parser.add_argument("--probe-feature", choices=("cls+mean", "cls+grid3"), default="",
                         help="what the linear probe and k-NN read from the last block (default: the plan's, "
-                             "cls+mean for full and fast, cls+grid3 for long): cls+grid3 keeps the patch tokens on a "
-                             "3x3 grid (docs/quickstart.md)")
+                             "cls+grid3 in every plan): the CLS token and the patch tokens pooled to a 3x3 grid, which "
+                             "keeps their layout as the pixels keep theirs; cls+mean: CLS and the mean patch token "
+                             "(docs/quickstart.md)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every stage")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--segment", action="store_true", help="also fine-tune UperNet on each backbone for "
