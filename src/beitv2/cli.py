@@ -32,6 +32,16 @@ def _load(module: str):
     return importlib.import_module(f"beitv2.commands.{module}")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends argparse's "(default: X)" only where the help does not say it already: config options parse to None
+    (so an override is told from a default) and state their real default themselves."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="beitv2",
@@ -63,16 +73,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         mod.configure(p)
         p.set_defaults(_run=mod.run)
     return parser
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Appends argparse's "(default: X)" only where the help does not say it already: config options parse to None
-    (so an override is told from a default) and state their real default themselves."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or "(default:" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,12 +79,12 @@ class Plan:
     num_workers: int
 
 
-# Aimed at 10 minutes on 2 CPU cores with native bf16 (measured figures: docs/quickstart.md). The tokenizer trains
-# 937 steps per epoch (batch 64) for two epochs: its codes then carry more class information than the pixels, and
-# the student is close to saturated on them after three MIM epochs (linear probe / k-NN end to end: 85.9 / 81.8;
-# eight epochs: 86.8 / 82.9; raw pixels 82.4 / 80.5). The
-# probes read the CLS token and the patch tokens pooled to a 3x3 grid, as the pixels keep their layout. No data-loader
-# worker: on 2 cores a worker takes CPU from the step (9.9 against 8.8 MIM steps/s in-process).
+# About 9 minutes on 2 CPU cores with AMX (measured figures: docs/quickstart.md). The tokenizer trains 937 steps per
+# epoch (batch 64) for two epochs: its codes then carry more class information than the pixels, and the student is
+# close to saturated on them after three MIM epochs (linear probe / k-NN end to end: 85.9 / 81.8; eight epochs: 86.8 /
+# 82.9; raw pixels 82.4 / 80.5). The probes read the CLS token and the patch tokens pooled to a 3x3 grid, as the
+# pixels keep their layout. No data-loader worker: on 2 cores a worker takes CPU from the step (9.9 against 8.8 MIM
+# steps/s in-process).
 FULL = Plan(train_subset=0, test_subset=0, eval_train_subset=5000, teacher_labels=38400, teacher_val_subset=2000,
             teacher_arch="cnn", teacher_vit=(96, 4, 3), teacher_epochs=1, teacher_batch=128, teacher_lr=3e-3,
             tok_vit=(64, 2, 4), tok_codes=256, tok_code_dim=32, tok_restart=0.0, tok_epochs=2, tok_batch=64,
