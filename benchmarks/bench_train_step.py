@@ -108,15 +108,16 @@ def make_step(task, device: torch.device, precision: str, path: str, name: str =
         return make_inference(task, device, precision, path)
     attns = [m for m in task.model.modules() if isinstance(m, Attention)]
     trims = hasattr(task.model, "trim_unused_rows")
+    compiled = path in ("default", "untrimmed") and resolve_compile(USE_COMPILE, device, COMPILE_AUTO_MIN_STEPS)
     if path != "eager" and device.type == "cpu":
-        unfuse_short_cpu_attention(task.model)  # as the Trainer does on a CPU
+        unfuse_short_cpu_attention(task.model, compiled=compiled)  # as the Trainer does on a CPU
     fused = [m.fused_attn for m in attns]  # this path's attention form, set again before each of its steps
     for m in attns:
         m.fused_attn = True  # the eager baseline: SDPA (the math kernel for short CPU training sequences)
     opt = build_optimizer(task.model, OptimConfig(lr=1e-4, clip_grad=3.0), fused=False if path == "eager" else None)
     scaler = grad_scaler(device, precision)
     params = [p for g in opt.param_groups for p in g["params"]]
-    if path in ("default", "untrimmed") and resolve_compile(USE_COMPILE, device, COMPILE_AUTO_MIN_STEPS):
+    if compiled:
         # untrimmed is the default step with one change, so it compiles as default does (its own graph: Dynamo
         # guards on trim_unused_rows)
         net = compile_task(task, task.model, device)
@@ -269,6 +270,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     peaks: dict[str, float] = {}
     for i, preset in enumerate(args.preset):
+        # each preset compiles as a fresh run would: otherwise Dynamo, seeing the same forward again at new shapes,
+        # recompiles it with dynamic shapes, and every later preset times slower generic code (ViT-B tokenizer
+        # step measured 1.13x eager after tiny and small in the same process, 1.45x alone)
+        torch._dynamo.reset()
         seed_everything(0)
         parts = build(preset, device)
         bs = per_preset(args.batch_size, i) or SIZES[preset][4 if device.type == "cpu" else 5]

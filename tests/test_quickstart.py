@@ -302,3 +302,24 @@ def test_tokenizer_information_reads_the_codes_alone(fast_run, tmp_path, capsys)
     assert "no such file" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="not a VQ-KD tokenizer"):
         mod.main(["--tokenizer", str(out / "teacher" / "model.safetensors"), "--data-path", root, "--plan", "fast"])
+
+
+def test_knn_readings_reproduce_the_reports_knn_rows(fast_run, tmp_path, capsys):
+    """benchmarks/knn_readings.py: its plan reading (CLS + 3x3 grid, last block) is the report's k-NN of BEiT v2 and
+    of the teacher, its pixels the pixel row; the other readings are scored for every block."""
+    mod = load_benchmark("knn_readings")
+    _, out = fast_run
+    res = tmp_path / "readings.json"
+    assert mod.main(["--run", str(out), "--plan", "fast", "--json", str(res), "--threads", "1"]) == 0
+    assert "| BEiT v2 | 2 | cls+all |" in capsys.readouterr().out
+    rows = json.loads(res.read_text())["rows"]
+    report = json.loads((out / "metrics.json").read_text())["results"]
+    depth = max(r["block"] for r in rows if r["backbone"] == "BEiT v2")
+    pick = {(r["backbone"], r["block"], r["reading"]): r for r in rows}
+    student = report["BEiT v2 (pre-trained)"]["knn_acc1"]
+    assert pick[("BEiT v2", depth, "cls+grid3")]["knn_acc1"] == pytest.approx(student, abs=0.01)
+    assert pick[("teacher", None, "cls+grid3")]["knn_acc1"] == pytest.approx(report["teacher"]["knn_acc1"], abs=0.01)
+    assert pick[("raw pixels", None, "pixels")]["knn_acc1"] == pytest.approx(report["raw pixels"]["knn_acc1"], abs=0.01)
+    assert len(rows) == depth * len(mod.READINGS) + len(mod.READINGS) + 1
+    assert all(0.0 <= r["knn_acc1"] <= 100.0 and 0.0 <= r["knn_std_acc1"] <= 100.0 for r in rows)
+    assert mod.main(["--run", str(tmp_path)]) == 2  # not a quickstart folder: one line, no traceback

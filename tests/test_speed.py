@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from beitv2.engine import OptimConfig, TrainConfig, Trainer, build_optimizer, init_distributed, seed_everything
@@ -230,6 +231,54 @@ def test_bf16_autocast_traces_without_a_graph_break():
 
     x = torch.randn(8, 8)
     assert torch.compile(f, fullgraph=True, backend="eager")(x).item() == pytest.approx(f(x).item())
+
+
+def test_quantizer_training_forward_traces_without_a_graph_break():
+    """The training forward branches on whether the codebook is initialised: read from the device, that was a
+    `.item()` graph break splitting every compiled tokenizer step into five graphs. It is a host flag now, set by
+    construction, the k-means initialisation and `load_state_dict`."""
+    q = NormEMAQuantizer(QuantizerConfig(num_codes=8, code_dim=4, kmeans_init=False)).train()
+    z = F.normalize(torch.randn(2, 6, 4), dim=-1)
+    explained = torch._dynamo.explain(q)(z)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    trained = NormEMAQuantizer(QuantizerConfig(num_codes=8, code_dim=4, kmeans_init=True, kmeans_iters=2)).train()
+    trained(z)  # k-means on the first batch
+    fresh = NormEMAQuantizer(QuantizerConfig(num_codes=8, code_dim=4, kmeans_init=True))
+    assert not fresh._initted_on_host()
+    fresh.load_state_dict(trained.state_dict())  # an initialised codebook: no second k-means after loading
+    assert fresh._initted_on_host()
+
+
+def test_rel_pos_bias_op_matches_timm_in_values_and_gradient():
+    """The shared relative position bias as one opaque op (so Inductor does not inline its gather into every
+    softmax): the same bias and table gradient as timm's `RelativePositionBias`, and a valid custom op."""
+    from timm.models.beit import RelativePositionBias
+
+    from beitv2.models.relpos import rel_pos_bias
+
+    m = RelativePositionBias((3, 4), 2)
+    torch.nn.init.normal_(m.relative_position_bias_table)
+    table, index, n = m.relative_position_bias_table, m.relative_position_index, m.window_area + 1
+    ours = rel_pos_bias(table, index, n)
+    assert ours.shape == (2, 13, 13) and torch.equal(ours, m())
+    w = torch.randn_like(ours)
+    g_timm = torch.autograd.grad((m() * w).sum(), table)[0]
+    g_ours = torch.autograd.grad((rel_pos_bias(table, index, n) * w).sum(), table)[0]
+    assert torch.allclose(g_ours, g_timm, atol=1e-6)
+    torch.library.opcheck(rel_pos_bias, (table, index, n))
+
+
+def test_compiled_cpu_training_uses_explicit_attention_at_every_length():
+    """Compiled on a CPU, a ViT at 197 tokens switches to the explicit form too (the flash backward was the largest
+    cost of the compiled ViT-B tokenizer step); eager it keeps SDPA."""
+    from timm.models.beit import Attention
+
+    from beitv2.models.backbone import BEiTViT, unfuse_short_cpu_attention
+
+    long = BEiTViT(ViTConfig(img_size=(224,), patch_size=16, embed_dim=32, depth=2, num_heads=2))
+    assert unfuse_short_cpu_attention(long) == 0
+    assert unfuse_short_cpu_attention(long, compiled=True) == 2
+    assert not any(m.fused_attn for m in long.modules() if isinstance(m, Attention))
 
 
 def test_a_failing_compile_falls_back_to_eager(tmp_path, monkeypatch, caplog):

@@ -318,9 +318,9 @@ class Trainer:
             net = DDP(net, device_ids=ids, find_unused_parameters=self.cfg.find_unused_parameters,
                       broadcast_buffers=running_stats, gradient_as_bucket_view=True)
         self.eager_net = net
-        if self.device.type == "cpu":
-            unfuse_short_cpu_attention(net)  # the frozen helpers run forward only, where SDPA wins: left as they are
         self.compiled = resolve_compile(self.cfg.compile, self.device, self.total_steps - self.global_step)
+        if self.device.type == "cpu":  # the frozen helpers run forward only, where SDPA wins: left as they are
+            unfuse_short_cpu_attention(net, compiled=self.compiled)
         if self.compiled:
             net = compile_task(self.task, net, self.device)
         else:

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import check, opt
 from ..utils.sizes import to_2tuple
-from .relpos import resize_pos_embed, resize_rel_pos_table
+from .relpos import rel_pos_bias, resize_pos_embed, resize_rel_pos_table
 
 # Below this many tokens, CPU training uses SDPA's math kernel: the CPU flash kernel's backward is 3-7x slower there
 # (50-65 tokens), about even at 197 and faster beyond; forward-only passes keep flash, which wins at every length.
@@ -43,15 +43,17 @@ def attention_kernel(x: torch.Tensor) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def unfuse_short_cpu_attention(net: nn.Module) -> int:
+def unfuse_short_cpu_attention(net: nn.Module, compiled: bool = False) -> int:
     """For a network trained on a CPU (the Trainer calls it, compiled or not): timm's explicit attention (matmul,
-    softmax, matmul) in every block, when all its ViTs see fewer than `CPU_MATH_ATTENTION_MAX_TOKENS` tokens. Eager,
-    it beats SDPA's math kernel (`attention_kernel`, which then no longer applies) under bf16 autocast; compiled, a
-    graph would otherwise get the flash kernel, whose CPU backward is 3-7x slower at these lengths, while Inductor
-    fuses the explicit form (VQ-KD tiny step of 32, 28 px, 2 threads: 244 -> 106-118 ms, eager with SDPA 139). The
-    same arithmetic as SDPA up to rounding. Returns how many modules switched."""
+    softmax, matmul) in every block, when all its ViTs see fewer than `CPU_MATH_ATTENTION_MAX_TOKENS` tokens, or at
+    any length when the network is ``compiled``. Eager, it beats SDPA's math kernel under bf16 autocast on short
+    sequences (at 197 tokens the two are about even, so eager long sequences keep SDPA). Compiled, Inductor fuses the
+    explicit form, where a graph would otherwise get the flash kernel, whose CPU backward is 3-7x slower at 50-65
+    tokens and still the largest single cost at 197 (VQ-KD tiny step of 32, 28 px, 2 threads: 244 -> 106-118 ms,
+    eager with SDPA 139; the ViT-B VQ-KD step at 224 px compiled: 1.20x -> 1.45x the eager step). The same
+    arithmetic as SDPA up to rounding. Returns how many modules switched."""
     vits = [m for m in net.modules() if isinstance(m, BEiTViT)]
-    if not vits or any(v.num_patches + 1 >= CPU_MATH_ATTENTION_MAX_TOKENS for v in vits):
+    if not vits or (not compiled and any(v.num_patches + 1 >= CPU_MATH_ATTENTION_MAX_TOKENS for v in vits)):
         return 0
     attns = [m for m in net.modules() if isinstance(m, Attention) and m.fused_attn]
     for m in attns:
@@ -258,7 +260,10 @@ class BEiTViT(nn.Module):
 
     def rel_pos_bias_for_blocks(self) -> torch.Tensor | None:
         """The shared bias [heads, 1+N, 1+N] handed to every block (None for per-layer or no tables)."""
-        return self.rel_pos_bias() if self.rel_pos_bias is not None else None
+        if self.rel_pos_bias is None:
+            return None
+        rpb = self.rel_pos_bias  # timm's RelativePositionBias (official names); its gather as one op, see rel_pos_bias
+        return rel_pos_bias(rpb.relative_position_bias_table, rpb.relative_position_index, rpb.window_area + 1)
 
     def set_input_size(self, img_size: int | Sequence[int]) -> None:
         """Change the input resolution in place: position embedding resized bicubically, relative position tables

@@ -94,6 +94,11 @@ def kmeans_cosine(samples: torch.Tensor, k: int, iters: int, generator: torch.Ge
     return means, bins
 
 
+def _mirror_initted(quantizer: NormEMAQuantizer, incompatible_keys) -> None:
+    """Load-state-dict post hook (it runs after the children, so ``embedding.initted`` holds the loaded value)."""
+    quantizer._initted_seen = bool(quantizer.embedding.initted)
+
+
 class CodebookEmbedding(nn.Module):
     """Holds the codebook under the official key names (`quantize.embedding.weight`, `quantize.embedding.initted`)."""
 
@@ -114,22 +119,19 @@ class NormEMAQuantizer(nn.Module):
         self.register_buffer("usage_counts", torch.zeros(cfg.num_codes, dtype=torch.float64), persistent=False)
         self.kmeans_seed = 0
         self.num_restarted = 0
-        self._initted_seen = False
+        # host copy of embedding.initted: the training forward branches on it without reading the device (a sync,
+        # and under torch.compile a graph break that splits the tokenizer's step into five graphs)
+        self._initted_seen = not cfg.kmeans_init
+        self.register_load_state_dict_post_hook(_mirror_initted)
 
     @property
     def codebook(self) -> torch.Tensor:
         return self.embedding.weight
 
     def _initted_on_host(self) -> bool:
-        """``embedding.initted``, read from the device once (a later `load_state_dict` re-arms the read), so the
-        training forward does not sync on it every step."""
-        if not self._initted_seen:
-            self._initted_seen = bool(self.embedding.initted)
+        """``embedding.initted`` as the host saw it last: at construction, after `load_state_dict` (read once
+        there) and after the k-means initialisation."""
         return self._initted_seen
-
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        self._initted_seen = False
-        super()._load_from_state_dict(*args, **kwargs)
 
     # ---------------------------------------------------------------------------------------------- statistics
     def reset_usage(self) -> None:
