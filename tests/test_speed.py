@@ -247,6 +247,11 @@ def test_quantizer_training_forward_traces_without_a_graph_break():
     assert not fresh._initted_on_host()
     fresh.load_state_dict(trained.state_dict())  # an initialised codebook: no second k-means after loading
     assert fresh._initted_on_host()
+    blank = NormEMAQuantizer(QuantizerConfig(num_codes=8, code_dim=4, kmeans_init=True))
+    blank.mark_initted()  # as the official-checkpoint loader does: the training forward must not run k-means
+    blank._kmeans_init = lambda flat: pytest.fail("k-means re-initialised a codebook marked initialised")
+    blank.train()(z)
+    assert blank._initted_on_host() and bool(blank.embedding.initted)
 
 
 def test_rel_pos_bias_op_matches_timm_in_values_and_gradient():

@@ -230,7 +230,7 @@ def load_official_vqkd(path: str | Path, preset: str | VQKDConfig | None = None,
         cfg = preset
     model = VQKD(cfg)
     load_strict(model, state, f"{path} as VQ-KD")
-    model.quantize.embedding.initted.fill_(True)  # a loaded codebook must never be re-initialised by k-means
+    model.quantize.mark_initted()  # a loaded codebook must never be re-initialised by k-means
     return model.eval()
 
 

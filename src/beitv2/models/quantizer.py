@@ -133,6 +133,12 @@ class NormEMAQuantizer(nn.Module):
         there) and after the k-means initialisation."""
         return self._initted_seen
 
+    def mark_initted(self) -> None:
+        """Declare the codebook initialised (a loaded one must never be re-initialised by k-means), on the device
+        and in the host copy the training forward reads."""
+        self.embedding.initted.fill_(True)
+        self._initted_seen = True
+
     # ---------------------------------------------------------------------------------------------- statistics
     def reset_usage(self) -> None:
         self.usage_counts.zero_()
