@@ -35,6 +35,7 @@ from beitv2.data.transforms import resolve_norm
 from beitv2.engine.precision import autocast, resolve_precision
 from beitv2.eval.backbones import ModelSource, load_backbone
 from beitv2.eval.knn import knn_scores
+from beitv2.models.backbone import BEiTViT
 
 READINGS = ("cls", "cls+grid3", "cls+grid4", "cls+all")
 
@@ -47,17 +48,21 @@ def read(first: torch.Tensor, fmap: torch.Tensor, reading: str) -> torch.Tensor:
     return torch.cat([first, rest], 1)
 
 
-def vit_tokens(checkpoint: Path, images01: torch.Tensor, batch: int = 1000) -> dict[int, torch.Tensor]:
+def normalised(images01: torch.Tensor) -> torch.Tensor:
+    """The quickstart's model-view normalisation (ImageNet statistics, one channel)."""
+    (mean,), (std,) = resolve_norm("imagenet", 1)
+    return (images01 - mean) / std
+
+
+def vit_tokens(model: BEiTViT, images01: torch.Tensor, batch: int = 1000) -> dict[int, torch.Tensor]:
     """{block: [B, 1+N, D] tokens after the final norm}, read as the quickstart's feature pass reads them (ImageNet
     normalisation, bf16 autocast where the CPU has it)."""
-    model, _ = load_backbone(ModelSource(checkpoint=str(checkpoint)))
     model.eval()
-    (mean,), (std,) = resolve_norm("imagenet", 1)
     device = torch.device("cpu")
     out: dict[int, list[torch.Tensor]] = {b: [] for b in range(1, model.depth + 1)}
     with torch.no_grad(), autocast(device, resolve_precision("bf16", device)):
         for i in range(0, len(images01), batch):
-            last, saved = model.forward_features((images01[i:i + batch] - mean) / std,
+            last, saved = model.forward_features(normalised(images01[i:i + batch]),
                                                  return_layers=list(range(1, model.depth)))
             saved[model.depth] = last
             for b in out:
@@ -92,8 +97,8 @@ def measure(run: Path, plan_name: str, root: str, seed: int) -> list[dict]:
             knn, std = knn_pair(feats(r, True), y_tr, feats(r, False), y_te)
             rows.append({"backbone": backbone, "block": block, "reading": r, "knn_acc1": knn, "knn_std_acc1": std})
 
-    student = run / "pretrain" / "model.safetensors"
-    grid = tuple(load_backbone(ModelSource(checkpoint=str(student)))[0].grid_size)
+    student, _ = load_backbone(ModelSource(checkpoint=str(run / "pretrain" / "model.safetensors")))
+    grid = tuple(student.grid_size)
     tr, te = vit_tokens(student, x_tr), vit_tokens(student, x_te)
     for b in sorted(tr):
         add("BEiT v2", b, lambda r, is_tr, b=b: vit_readings((tr if is_tr else te)[b], grid, r))
@@ -103,8 +108,7 @@ def measure(run: Path, plan_name: str, root: str, seed: int) -> list[dict]:
         with torch.no_grad():
             maps = {True: net.forward_features(x_tr), False: net.forward_features(x_te)}
         add("teacher", None, lambda r, is_tr: read(maps[is_tr].mean((2, 3)), maps[is_tr], r))
-    (mean,), (std,) = resolve_norm("imagenet", 1)
-    pixels = {True: ((x_tr - mean) / std).flatten(1), False: ((x_te - mean) / std).flatten(1)}
+    pixels = {True: normalised(x_tr).flatten(1), False: normalised(x_te).flatten(1)}
     add("raw pixels", None, lambda r, is_tr: pixels[is_tr], readings=("pixels",))
     return rows
 

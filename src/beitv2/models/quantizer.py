@@ -161,8 +161,7 @@ class NormEMAQuantizer(nn.Module):
         means, bins = kmeans_cosine(samples, self.num_codes, self.cfg.kmeans_iters, gen)
         self.embedding.weight.data.copy_(broadcast(means.contiguous()))
         self.cluster_size.copy_(broadcast(bins.contiguous()))
-        self.embedding.initted.fill_(True)
-        self._initted_seen = True
+        self.mark_initted()
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
         """Index of the nearest code by cosine similarity for unit vectors z [M, D], in exact fp32 even under autocast
