@@ -3,7 +3,8 @@
 Each mutant is one edit of one module's AST (a flipped comparison, ``+`` <-> ``-``, ``*`` <-> ``/``, a constant off by
 one, ``and`` <-> ``or``, a dropped statement, two call arguments swapped, ``True`` <-> ``False``). The mutated source is
 written into a scratch copy of ``src/``, and the test files that exercise that module run against it with ``-x`` under
-a per-mutant timeout. A mutant is *killed* when the tests fail (or time out), *survived* when they pass. Not in CI:
+a per-mutant timeout (the tests marked ``slow`` are left out unless ``--with-slow``). A mutant is *killed* when the
+tests fail (or time out), *survived* when they pass. Not in CI:
 it is CPU-heavy. Run it niced, sampling mutants per module::
 
     nice -n 15 python benchmarks/mutation.py --max-mutants 12 --seed 0 [--module masking.py ...] [--jobs 1]
@@ -34,10 +35,13 @@ PKG = ROOT / "src" / "beitv2"
 
 # module (relative to src/beitv2) -> the fast test files that exercise it
 TARGETS: dict[str, list[str]] = {
-    "models/backbone.py": ["tests/test_backbone.py", "tests/test_references.py"],
+    # backbone: drop path, layer scale, checkpointing (test_backbone.py); block_at_rows (test_speed.py)
+    "models/backbone.py": ["tests/test_backbone.py", "tests/test_references.py", "tests/test_speed.py"],
     "models/mim.py": ["tests/test_models.py", "tests/test_references.py", "tests/test_task_references.py"],
     "models/vqkd.py": ["tests/test_models.py", "tests/test_references.py", "tests/test_task_references.py"],
-    "models/quantizer.py": ["tests/test_quantizer.py", "tests/test_models.py", "tests/test_task_references.py"],
+    # quantizer: the EMA update and the dead-code restart are in test_quantizer.py and test_codebook_usage.py
+    "models/quantizer.py": ["tests/test_quantizer.py", "tests/test_codebook_usage.py", "tests/test_models.py",
+                            "tests/test_task_references.py"],
     "models/relpos.py": ["tests/test_references.py", "tests/test_interop.py"],
     "masking.py": ["tests/test_masking.py"],
     "tasks.py": ["tests/test_references.py", "tests/test_task_references.py", "tests/test_targets.py",
@@ -46,6 +50,14 @@ TARGETS: dict[str, list[str]] = {
                        "tests/test_ablations.py"],
     "engine/optim.py": ["tests/test_optim_effective.py", "tests/test_engine.py"],
     "engine/schedule.py": ["tests/test_optim_effective.py", "tests/test_engine.py"],
+    # second round: segmentation, teachers, codebook EMA / restart, interop exports
+    "models/segmenter.py": ["tests/test_segmentation.py"],
+    "data/segmentation.py": ["tests/test_segmentation.py"],
+    "eval/segmentation.py": ["tests/test_seg_metrics.py", "tests/test_segmentation.py"],
+    "teachers.py": ["tests/test_teachers.py"],
+    "interop/timm_export.py": ["tests/test_interop.py", "tests/test_hub_export.py"],
+    "interop/hf_export.py": ["tests/test_interop.py", "tests/test_hub_export.py"],
+    "interop/hf_segmentation.py": ["tests/test_segmentation.py", "tests/test_hub_export.py"],
 }
 
 CMP_SWAP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,
@@ -130,7 +142,8 @@ def apply(tree: ast.Module, site: Site) -> ast.Module:
     return ast.fix_missing_locations(tree)
 
 
-def run_mutant(module: str, source: str, tests: list[str], timeout: float) -> tuple[str, float]:
+def run_mutant(module: str, source: str, tests: list[str], timeout: float, with_slow: bool = False
+               ) -> tuple[str, float]:
     work = Path(tempfile.mkdtemp(prefix="beitv2-mut-"))
     try:
         shutil.copytree(ROOT / "src", work / "src", ignore=shutil.ignore_patterns("__pycache__"))
@@ -138,8 +151,9 @@ def run_mutant(module: str, source: str, tests: list[str], timeout: float) -> tu
         env = {**os.environ, "PYTHONPATH": str(work / "src"), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
         t0 = time.perf_counter()
         try:
+            select = [] if with_slow else ["-m", "not slow"]
             proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:randomly", "-p",
-                                   "no:cacheprovider", "-o", "addopts=", *tests], cwd=ROOT, env=env,
+                                   "no:cacheprovider", "-o", "addopts=", *select, *tests], cwd=ROOT, env=env,
                                   capture_output=True, text=True, timeout=timeout)
             status = "survived" if proc.returncode == 0 else "killed"
         except subprocess.TimeoutExpired:
@@ -156,6 +170,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=300, help="seconds per mutant")
     ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--with-slow", action="store_true",
+                    help="also run the tests marked slow (multi-process, end to end), left out by default")
     ap.add_argument("--json", type=Path, default=None, help="write every mutant's result here")
     ap.add_argument("--rerun", type=Path, default=None,
                     help="only the survivors listed in this --json file (same module, line and mutation)")
@@ -192,7 +208,7 @@ def main() -> int:
 
     def one(job):
         module, site, mutated = job
-        status, dt = run_mutant(module, mutated, TARGETS[module], args.timeout)
+        status, dt = run_mutant(module, mutated, TARGETS[module], args.timeout, args.with_slow)
         print(f"{status:17s} {dt:6.1f}s  {module}:{site.line}  {site.desc}", flush=True)
         return {"module": module, "line": site.line, "mutation": site.desc, "status": status, "seconds": round(dt, 1)}
 

@@ -256,7 +256,7 @@ def test_reproduce_script_cnn_teacher_rows(tmp_path):
     assert 0 < res["rows"]["vqkd"]["codebook"]["codes_used"] <= 64
     vqkd_cfg = yaml.safe_load((out / "configs" / "vqkd.yaml").read_text())
     assert vqkd_cfg["teacher"]["feature_norm"] == "layernorm" and vqkd_cfg["tokenizer"]["vqkd"]["teacher_dim"] == 96
-    teacher = yaml.safe_load((out / "configs" / "teacher.yaml").read_text())
+    teacher = yaml.safe_load((out / "runs" / "teacher" / "config.yaml").read_text())
     assert teacher["net"]["name"] == "resnet10t"
     assert res["teacher_top1"] == json.loads((out / "runs" / "teacher" / "metrics.json").read_text())["acc1"]
 

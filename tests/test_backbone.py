@@ -166,3 +166,116 @@ def test_default_config_is_the_official_base_and_checks_its_options():
         dataclasses.replace(c, use_rel_pos_bias=True).validate()
     with pytest.raises(ConfigError, match="num_classes"):
         dataclasses.replace(c, num_classes=-1).validate()
+
+
+def _far_from_init(model: BEiTViT, seed: int = 0) -> BEiTViT:
+    """Layer-scale gammas 1, every relative position table and the head N(0, 1): trained-scale weights, where an
+    attention-path or drop-path difference cannot hide under tiny residual branches."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gamma_" in name:
+                p.fill_(1.0)
+            elif "relative_position_bias_table" in name or name.startswith("head."):
+                p.copy_(torch.randn(p.shape, generator=g))
+    return model
+
+
+BIAS_LAYOUTS = {"none": dict(use_shared_rel_pos_bias=False, use_abs_pos_emb=True),
+                "shared": dict(use_shared_rel_pos_bias=True),
+                "per_layer": dict(use_shared_rel_pos_bias=False, use_rel_pos_bias=True)}
+
+
+@pytest.mark.parametrize("bias", sorted(BIAS_LAYOUTS))
+@pytest.mark.parametrize("path", ["forced_math", "explicit", "sdpa"])
+def test_grad_checkpointing_gives_the_same_gradients_on_every_attention_path(path, bias, monkeypatch):
+    """Checkpointed blocks recompute their forward in backward. On CPU with fewer than 128 tokens the forward runs
+    under a forced SDPA kernel; the recomputation must run the same one (else torch raises `CheckpointError` on
+    differing saved-tensor metadata, or the gradients differ). `forced_math`: 17 tokens, SDPA forced to its math
+    kernel; `explicit`: timm's matmul-softmax attention; `sdpa`: SDPA left to choose (no forced kernel)."""
+    from beitv2.models import backbone as bb
+
+    if path == "sdpa":
+        monkeypatch.setattr(bb, "CPU_MATH_ATTENTION_MAX_TOKENS", 0)
+    cfg = dict(img_size=(16,), patch_size=4, embed_dim=32, depth=3, num_heads=2, num_classes=3, init_values=0.1,
+               drop_path_rate=0.2, **BIAS_LAYOUTS[bias])
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    plain_model = _far_from_init(BEiTViT(ViTConfig(**cfg)))
+    grads = []
+    for ckpt in (False, True):
+        model = BEiTViT(ViTConfig(**cfg, grad_checkpointing=ckpt)).train()
+        model.load_state_dict(plain_model.state_dict())
+        assert bb.forces_math_attention(torch.zeros(1, 17, 32)) == (path != "sdpa")
+        if path == "explicit":
+            for blk in model.blocks:
+                blk.attn.fused_attn = False
+        torch.manual_seed(5)  # the same drop-path draws in both runs (checkpointing replays the RNG state)
+        model(x).square().sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    plain, checkpointed = grads
+    assert set(plain) == set(checkpointed)
+    for name, g in plain.items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(checkpointed[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 5])
+def test_drop_path_rates_are_linspace_over_depth_as_official_and_timm(depth):
+    """Official and timm: block i drops its residual branches with rate `torch.linspace(0, rate, depth)[i]`."""
+    rate = 0.3
+    m = BEiTViT(ViTConfig(img_size=(16,), patch_size=4, embed_dim=32, depth=depth, num_heads=2,
+                          drop_path_rate=rate))
+    expected = torch.linspace(0, rate, depth).tolist()
+    for i, blk in enumerate(m.blocks):
+        for dp in (blk.drop_path1, blk.drop_path2):
+            p = dp.drop_prob if hasattr(dp, "drop_prob") else 0.0  # nn.Identity where the rate is 0
+            assert p == pytest.approx(expected[i], abs=1e-7), (i, expected)
+    timm_rates = [b.drop_path1.drop_prob if hasattr(b.drop_path1, "drop_prob") else 0.0
+                  for b in Beit(img_size=16, patch_size=4, embed_dim=32, depth=depth, num_heads=2,
+                                drop_path_rate=rate).blocks]
+    assert timm_rates == pytest.approx(expected, abs=1e-7)
+
+
+def test_training_forward_with_stochastic_depth_equals_timms_draw_for_draw():
+    """Train mode, same seed: timm's `Beit` (same weights, its own linspace rates) gives bit-comparable outputs,
+    so the rates really reach the blocks and each branch is dropped as timm drops it."""
+    cfg = CASES["shared_cls"]
+    ours = _far_from_init(BEiTViT(ViTConfig(img_size=(32,), patch_size=4, embed_dim=64, depth=4, num_heads=4,
+                                            drop_path_rate=0.5, **cfg["vit"])))
+    theirs = Beit(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, drop_path_rate=0.5, **cfg["timm"])
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(8, 3, 32, 32)
+    outs = []
+    for m in (ours.train(), theirs.train()):
+        for blk in m.blocks:
+            blk.attn.fused_attn = False  # one attention arithmetic for both
+        torch.manual_seed(11)
+        outs.append(m(x))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        assert not torch.allclose(outs[0], ours.eval()(x), atol=1e-3)  # drop path did drop something
+
+
+def test_mim_aggregation_blocks_take_the_official_drop_path_rates():
+    """Official `cls_pt_layers`: rates `linspace(0, dp, max(depth, early + head))[early + j]`."""
+    from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
+
+    for depth, early, head in ((4, 3, 2), (6, 2, 2)):
+        vit = ViTConfig(img_size=(16,), patch_size=4, embed_dim=32, depth=depth, num_heads=2, drop_path_rate=0.4)
+        m = BEiTv2ForMIM(MIMConfig(backbone=vit, vocab_size=16, early_layers=early, head_layers=head))
+        table = torch.linspace(0, 0.4, max(depth, early + head)).tolist()
+        got = [b.drop_path1.drop_prob if hasattr(b.drop_path1, "drop_prob") else 0.0 for b in m.cls_pt_layers]
+        assert got == pytest.approx(table[early:early + head], abs=1e-7)
+
+
+@pytest.mark.parametrize("init_values", [0.0, 1e-5, 0.1])
+def test_layer_scale_is_built_as_the_official_gammas(init_values):
+    """`init_values > 0`: gamma_1 and gamma_2 of every block are (D,) filled with it; 0: no layer scale at all."""
+    m = BEiTViT(ViTConfig(img_size=(16,), patch_size=4, embed_dim=32, depth=3, num_heads=2,
+                          init_values=init_values))
+    for blk in m.blocks:
+        if init_values == 0:
+            assert blk.gamma_1 is None and blk.gamma_2 is None
+        else:
+            for gamma in (blk.gamma_1, blk.gamma_2):
+                assert gamma.shape == (32,) and torch.equal(gamma.detach(), torch.full((32,), init_values))

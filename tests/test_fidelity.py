@@ -360,10 +360,10 @@ OFFICIAL_PRETRAIN = {  # preset: (lr, warmup, epochs, betas, clip, drop path, la
     "beitv2_base_pt1k_300e": (1.5e-3, 10, 300, (0.9, 0.98), 3.0, 0.0, 0.1, 9, 128),
     "beitv2_large_pt1k": (1.5e-3, 10, 1600, (0.9, 0.999), 3.0, 0.1, 1e-5, 21, 32),
 }
-OFFICIAL_FINETUNE = {  # preset: (lr, epochs, layer decay, drop path)
-    "beitv2_base_ft1k_pt1600e": (5e-4, 100, 0.6, 0.2),
-    "beitv2_base_ft1k_pt300e": (5e-4, 100, 0.65, 0.1),
-    "beitv2_large_ft1k_pt1600e": (2e-4, 50, 0.8, 0.2),
+OFFICIAL_FINETUNE = {  # preset: (lr, epochs, layer decay, drop path, warmup epochs); more in test_recipes.py
+    "beitv2_base_ft1k_pt1600e": (5e-4, 100, 0.6, 0.2, 20),
+    "beitv2_base_ft1k_pt300e": (5e-4, 100, 0.65, 0.1, 20),
+    "beitv2_large_ft1k_pt1600e": (2e-4, 50, 0.8, 0.2, 5),
 }
 
 
@@ -397,11 +397,11 @@ def test_finetune_presets_match_the_official_commands(name):
     from beitv2.config import from_dict
 
     c = from_dict(FinetuneConfig, load_preset(name))
-    assert (c.optim.lr, c.train.epochs, c.optim.layer_decay, c.model.drop_path) == OFFICIAL_FINETUNE[name]
+    assert (c.optim.lr, c.train.epochs, c.optim.layer_decay, c.model.drop_path, c.optim.warmup_epochs) == \
+        OFFICIAL_FINETUNE[name]
     assert (c.aug.mixup, c.aug.cutmix, c.aug.smoothing, c.aug.rand_aug, c.aug.reprob) == \
         (0.8, 1.0, 0.1, "rand-m9-mstd0.5-inc1", 0.25)
-    assert (c.optim.min_lr, c.optim.warmup_epochs, c.optim.weight_decay, c.optim.official_no_decay) == \
-        (1e-6, 5.0, 0.05, True)
+    assert (c.optim.min_lr, c.optim.weight_decay, c.optim.official_no_decay) == (1e-6, 0.05, True)
     assert (c.model.head_init_scale, c.model.use_cls, c.model.rel_pos_bias, c.model.drop_rate) == \
         (0.001, False, True, 0.0)
     assert FinetuneConfig().optim.layer_decay == 0.65 and FinetuneConfig().model.drop_path == 0.1  # 300-epoch base

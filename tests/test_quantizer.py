@@ -129,3 +129,97 @@ def test_config_validation():
         QuantizerConfig(decay=1.5).validate()
     with pytest.raises(ConfigError, match="decay"):  # the quantizer checks the config it is given
         NormEMAQuantizer(QuantizerConfig(decay=1.5))
+
+
+def _official_norm_ema_step(weight, cluster_size, z, decay):
+    """One training step of the official `NormEMAVectorQuantizer`, written out in NumPy (float64) from its
+    definition: nearest code by cosine, `ema_inplace` of the counts, then `norm_ema_inplace` of the codebook
+    towards the normalised mean of the unit vectors assigned to each code (codes without vectors keep theirs)."""
+    import numpy as np
+
+    def l2n(a):
+        return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+    z = l2n(z)
+    idx = (z @ weight.T).argmax(axis=1)
+    onehot = np.eye(weight.shape[0])[idx]
+    bins = onehot.sum(0)
+    cluster_size = decay * cluster_size + (1 - decay) * bins
+    embed_sum = z.T @ onehot  # [D, K]
+    safe = np.where(bins == 0, 1.0, bins)
+    with np.errstate(invalid="ignore"):  # the rows of unused codes are 0 / 0 here and replaced just below
+        e_new = l2n((embed_sum / safe).T)
+    e_new[bins == 0] = weight[bins == 0]
+    weight = l2n(decay * weight + (1 - decay) * e_new)
+    return weight, cluster_size, idx
+
+
+@pytest.mark.parametrize("decay", [0.8, 0.99])
+def test_ema_steps_follow_the_official_norm_ema_update_with_an_asymmetric_decay(decay):
+    """Several steps on random data against the official update: with a decay other than 0.5 the old statistics and
+    the new ones weigh differently, so swapping `d` and `1 - d` (or dropping the re-normalisation) shows."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(3)
+    codebook = F.normalize(torch.randn(12, 6, generator=g), dim=-1)
+    q = _quantizer(codebook, decay=decay).train()
+    weight, counts = codebook.double().numpy(), np.zeros(12)
+    for step in range(4):
+        z = torch.randn(2, 5, 6, generator=g) * (step + 1)  # any scale: the quantizer normalises
+        weight, counts, idx = _official_norm_ema_step(weight, counts, z.reshape(-1, 6).double().numpy(), decay)
+        _, _, got_idx = q(z)
+        assert got_idx.reshape(-1).tolist() == idx.tolist()
+        assert 1 < len(set(idx.tolist())) < 10  # codes shared by vectors, and unused codes: every branch runs
+        np.testing.assert_allclose(q.codebook.double().numpy(), weight, atol=2e-6)
+        np.testing.assert_allclose(q.cluster_size.double().numpy(), counts, rtol=1e-5, atol=1e-6)
+    # the codebook moved away from where it started, by a step the decay sets
+    assert not torch.allclose(q.codebook, codebook, atol=1e-3)
+
+
+def test_ema_moves_a_code_by_one_minus_decay_towards_its_vectors():
+    """By hand: code (1, 0) receives only the vector (0, 1); with decay 0.9 it becomes normalise((0.9, 0.1))."""
+    q = _quantizer(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]), decay=0.9).train()
+    q(torch.tensor([[[0.2, 1.0]]]))  # nearer to code 0 (cos > 0) than to code 1
+    u = F.normalize(torch.tensor([0.2, 1.0]), dim=0)
+    expected = F.normalize(0.9 * torch.tensor([1.0, 0.0]) + 0.1 * u, dim=0)
+    torch.testing.assert_close(q.codebook[0], expected)
+    torch.testing.assert_close(q.codebook[1], torch.tensor([-1.0, 0.0]))
+    torch.testing.assert_close(q.cluster_size, torch.tensor([0.1, 0.0]))  # 0.9 * 0 + 0.1 * 1
+
+
+def test_dead_code_restart_counts_and_thresholds():
+    """Codes whose EMA count (after this step's update) is below the threshold are re-seeded and start at the
+    threshold; a code above it keeps its EMA value; restarted codes that stay unused are restarted again once their
+    count decays below the threshold."""
+    codebook = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    q = _quantizer(codebook, decay=0.5, restart_threshold=0.3).train()
+    z = F.normalize(torch.tensor([[[1.0, 0.1], [1.0, -0.1], [0.9, 0.3]]]), dim=-1)
+    q(z)
+    torch.testing.assert_close(q.cluster_size, torch.tensor([1.5, 0.3, 0.3, 0.3]))  # 0.5 * 3, then the threshold
+    assert q.num_restarted == 3
+    u = z[0]
+    torch.testing.assert_close(q.codebook[0], F.normalize(0.5 * codebook[0] + 0.5 * F.normalize(u.mean(0), dim=0),
+                                                          dim=0))
+    for i in (1, 2, 3):
+        assert (q.codebook[i] @ u.t()).max() > 0.999
+    # a batch at (0, -1): exactly one code takes it (restarted codes sit on the first batch, so near code 0's side);
+    # whichever it is, the other codes' counts halve, and any falling below 0.3 is restarted again
+    before = q.cluster_size.clone()
+    far = torch.tensor([[[-1.0, 0.0]]])
+    _, _, idx = q(far)
+    bins = torch.zeros(4)
+    bins[idx.item()] = 1.0
+    ema = 0.5 * before + 0.5 * bins
+    dead = ema < 0.3
+    torch.testing.assert_close(q.cluster_size, torch.where(dead, torch.tensor(0.3), ema))
+    assert q.num_restarted == 3 + int(dead.sum())
+    assert int(dead.sum()) >= 2  # 0.5 * 0.3 = 0.15 for the restarted codes not chosen now
+
+
+def test_eval_mode_decays_nothing():
+    """Evaluation forwards leave the EMA counts, the codebook and the restart counter alone (the official eval pass
+    only updates a usage statistic this port keeps in `usage_counts` through `record_usage`)."""
+    q = _quantizer(F.normalize(torch.randn(8, 4), dim=-1), decay=0.9, restart_threshold=0.5).eval()
+    q.cluster_size.fill_(2.0)
+    q(torch.randn(2, 5, 4))
+    assert torch.equal(q.cluster_size, torch.full((8,), 2.0)) and q.num_restarted == 0

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -353,3 +354,89 @@ def test_open_clip_teacher_without_weights_is_refused_unless_random_init(tmp_pat
     assert main(["train-tokenizer", "--config", str(cfg), "--teacher.random_init", "true"]) == 0
     steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "step"]
     assert len(steps) == 2 and all(-1 <= s["teacher_cos"] <= 1 for s in steps)  # 16 images / 8
+
+
+# ---------------------------------------------------------------------------------- feature-grid resampling
+# Independent references for `F.interpolate(mode="bicubic", align_corners=False)`: PyTorch's plain bicubic is the
+# cubic convolution of Keys (a = -0.75) sampled at (o + 0.5) * in / out - 0.5 with border taps clamped, written out
+# below; its antialiased form is Pillow's BICUBIC filter (a = -0.5, support widened by the reduction factor), which
+# PyTorch ported, so Pillow itself is the reference there.
+
+def _keys_cubic(x: float, a: float = -0.75) -> float:
+    x = abs(x)
+    if x <= 1:
+        return (a + 2) * x ** 3 - (a + 3) * x ** 2 + 1
+    if x < 2:
+        return a * x ** 3 - 5 * a * x ** 2 + 8 * a * x - 4 * a
+    return 0.0
+
+
+def _bicubic_matrix(n_in: int, n_out: int) -> torch.Tensor:
+    """[n_out, n_in] weights of 1-D bicubic resampling (align_corners=False, no antialiasing)."""
+    import math
+
+    w = torch.zeros(n_out, n_in, dtype=torch.float64)
+    for o in range(n_out):
+        src = (o + 0.5) * n_in / n_out - 0.5
+        x0 = math.floor(src)
+        t = src - x0
+        for k, weight in zip((x0 - 1, x0, x0 + 1, x0 + 2), (_keys_cubic(t + 1), _keys_cubic(t), _keys_cubic(1 - t),
+                                                            _keys_cubic(2 - t))):
+            w[o, min(max(k, 0), n_in - 1)] += weight
+    return w
+
+
+def _pillow_bicubic(fmap: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, D, h, w] -> [B, D, *size], each map resized by Pillow's (antialiasing) BICUBIC in float mode."""
+    from PIL import Image
+
+    out = torch.empty(*fmap.shape[:2], *size)
+    for b in range(fmap.shape[0]):
+        for d in range(fmap.shape[1]):
+            img = Image.fromarray(fmap[b, d].numpy().astype("float32"))
+            out[b, d] = torch.from_numpy(np.array(img.resize((size[1], size[0]), Image.Resampling.BICUBIC)))
+    return out
+
+
+class _FixedTokens(Teacher):
+    """A teacher whose `encode` returns given tokens on its own grid: `resample` is all that runs after it."""
+
+    def __init__(self, tokens: torch.Tensor, input_size, grid):
+        super().__init__(grid, input_size, mean=(0.5,), std=(0.5,), feature_dim=tokens.shape[-1], bf16=False)
+        self.tokens = tokens
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        assert tuple(x.shape[-2:]) == self.input_size
+        return self.tokens[: x.shape[0]]
+
+
+@pytest.mark.parametrize("own, input_size, grid", [
+    ((3, 5), (48, 80), (6, 10)),  # larger on both sides: plain bicubic
+    ((3, 5), (48, 80), (6, 4)),  # taller but narrower: a reduction in one direction, so antialiased
+    ((6, 4), (96, 64), (3, 2)),  # smaller on both sides: antialiased
+    ((3, 5), (48, 80), (2, 7)),  # shorter but wider: antialiased
+])
+def test_teacher_features_are_resampled_to_non_square_tokenizer_grids(own, input_size, grid):
+    """Row-major tokens of an h x w teacher grid become the tokenizer's H x W grid: each feature channel resized as
+    an image, rows staying rows (a transposed reshape or size would shuffle or stretch them on non-square grids)."""
+    g = torch.Generator().manual_seed(0)
+    fmap = torch.randn(2, 3, *own, generator=g) * 4  # trained-scale features
+    tokens = fmap.flatten(2).transpose(1, 2)  # [B, h*w, D], row-major as every teacher returns them
+    teacher = _FixedTokens(tokens, input_size, grid)
+    shrink = grid[0] < own[0] or grid[1] < own[1]
+    if shrink:
+        expected = _pillow_bicubic(fmap, grid)
+    else:
+        wh, ww = _bicubic_matrix(own[0], grid[0]), _bicubic_matrix(own[1], grid[1])
+        expected = (wh @ fmap.double() @ ww.t()).float()
+    expected = expected.flatten(2).transpose(1, 2)
+    out = teacher(torch.rand(2, 1, 40, 24))  # the tokenizer's view at its own size, resized to input_size
+    assert out.shape == (2, grid[0] * grid[1], 3)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_teacher_tokens_pass_unchanged_when_the_grids_agree():
+    tokens = torch.randn(1, 15, 4)
+    teacher = _FixedTokens(tokens, (48, 80), (3, 5))
+    assert torch.equal(teacher(torch.rand(1, 1, 48, 80)), tokens)
+    assert infer_grid(15, (48, 80)) == (3, 5) and infer_grid(15, (80, 48)) == (5, 3)

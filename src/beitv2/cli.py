@@ -75,11 +75,43 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _near(word: str, known) -> str:
+    import difflib
+
+    near = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
+def _unrecognized(parser: argparse.ArgumentParser, chosen: str | None, extra: list[str]) -> str:
+    """One line naming what argparse did not know, with the nearest valid option (argparse only lists them)."""
+    sub = next((a.choices.get(chosen) for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    known = (sub or parser)._option_string_actions
+    first = next((e.split("=", 1)[0] for e in extra if e.startswith("-")), extra[0])
+    return (f"unrecognized argument{'s' if len(extra) > 1 else ''}: {' '.join(extra)}{_near(first, known)}; "
+            f"see beitv2 {chosen + ' ' if chosen else ''}--help")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its exit code. Run as the program (``argv`` None), a failure ends the process with one line
+    on stderr (`_fail`); a caller that passes ``argv`` gets the exception as before."""
+    as_program = argv is None
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if a in COMMANDS), None)
+    if chosen is None and "--version" in argv:  # answered before any command module (and torch) is imported
+        from . import __version__
+
+        print(f"beitv2 {__version__}")
+        return 0
+    if argv and not argv[0].startswith("-") and chosen is None:
+        print(f"beitv2: error: unknown command {argv[0]!r}{_near(argv[0], COMMANDS)}; see beitv2 --help",
+              file=sys.stderr)
+        return 2
     parser = build_parser(only=chosen)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        print(f"beitv2{' ' + chosen if chosen else ''}: error: {_unrecognized(parser, chosen, extra)}",
+              file=sys.stderr)
+        return 2
     if not getattr(args, "_run", None):
         parser.print_help()
         return 0 if not argv else 2
@@ -91,6 +123,22 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"beitv2 {args.command}: configuration error: {e}", file=sys.stderr)
         return 2
+    except (Exception, KeyboardInterrupt) as e:
+        if not as_program:
+            raise
+        _fail(args.command, e)
+        raise  # not reached: _fail exits
+
+
+def _fail(command: str, exc: BaseException) -> None:
+    """The last stop of a failed command: one line on stderr (a full disk, a second Ctrl-C, a data-loader worker's
+    error, a bug), then an immediate exit that kills any data-loader worker still alive, so nothing left behind (a
+    worker, a thread, an atexit handler) can keep the process from ending. ``BEITV2_TRACEBACK=1`` also prints the
+    traceback."""
+    from .engine.distributed import exit_now, failure_line
+
+    line, code = failure_line(exc)
+    exit_now(f"beitv2 {command}: {line}", code, exc)
 
 
 if __name__ == "__main__":

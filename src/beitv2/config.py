@@ -283,14 +283,28 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def build_config(cls: type[T], args: argparse.Namespace | None = None, preset: dict | None = None,
-                 yaml_path: str | Path | None = None, overrides: dict | None = None) -> T:
-    """defaults < preset < YAML file < command line (< explicit overrides), then validated."""
+def _leaf_names(d: dict, prefix: str = "") -> set[str]:
+    out: set[str] = set()
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out |= _leaf_names(v, f"{prefix}{k}.")
+        else:
+            out.add(f"{prefix}{k}")
+    return out
+
+
+def layered(cls: type, args: argparse.Namespace | None = None, preset: dict | None = None,
+            yaml_path: str | Path | None = None) -> tuple[dict, set[str]]:
+    """The merged mapping defaults < preset < YAML file < command line, and the dotted names the user set himself
+    (in the YAML file or on the command line, not through the preset)."""
     data: dict = {}
+    given: set[str] = set()
     if preset:
         data = merge(data, preset)
     if yaml_path:
-        data = merge(data, load_yaml(yaml_path))
+        own = load_yaml(yaml_path)
+        data = merge(data, own)
+        given |= _leaf_names(own)
     if args is not None:
         leaf_types = {name: tp for name, tp, _ in iter_fields(cls)}
         for key, text in vars(args).items():
@@ -298,11 +312,58 @@ def build_config(cls: type[T], args: argparse.Namespace | None = None, preset: d
                 name = key[5:]
                 text = " ".join(text) if isinstance(text, list) else text
                 _set(data, name, _parse_value(leaf_types[name], text, name))
+                given.add(name)
+    return data, given
+
+
+def build_config(cls: type[T], args: argparse.Namespace | None = None, preset: dict | None = None,
+                 yaml_path: str | Path | None = None, overrides: dict | None = None) -> T:
+    """defaults < preset < YAML file < command line (< explicit overrides), then validated."""
+    data, _ = layered(cls, args, preset, yaml_path)
     if overrides:
         data = merge(data, overrides)
     cfg = from_dict(cls, data)
     validate_config(cfg)
     return cfg
+
+
+def config_problems(cfg: Any, prefix: str = "") -> list[str]:
+    """What `validate_config` would reject, as far as it can tell: the first problem of every section."""
+    found: list[str] = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            found += config_problems(v, prefix + f.name + ".")
+    if hasattr(cfg, "validate"):
+        try:
+            cfg.validate(prefix)
+        except ConfigError as e:
+            if one_line(e) not in found:
+                found.append(one_line(e))
+        except Exception:  # noqa: BLE001 - a cross-section check tripping over a section already listed
+            if not found:
+                raise
+    return found
+
+
+def check_output_dir(path: str | Path, option: str) -> None:
+    """``option`` names a folder this run may create and write in; checked before any work, so that a read-only
+    place or a path through a regular file fails at once instead of after the training."""
+    p = Path(path).expanduser()
+    probe = p
+    while not probe.exists():  # the nearest existing ancestor is where mkdir will start
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "is a file" if probe == p else f"lies under {probe}, a file"
+        raise ConfigError(f"{option}: {path} {what}, not a folder; choose another --{option}")
+    try:
+        import tempfile
+
+        tempfile.TemporaryFile(dir=probe).close()  # os.access says yes to root on a read-only mount
+    except OSError as e:
+        raise ConfigError(f"{option}: cannot write in {probe} ({e.strerror or e}); choose another --{option}") from None
 
 
 def dump_yaml(cfg: Any) -> str:

@@ -17,11 +17,12 @@ What each adapter returns (last layer, prefix tokens dropped):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -44,6 +45,8 @@ from .utils.sizes import to_2tuple
 logger = logging.getLogger("beitv2.teachers")
 
 Stats = tuple[Sequence[float], Sequence[float]]
+
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL converts RGB to 'L'
 
 
 def infer_grid(num_tokens: int, input_hw: tuple[int, int]) -> tuple[int, int]:
@@ -93,6 +96,8 @@ class Teacher(nn.Module):
         channels = self._mean.shape[1]
         if x.shape[1] == 1 and channels == 3:
             x = x.expand(-1, 3, -1, -1)  # a grayscale tokenizer with an RGB teacher
+        elif x.shape[1] == 3 and channels == 1:  # an RGB tokenizer with a grayscale teacher: PIL's 'L' weights
+            x = (x * x.new_tensor(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
         elif x.shape[1] != channels:
             raise ValueError(f"teacher expects {channels}-channel input, got {x.shape[1]}")
         return fit_input(x, self.input_size, self._mean, self._std)
@@ -275,7 +280,8 @@ class TimmTeacher(Teacher):
             except (OSError, RuntimeError, ValueError) as e:
                 if not (pretrained and not checkpoint):
                     raise
-                raise ValueError(f"timm could not load pretrained weights for {name} ({str(e).splitlines()[0]}); "
+                why = _hub_off_note(_hub_off) if _hub_off else str(e).splitlines()[0]
+                raise ValueError(f"timm could not load pretrained weights for {name} ({why}); "
                                  "give teacher.checkpoint, or teacher.random_init true for random weights") from e
         if checkpoint:
             state = load_state_dict(checkpoint, weights_only=True)
@@ -444,9 +450,107 @@ def build_teacher(cfg: TeacherConfig, grid_size: int | Sequence[int]) -> Teacher
     """The frozen teacher for a tokenizer with patch grid ``grid_size``."""
     cfg.validate("teacher.")
     common = {"input_size": cfg.input_size, "mean": cfg.mean or None, "std": cfg.std or None, "bf16": cfg.bf16}
-    teacher = _build(cfg, grid_size, common)
+    if cfg.random_init:
+        logger.warning("teacher %s has random weights (teacher.random_init): its features and the codes learnt "
+                       "from them carry no meaning; fine for testing a pipeline only", cfg.name_or_path)
+    if not _needs_hub(cfg):
+        teacher = _build(cfg, grid_size, common)
+    else:
+        with _offline_unless_reachable_quiet() as offline:
+            try:
+                teacher = _build(cfg, grid_size, common)
+            except ConfigError as e:
+                if not offline or "HF_HUB_OFFLINE=1" in str(e):
+                    raise
+                raise ConfigError(f"teacher.name_or_path: cannot build a {cfg.kind} teacher from "
+                                  f"{cfg.name_or_path!r}: {_hub_off_note(offline)}") from None
     teacher.feature_norm = cfg.feature_norm
     return teacher
+
+
+def _needs_hub(cfg: TeacherConfig) -> bool:
+    """Whether building this teacher may download from the Hugging Face hub."""
+    name = cfg.name_or_path
+    if cfg.kind == "hf":
+        return not os.path.isdir(os.path.expanduser(name))
+    if cfg.kind == "timm":
+        return not (cfg.checkpoint or cfg.random_init)
+    return name.startswith("hf-hub:") and not cfg.checkpoint
+
+
+def _hub_off_note(why: str) -> str:
+    return (f"not in the local hub cache and {why}: fetch it where there is network, or pass a local directory; "
+            "then set HF_HUB_OFFLINE=1")
+
+
+_hub_off = ""  # why the hub is off while a teacher is built (`_offline_unless_reachable`), for timm's message
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub (or the HTTPS proxy in the environment), given up after ``timeout`` seconds,
+    name resolution included; the libraries' own attempts retry for tens of seconds before failing."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy") or os.environ.get("ALL_PROXY")
+    url = urlsplit(proxy if proxy and hub_endpoint().startswith("https:") else hub_endpoint())
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    ok: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=attempt, daemon=True)  # getaddrinfo has no timeout of its own
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable() -> Iterator[str]:
+    """Yields why the hub is off ("" when it is reachable); while off, huggingface_hub (which transformers, timm
+    and open_clip download through) reads only its local cache instead of retrying."""
+    import huggingface_hub.constants as hub
+
+    global _hub_off
+    if hub.HF_HUB_OFFLINE:
+        why, forced = "HF_HUB_OFFLINE is set", False
+    elif hub_reachable():
+        why, forced = "", False
+    else:
+        why, forced = f"{hub_endpoint()} is unreachable", True
+    hub.HF_HUB_OFFLINE = hub.HF_HUB_OFFLINE or forced
+    _hub_off = why
+    try:
+        yield why
+    finally:
+        _hub_off = ""
+        if forced:
+            hub.HF_HUB_OFFLINE = False
+
+
+@contextlib.contextmanager
+def _offline_unless_reachable_quiet() -> Iterator[str]:
+    """`_offline_unless_reachable`, without timm's "Loading pretrained weights from Hugging Face hub" line when the
+    hub is off: the one line that matters then is the failure (or nothing)."""
+    with _offline_unless_reachable() as offline:
+        timm_log = logging.getLogger("timm")
+        level = timm_log.level
+        if offline:
+            timm_log.setLevel(logging.WARNING)
+        try:
+            yield offline
+        finally:
+            timm_log.setLevel(level)
 
 
 def _build(cfg: TeacherConfig, grid_size: int | Sequence[int], common: dict[str, Any]) -> Teacher:

@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(AtlasConfig, args)
     a = cfg.atlas
     cpu = torch.device("cpu")
-    tokenizer, _ = load_tokenizer(cfg.tokenizer, cpu)
+    tokenizer, _ = load_tokenizer(cfg.tokenizer, cpu, cfg.data)
     images, labels, n = [], [], 0
     for x, y, _ in image_batches(cfg.data, a.split, tokenizer, a.batch_size, a.progress, "atlas", cpu):
         images.append(x)

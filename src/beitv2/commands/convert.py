@@ -8,7 +8,7 @@ import pickle
 import sys
 from pathlib import Path
 
-from ..config import ConfigError, one_line, reading
+from ..config import ConfigError, check_output_dir, one_line, reading
 from ._training import add_print_config, maybe_print_config
 
 HELP = "convert official BEiT v2 / VQ-KD checkpoints and our models to beitv2, timm or HF transformers"
@@ -142,6 +142,14 @@ def _recorded(args: argparse.Namespace) -> dict[str, str]:
     return read_metadata(args.input)
 
 
+def _preprocessing(args: argparse.Namespace, model, meta: dict):
+    """The evaluation preprocessing the exports record: the file's normalisation and its run folder's config."""
+    from ..interop.preprocessing import preprocessing_of, read_run_config
+
+    run = read_run_config(args.input) if args.source == "beitv2" else {}
+    return preprocessing_of(model, meta.get("normalize"), run)
+
+
 def resolved_options(args: argparse.Namespace) -> dict:
     """What ``--print-config`` prints: every option, as the command will use it."""
     img = _img_size(args)
@@ -164,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
     maybe_print_config(resolved_options(args), args)
     if not (args.input.exists() or str(args.input).startswith("hf-hub:")):
         raise ConfigError(f"input: not found: {args.input}")
+    # before the model is read and converted: a file for beitv2, a folder for the others
+    check_output_dir(args.output.expanduser().parent if args.dest == "beitv2" else args.output, "output")
     try:
         with reading("input"):
             model = load_input(args)
@@ -180,14 +190,15 @@ def run(args: argparse.Namespace) -> int:
 
             out = save_for_hub(model, args.output, {k: meta[k] for k in ("class_names", "normalize") if k in meta})
         elif kind_name(model) == "segmenter":
-            from ..interop.hf_segmentation import export_hf_segmentation, run_class_names
+            from ..interop.hf_segmentation import export_hf_segmentation, recorded_export_options
 
-            out = export_hf_segmentation(model, args.output, run_class_names(args.input))
+            out = export_hf_segmentation(model, args.output, **recorded_export_options(args.input, meta))
         elif args.dest == "timm":
-            out = export_timm(model, args.output, rel_pos=args.rel_pos or "per_layer", class_names=names)
+            out = export_timm(model, args.output, rel_pos=args.rel_pos or "per_layer", class_names=names,
+                              preprocessing=_preprocessing(args, model, meta))
         else:
             out = export_hf(model, args.output, rel_pos="per_layer" if args.rel_pos == "per_layer" else "keep",
-                            class_names=names, normalize=meta.get("normalize", "imagenet"))
+                            class_names=names, preprocessing=_preprocessing(args, model, meta))
     except ConfigError:
         raise
     except (CheckpointMismatchError, ValueError, FileNotFoundError, KeyError, TypeError, pickle.UnpicklingError) as e:

@@ -45,7 +45,7 @@ from ..eval.finetune import (
 from ..eval.metrics import write_metrics
 from ..eval.normalization import resolve_normalize
 from ..eval.splits import build_split, data_for_model, eval_transform
-from ._training import configure_parser, quiet_other_ranks, resolve_config
+from ._training import check_rerun, configure_parser, quiet_other_ranks, resolve_config
 
 HELP = "fine-tune a pre-trained backbone for classification (official BEiT v2 recipe)"
 DESCRIPTION = __doc__
@@ -212,6 +212,7 @@ def _history(out: Path) -> list[dict]:
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(FinetuneConfig, args)
+    check_rerun(cfg, arch=("model.",))
     dist = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
     quiet_other_ranks(dist.rank)
     try:

@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import opt
+from ..config import check_output_dir, opt
 from ..data import DataConfig
 from ..engine import cleanup, init_distributed, seed_everything
 from ..eval.backbones import ModelSource, load_backbone
@@ -80,6 +80,7 @@ def evaluate_knn(feats, cfg: KNNConfig, device=None) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(KNNCommandConfig, args)
+    check_output_dir(cfg.run.output_dir, "run.output_dir")
     dist = init_distributed(cfg.run.device, cfg.run.dist_timeout_min)
     quiet_other_ranks(dist.rank)
     try:

@@ -30,7 +30,7 @@ from ..eval.linprobe import (
 )
 from ..eval.normalization import resolve_normalize
 from ..eval.splits import build_split, data_for_model, features_for_splits
-from ._training import configure_parser, quiet_other_ranks, resolve_config
+from ._training import check_rerun, configure_parser, quiet_other_ranks, resolve_config
 
 HELP = "linear probe of a frozen backbone (one head per chosen block)"
 DESCRIPTION = __doc__
@@ -70,6 +70,7 @@ def augment_transform(img_size: tuple[int, int], min_scale: float, normalize: st
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(LinProbeConfig, args)
+    check_rerun(cfg, arch=("model.", "features."))
     dist = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
     quiet_other_ranks(dist.rank)
     try:

@@ -15,7 +15,7 @@ import argparse
 import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from ..checkpoint import load_model, read_metadata
 from ..config import ConfigError, check, from_dict, opt, reading
@@ -29,7 +29,7 @@ from ..models.presets import get_preset
 from ..models.registry import get_kind, kinds
 from ..tasks import MIMTask
 from ..teachers import TeacherConfig
-from ._training import configure_parser, quiet_other_ranks, resolve_config
+from ._training import check_rerun, configure_parser, quiet_other_ranks, resolve_config
 
 HELP = "pre-train a ViT by masked image modeling of tokenizer codes (BEiT v2 / v1)"
 DESCRIPTION = __doc__
@@ -146,13 +146,17 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=_optim_defaults, metadata={"help": "optimizer"})
     train: TrainConfig = field(default_factory=_train_defaults, metadata={"help": "loop"})
 
+    # set it (or data.channels) and the other follows (`_training.follow_channels`)
+    CHANNEL_FIELDS: ClassVar[tuple[str, ...]] = ("model.backbone.in_chans",)
+
     def validate(self, prefix: str = "") -> None:
         """Cross-section checks, all before any model is built."""
         b = self.model.backbone
         grid = b.grid_size
         n = grid[0] * grid[1]
         check(self.data.channels == b.in_chans, "data.channels",
-              f"{self.data.channels} differs from model.backbone.in_chans {b.in_chans}")
+              f"{self.data.channels}, but model.backbone.in_chans is {b.in_chans}; set one of them (the other "
+              "follows) or both to the same value")
         if self.model.target == "tokens":
             check(bool(self.tokenizer.checkpoint), "tokenizer.checkpoint",
                   "required (a tokenizer made by this project) for model.target tokens")
@@ -163,7 +167,8 @@ class PretrainConfig:
             check(vocab == self.model.vocab_size, "model.vocab_size",
                   f"{self.model.vocab_size} differs from the tokenizer's {vocab} codes")
             check(chans == b.in_chans, "tokenizer.checkpoint",
-                  f"tokenizer takes {chans}-channel images, the model {b.in_chans}")
+                  f"the tokenizer takes {chans}-channel images, data.channels is {b.in_chans}; pass --data.channels "
+                  f"{chans} or a tokenizer trained with --data.channels {b.in_chans}")
         else:
             check(not self.tokenizer.checkpoint, "tokenizer.checkpoint",
                   f"unused with model.target {self.model.target}; leave it empty")
@@ -179,6 +184,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(PretrainConfig, args)
+    check_rerun(cfg, arch=("model.",))
     dist = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
     quiet_other_ranks(dist.rank)
     try:

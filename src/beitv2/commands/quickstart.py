@@ -2,9 +2,9 @@
 
 Stages, each run in-process through the project's own commands (``beitv2.cli.main``):
 
-1. teacher - a user-given one (``--teacher-kind hf|timm|open_clip|beitv2 --teacher NAME_OR_PATH``), or, since no
+1. teacher - a user-given one (``--teacher.kind hf|timm|open_clip|beitv2 --teacher.name_or_path NAME``), or, since no
    CLIP/DINO weights can be fetched offline, a *stand-in*: a small CNN (timm ``resnet10t`` at a quarter width)
-   trained supervised from random init on most of the training labels (``--stand-in vit``: a small ViT);
+   trained supervised from random init on most of the training labels (``--teacher.stand_in vit``: a small ViT);
 2. tokenizer - ``beitv2 train-tokenizer``: VQ-KD distilled from the teacher on all training images;
 3. pre-training - ``beitv2 pretrain``: BEiT v2 masked image modeling (blockwise masking, patch aggregation) on all
    training images;
@@ -12,8 +12,10 @@ Stages, each run in-process through the project's own commands (``beitv2.cli.mai
    initialised backbone of the same shape, the teacher and the raw pixels;
 5. report - ``metrics.json``, ``report.md`` and PNG figures (training curves, codebook atlas, attention maps, masks).
 
-The full run takes about 9 minutes on 2 CPU cores with AMX; ``--fast`` runs every stage on a subset (about a
-minute) for the test suite. See docs/quickstart.md.
+The full run takes about 9 minutes on 2 CPU cores with AMX; ``--fast`` runs every stage on a subset with tiny models
+for the test suite (4-7 minutes on 2 CPU cores: a test of the pipeline, not of the method).
+Options follow the other commands' names (``--data.path``, ``--teacher.kind``, ``--features.feature``); the older
+dashed spellings (``--data-path``, ``--teacher-kind``, ...) still work. See docs/quickstart.md.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ FULL = Plan(train_subset=0, test_subset=0, eval_train_subset=5000, teacher_label
             mim_vit=(96, 4, 3), mim_early_layers=2, mim_epochs=3, mim_batch=64, mim_lr=8e-3, mim_crop_scale=1.0,
             mask_patches=20, mask_min_block=2, mask_max_block=6, probe_epochs=15, probe_batch=512, probe_lr=5e-3,
             knn_k=(10, 20), probe_feature="cls+grid3", feature_batch=1000, num_workers=0)
-# Every stage on a subset with tiny models: a test of the pipeline (about a minute), not of the method.
+# Every stage on a subset with tiny models: a test of the pipeline, not of the method (minutes, not seconds: the
+# stand-in teacher alone trains 5 epochs).
 FAST = Plan(train_subset=1000, test_subset=400, eval_train_subset=1000, teacher_labels=500, teacher_val_subset=400,
             teacher_arch="cnn", teacher_vit=(32, 2, 2), teacher_epochs=5, teacher_batch=50, teacher_lr=4e-3,
             tok_vit=(32, 1, 2), tok_codes=64, tok_code_dim=16, tok_restart=0.0, tok_epochs=1, tok_batch=50,
@@ -118,22 +121,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plan", choices=tuple(PLANS), default="full",
                         help="sizes and schedules: full (the demo, about 9 minutes on 2 cores with AMX), "
                              f"long (the full plan with {LONG_MIM_EPOCHS} MIM epochs instead of {FULL.mim_epochs}, "
-                             "about 18 minutes: the best recipe measured) or fast (tiny models on subsets, about a "
-                             "minute: a test of the pipeline, not of the method)")
+                             "about 18 minutes: the best recipe measured) or fast (tiny models on subsets, 4-7 "
+                             "minutes on 2 CPU cores: a test of the pipeline, not of the method)")
     parser.add_argument("--fast", action="store_true", help="the same as --plan fast")
-    parser.add_argument("--data-path", default="", help="folder holding the Fashion-MNIST IDX files (default: "
-                                                        "/usr/share/datasets/fashion-mnist, else a torchvision "
-                                                        "download when online)")
-    parser.add_argument("--teacher-kind", choices=("hf", "timm", "open_clip", "beitv2"), default="hf",
-                        help="library of --teacher")
-    parser.add_argument("--teacher", default="", help="a real teacher for VQ-KD: HF hub id or directory, timm or "
-                                                      "open_clip model name, or a beitv2 vit/mim checkpoint; "
-                                                      "empty = train the stand-in supervised ViT")
-    parser.add_argument("--teacher-checkpoint", default="", help="timm/open_clip: weights file for --teacher")
-    parser.add_argument("--stand-in", choices=("cnn", "vit"), default="",
-                        help="architecture of the stand-in teacher trained when --teacher is empty (default: the "
-                             "plan's, cnn: timm resnet10t at 56 px, 7x7 feature map; vit: the earlier 4-block ViT)")
-    parser.add_argument("--probe-feature", choices=("cls+mean", "cls+grid3"), default="",
+    parser.add_argument("--data.path", "--data-path", dest="data_path", default="",
+                        help="folder holding the Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist, "
+                             "else a torchvision download when online)")
+    parser.add_argument("--teacher.kind", "--teacher-kind", dest="teacher_kind",
+                        choices=("hf", "timm", "open_clip", "beitv2"), default="hf",
+                        help="library of --teacher.name_or_path")
+    parser.add_argument("--teacher.name_or_path", "--teacher", dest="teacher", default="",
+                        help="a real teacher for VQ-KD: HF hub id or directory, timm or open_clip model name, or a "
+                             "beitv2 vit/mim checkpoint; empty = train the stand-in teacher (--teacher.stand_in)")
+    parser.add_argument("--teacher.checkpoint", "--teacher-checkpoint", dest="teacher_checkpoint", default="",
+                        help="timm/open_clip: weights file for --teacher.name_or_path")
+    parser.add_argument("--teacher.stand_in", "--stand-in", dest="stand_in", choices=("cnn", "vit"), default="",
+                        help="architecture of the stand-in teacher trained when --teacher.name_or_path is empty "
+                             "(default: the plan's, cnn: timm resnet10t at 56 px, 7x7 feature map; vit: the earlier "
+                             "4-block ViT)")
+    parser.add_argument("--features.feature", "--probe-feature", dest="probe_feature",
+                        choices=("cls+mean", "cls+grid3"), default="",
                         help="what the linear probe and k-NN read from the last block (default: the plan's, "
                              "cls+grid3 in every plan): the CLS token and the patch tokens pooled to a 3x3 grid, which "
                              "keeps their layout as the pixels keep theirs; cls+mean: CLS and the mean patch token "
@@ -166,7 +173,7 @@ def resolve_data_path(path: str) -> str:
     if path:
         if ok(path):
             return path
-        raise FileNotFoundError(f"--data-path {path}: no Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz], "
+        raise FileNotFoundError(f"--data.path {path}: no Fashion-MNIST IDX files (train-images-idx3-ubyte[.gz], "
                                 "train-labels-idx1-ubyte[.gz], t10k-...) found there; `sudo apt-get install "
                                 f"dataset-fashion-mnist` puts them in {FASHION_MNIST_ROOT}")
     if ok(FASHION_MNIST_ROOT):
@@ -185,7 +192,7 @@ def resolve_data_path(path: str) -> str:
         log.info("torchvision download failed: %s", e)
     raise FileNotFoundError(
         "Fashion-MNIST not found. Install it with `sudo apt-get install dataset-fashion-mnist` (files in "
-        f"{FASHION_MNIST_ROOT}), or pass --data-path to a folder holding train-images-idx3-ubyte.gz, "
+        f"{FASHION_MNIST_ROOT}), or pass --data.path to a folder holding train-images-idx3-ubyte.gz, "
         "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz, or run once online "
         f"(torchvision downloads them to {cache}).")
 
@@ -409,7 +416,8 @@ def cnn_teacher_config(plan: Plan, root: str, out: Path, seed: int, progress: bo
 
 def train_cnn_teacher(plan: Plan, root: str, out: Path, cfg_dir: Path, seed: int, progress: bool) -> Path:
     """Train the CNN stand-in teacher (`beitv2.models.timm_net.TimmNet`) with the project's trainer; its config is
-    written to ``cfg_dir/teacher.yaml`` like every other stage's. Returns ``out/model.safetensors``."""
+    ``out/config.yaml`` (the trainer writes it), not in ``cfg_dir``, whose files each rerun with one command's
+    ``--config``: no command trains this teacher. Returns ``out/model.safetensors``."""
     import torch
     from torch import nn
     from torchvision.transforms import v2
@@ -423,8 +431,6 @@ def train_cnn_teacher(plan: Plan, root: str, out: Path, cfg_dir: Path, seed: int
     from ..models.timm_net import TimmNet, TimmNetConfig
 
     cfg = cnn_teacher_config(plan, root, out, seed, progress)
-    cfg_dir.mkdir(parents=True, exist_ok=True)
-    (cfg_dir / "teacher.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     mean, std = resolve_norm(NORM, 1)
     net = TimmNet(from_dict(TimmNetConfig, {**cfg["net"], "mean": list(mean), "std": list(std)}))
     data = from_dict(DataConfig, cfg["data"])

@@ -6,8 +6,9 @@ Defaults are the official BEiT v2 base recipe (ImageNet-1k pre-training -> ADE20
 evaluation every 16k iterations by sliding windows (512, stride 341). Presets: ``seg_base_ade20k``,
 ``seg_base_ade20k_in21k``, ``seg_large_ade20k``, ``seg_large_ade20k_in21k`` and the CPU recipe
 ``seg_fmnist_cpu``. Writes metrics.jsonl / metrics.json, eval_table.md (per-class IoU), predictions.png and
-model.safetensors (kind ``segmenter``); ``--evaluate_only true`` evaluates ``model.checkpoint`` (a segmenter file
-or a transformers BeitForSemanticSegmentation folder). See docs/segmentation.md.
+model.safetensors (kind ``segmenter``, with the class names, input normalisation and label offset that
+``beitv2 convert --to hf`` needs); ``--evaluate_only true`` evaluates ``model.checkpoint`` (a segmenter file or a
+transformers BeitForSemanticSegmentation folder). See docs/segmentation.md.
 """
 
 from __future__ import annotations
@@ -144,6 +145,10 @@ def _run(cfg: SegmentConfig, dist) -> int:
     val_src = build_segmentation_source(cfg.data, "val", bcfg.in_chans, cfg.train.seed)
     val_set = SegmentationSamples(val_src, SegEvalTransform(cfg.aug, bcfg.in_chans, norm)) if val_src else None
     out = Path(cfg.train.output_dir)
+    if model.last_tap < bcfg.depth and dist.enabled and not cfg.train.find_unused_parameters:
+        # blocks after the deepest tap get no gradient, which DDP reports as an error unless told to expect it
+        log.info("blocks %d..%d feed no pyramid level: DDP find_unused_parameters on", model.last_tap + 1, bcfg.depth)
+        cfg.train.find_unused_parameters = True
     if dist.enabled and dist.device.type == "cuda":
         model = convert_sync_batchnorm(model)
     elif dist.enabled:
@@ -175,8 +180,13 @@ def _run(cfg: SegmentConfig, dist) -> int:
     if val_set is not None and (task.last_eval is None or task.last_eval["step"] + 1 != result.global_step):
         trainer.evaluate()
     if dist.is_main:
-        _write_outputs(out, task, classes, norm, report, result.global_step, bcfg.in_chans)
+        _write_outputs(out, task, classes, norm, report, result.global_step, bcfg.in_chans,
+                       reduce_zero_label=_reduces_zero_label(cfg))
     return 0
+
+
+def _reduces_zero_label(cfg: SegmentConfig) -> bool:
+    return cfg.data.kind == "ade20k" or (cfg.data.kind == "folder" and cfg.data.reduce_zero_label)
 
 
 def _evaluate_only(cfg: SegmentConfig, task, val_set, dist, out: Path, classes, norm, report) -> int:
@@ -199,21 +209,27 @@ def _evaluate_only(cfg: SegmentConfig, task, val_set, dist, out: Path, classes, 
         task.evaluate(loader, dist.device, lambda: autocast(dist.device, precision))
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_outputs(out, task, classes, norm, report, 0, task.model.cfg.backbone.in_chans, save=False)
+        _write_outputs(out, task, classes, norm, report, 0, task.model.cfg.backbone.in_chans, save=False,
+                       reduce_zero_label=_reduces_zero_label(cfg))
     return 0
 
 
 def _write_outputs(out: Path, task, classes: list[str], norm: str, report: dict, global_step: int, channels: int,
-                   save: bool = True) -> None:
+                   save: bool = True, reduce_zero_label: bool = False) -> None:
+    import json
+
     from ..checkpoint import save_model
     from ..data.segmentation import norm_stats
     from ..eval.metrics import write_metrics
     from ..eval.segmentation import save_prediction_figure, write_table
 
-    if save:
-        save_model(out / "model.safetensors", task.model, "segmenter", task.model.cfg)
+    if save:  # what an export needs travels in the model file (class names, input statistics, label offset)
+        save_model(out / "model.safetensors", task.model, "segmenter", task.model.cfg,
+                   extra={"class_names": json.dumps(classes), "normalize": norm,
+                          "reduce_zero_label": json.dumps(reduce_zero_label)})
     ev = task.last_eval
-    metrics = {"global_step": global_step, "classes": classes, "normalize": norm, "model": report}
+    metrics = {"global_step": global_step, "classes": classes, "normalize": norm,
+               "reduce_zero_label": reduce_zero_label, "model": report}
     if ev is not None:
         m = ev["metrics"]
         metrics.update({k: m[k] for k in ("mIoU", "mAcc", "aAcc")})

@@ -4,9 +4,10 @@ Images come from any data source of the training commands (``--data.kind folder|
 and centre-cropped to the tokenizer's input size, in [0, 1]. The output (``--out.path``, ``.safetensors`` or
 ``.npz``) holds ``codes`` (int32 [N, h, w], the code grid of each image, row-major), ``labels`` (int64 [N], -1 when
 unlabelled), ``counts`` (int64 [vocab], how often each code occurs) and the image ids (a folder's relative paths, a
-Fashion-MNIST index, a shard sample's id), in safetensors metadata (JSON) or as the npz array ``ids``. A JSON file
-beside it (``<path>.json``) gives the usage statistics: codes used, dead codes, perplexity, the most used codes.
-Unreadable images are skipped and reported by path.
+Fashion-MNIST image's index in its IDX file, also under ``--data.subset``, a shard sample's id), in safetensors
+metadata (JSON) or as the npz array ``ids``. A JSON file beside it (``<path>.json``) gives the usage statistics: codes
+used, dead codes, perplexity, the most used codes. Images are read with the tokenizer's input channels
+(``data.channels`` follows the tokenizer). Unreadable images are skipped and reported by path.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..config import check, opt, reading
+from ..config import check, check_output_dir, opt, reading
 from ..data import DataConfig
 from ..engine.precision import bf16_autocast
 from ._training import configure_parser, resolve_config
@@ -65,9 +66,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     configure_parser(parser, TokenizeConfig)
 
 
-def load_tokenizer(ref: TokenizerRef, device: torch.device) -> tuple[Any, str]:
-    """(tokenizer in eval mode on ``device``, kind); a file of another kind exits 2 naming the option."""
-    ref.describe()  # checks the kind, naming tokenizer.checkpoint
+def load_tokenizer(ref: TokenizerRef, device: torch.device, data: DataConfig | None = None) -> tuple[Any, str]:
+    """(tokenizer in eval mode on ``device``, kind); a file of another kind exits 2 naming the option. ``data`` is set
+    to read images with the tokenizer's input channels (a grayscale tokenizer gets 'L' images), as the evaluation
+    commands do for their backbones."""
+    in_chans = ref.describe()[4]  # checks the kind, naming tokenizer.checkpoint
+    if data is not None and data.channels != in_chans:
+        log.info("data.channels %d -> %d to match the tokenizer's input channels", data.channels, in_chans)
+        data.channels = in_chans
     with reading("tokenizer.checkpoint"):
         tok, kind = ref.load()
     return tok.to(device).eval().requires_grad_(False), kind
@@ -88,6 +94,7 @@ def image_batches(data: DataConfig, split: str, tokenizer: Any, batch_size: int,
     ds = build_dataset(data, split, tf)  # type: ignore[arg-type]
     check(ds is not None, "data.val_path", f"the {data.kind} source has no validation split")
     files = getattr(ds.base, "files", None)
+    source = getattr(ds.base, "source_indices", None)  # Fashion-MNIST: ids are indices in the IDX file, not the subset
     spec = ds.batch_spec
     loader = DataLoader(for_loader(ds), batch_size=batch_size, shuffle=False, num_workers=data.num_workers,
                         collate_fn=collate_skip_bad)
@@ -98,7 +105,8 @@ def image_batches(data: DataConfig, split: str, tokenizer: Any, batch_size: int,
         if "image" not in batch:
             continue
         idx = batch["index"].tolist()
-        ids = [files[i] for i in idx] if files is not None else idx
+        ids = [files[i] for i in idx] if files is not None else \
+            [int(source[i]) for i in idx] if source is not None else idx
         yield prepare_batch({"image": batch["image"].to(device)}, spec)["image"], batch["label"], ids
     bar.close()
 
@@ -119,8 +127,9 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = resolve_config(TokenizeConfig, args)
     o = cfg.out
+    check_output_dir(Path(o.path).expanduser().parent, "out.path")  # before the images are read and tokenized
     device = torch.device(o.device if o.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer, kind = load_tokenizer(cfg.tokenizer, device)
+    tokenizer, kind = load_tokenizer(cfg.tokenizer, device, cfg.data)
     grid = tuple(int(g) for g in tokenizer.grid_size)
     all_codes, all_labels, all_ids = [], [], []
     with torch.no_grad():
@@ -155,4 +164,7 @@ def run(args: argparse.Namespace) -> int:
     Path(str(out) + ".json").write_text(json.dumps(stats, indent=2))
     print(f"wrote {out}: {len(codes)} images x {grid[0]}x{grid[1]} codes; {stats['codes_used']} of "
           f"{stats['vocab_size']} codes used, perplexity {stats['perplexity']:.1f}")
+    if kind == "vqkd" and stats["usage"] < 0.5:
+        log.warning("less than half of the codebook is in use on these images; retraining the tokenizer with "
+                    "--tokenizer.vqkd.quantizer.restart_below 0.05 may help (docs/models.md, 'When codes go unused')")
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -29,7 +29,7 @@ from ..models.dvae import DiscreteVAE, DVAEConfig
 from ..models.vqkd import VQKD, VQKDConfig
 from ..tasks import DVAETask, TokenizerTask
 from ..teachers import TeacherConfig, build_teacher
-from ._training import configure_parser, quiet_other_ranks, resolve_config
+from ._training import check_rerun, configure_parser, quiet_other_ranks, resolve_config
 
 HELP = "train a VQ-KD tokenizer (teacher distillation) or a BEiT v1 dVAE"
 DESCRIPTION = __doc__
@@ -86,9 +86,14 @@ class TrainTokenizerConfig:
     optim: OptimConfig = field(default_factory=_optim_defaults, metadata={"help": "optimizer"})
     train: TrainConfig = field(default_factory=_train_defaults, metadata={"help": "loop"})
 
+    # set one of them (or data.channels) and the others follow (`_training.follow_channels`)
+    CHANNEL_FIELDS: ClassVar[tuple[str, ...]] = ("tokenizer.vqkd.encoder.in_chans", "tokenizer.dvae.in_chans")
+
     def validate(self, prefix: str = "") -> None:
+        own = "tokenizer.vqkd.encoder.in_chans" if self.tokenizer.type == "vqkd" else "tokenizer.dvae.in_chans"
         check(self.data.channels == self.tokenizer.in_chans, "data.channels",
-              f"{self.data.channels} differs from the tokenizer's in_chans {self.tokenizer.in_chans}")
+              f"{self.data.channels}, but {own} is {self.tokenizer.in_chans}; set one of them (the other follows) "
+              "or both to the same value")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -106,12 +111,22 @@ def build_task(cfg: TrainTokenizerConfig) -> torch.nn.Module:
     return TokenizerTask(VQKD(vq), teacher)
 
 
+def warn_unused_codes(stats: dict) -> None:
+    """One warning line when less than half of the codebook was in use (the last epoch's training vectors)."""
+    if stats["usage"] < 0.5:
+        log.warning("only %d of %d codes were used in the last epoch (perplexity %.1f); try "
+                    "--tokenizer.vqkd.quantizer.restart_below 0.05 (docs/models.md, 'When codes go unused')",
+                    stats["codes_used"], stats["codes_used"] + stats["dead_codes"], stats["perplexity"])
+
+
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(TrainTokenizerConfig, args)
+    check_rerun(cfg, arch=("tokenizer.",))
     dist = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
     quiet_other_ranks(dist.rank)
     try:
         seed_everything(cfg.train.seed)  # identical models and teacher on every rank
+        task = build_task(cfg)  # the teacher first: a hub that cannot be reached fails before the data is read
         size = cfg.tokenizer.img_size
         a = cfg.aug
         train_tf = TokenizerTrainTransform(size, a.min_crop_scale, a.color_jitter, a.hflip, a.interpolation,
@@ -123,12 +138,14 @@ def run(args: argparse.Namespace) -> int:
             eval_tf = EvalTransform(size, a.eval_resize or None, a.interpolation, normalize="none",
                                     channels=cfg.data.channels)
             val_set = for_loader(TokenizerTrainDataset(val_base, eval_tf, seed=cfg.data.seed))
-        trainer = Trainer(build_task(cfg), for_loader(train_set), cfg.train, cfg.optim, dist=dist, run_config=cfg,
+        trainer = Trainer(task, for_loader(train_set), cfg.train, cfg.optim, dist=dist, run_config=cfg,
                           val_set=val_set, collate_fn=collate_skip_bad, num_workers=cfg.data.num_workers)
         result = trainer.fit()
         if dist.is_main:
             log.info("%s after %d steps; weights in %s", result.status, result.global_step,
                      cfg.train.output_dir if result.status == "finished" else result.checkpoint)
+            if cfg.tokenizer.type == "vqkd" and result.status == "finished":
+                warn_unused_codes(trainer.task.model.quantize.usage_stats())
         return result.exit_code
     except NonFiniteLossError as e:
         log.error("%s", e)

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..config import ConfigError, check, opt
 from .fmnist import FASHION_MNIST_ROOT, FashionMNIST, find_idx, stratified_subset
-from .folders import ImageFolderDataset
+from .folders import ImageFolderDataset, has_images
+from .images import IMG_EXTENSIONS
 from .shards import WebDatasetShards, count_samples, expand_shards
 
 
@@ -76,6 +77,8 @@ class DataConfig:
             return
         if self.kind == "folder":
             check(os.path.isdir(path), name, f"image folder not found: {path}")
+            check(has_images(path), name, f"no images under {path} (looked for {', '.join(IMG_EXTENSIONS)}, in "
+                                          f"sub-folders too); point --{name} at a folder of images")
         elif self.kind == "fmnist":
             root = path or FASHION_MNIST_ROOT
             found = find_idx(root, "train-images-idx3-ubyte") or find_idx(root, "t10k-images-idx3-ubyte")

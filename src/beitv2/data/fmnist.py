@@ -112,6 +112,7 @@ class FashionMNIST(Dataset):
         keep = stratified_subset(labels, subset, seed)
         self.images = images[keep]
         self.labels = labels[keep].astype(np.int64)
+        self.source_indices = keep  # each image's index in the IDX file (its id, whatever the subset)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -121,6 +122,7 @@ class FashionMNIST(Dataset):
         sub.__dict__.update(self.__dict__)
         idx = np.asarray(indices, dtype=np.int64)
         sub.images, sub.labels = self.images[idx], self.labels[idx]
+        sub.source_indices = self.source_indices[idx]
         return sub
 
     def __getitem__(self, index: int) -> tuple[Any, int]:

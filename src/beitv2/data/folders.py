@@ -53,6 +53,33 @@ def scan_images(root: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENSI
     return found
 
 
+def has_images(root: str | os.PathLike, extensions: Sequence[str] = IMG_EXTENSIONS) -> bool:
+    """Whether any image file lies under ``root``: the walk of `scan_images`, stopped at the first one found."""
+    exts = tuple(e.lower() for e in extensions)
+    stack = [os.fspath(root)]
+    seen: set[tuple[int, int]] = set()
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.name.lower().endswith(exts) and entry.is_file():
+                    return True
+                if entry.is_dir():
+                    st = entry.stat()
+                    if (st.st_dev, st.st_ino) not in seen:
+                        seen.add((st.st_dev, st.st_ino))
+                        stack.append(entry.path)
+            except OSError:
+                continue
+    return False
+
+
 class ImageFolderDataset(BadFileLog, Dataset):
     """All images under ``root``; class labels from first-level sub-folders when every image lies in one.
 

@@ -5,9 +5,10 @@
   first host of SLURM_NODELIST and the port from MASTER_PORT or the job id (`launch_env`).
 * Each rank drives GPU ``LOCAL_RANK`` (modulo the GPUs it can see), whatever ``cuda:N`` was asked for
   (`select_device`).
-* A failure on one rank must end the job promptly with that rank's traceback: `cleanup` called while an exception
-  propagates prints it, aborts the process group without a collective teardown and exits the process, so the
-  launcher (torchrun, srun) ends the other ranks instead of leaving them waiting in a collective.
+* A failure on one rank must end the job promptly: `cleanup` called while an exception propagates prints one line
+  (`failure_line`; the traceback too with ``BEITV2_TRACEBACK=1``), aborts the process group without a collective
+  teardown, kills this process's data-loader workers and exits (`exit_now`), so the launcher (torchrun, srun) ends
+  the other ranks instead of leaving them waiting in a collective, and a peer's collective fails at once.
 * Every collective waits at most ``timeout_min`` (``--train.dist_timeout_min``), including the barriers behind
   which rank 0 does long work alone.
 """
@@ -137,9 +138,9 @@ def init_distributed(device: str = "auto", timeout_min: float = 30.0) -> DistInf
 
 def cleanup() -> None:
     """Leave the process group. Called while an exception propagates on a multi-rank job (a ``finally``), it
-    prints this rank's traceback, aborts the group without a collective and exits at once (exit code 1, 130 for
-    Ctrl-C, 2 for a configuration error): a collective teardown would wait for ranks that are themselves waiting
-    in a training collective."""
+    prints this rank's error on one line, aborts the group without a collective and exits at once (exit code 1, 130
+    for Ctrl-C, 2 for a configuration error; `abort_and_exit`): a collective teardown would wait for ranks that are
+    themselves waiting in a training collective."""
     exc = sys.exc_info()[1]
     if not dist.is_initialized():
         return
@@ -149,23 +150,68 @@ def cleanup() -> None:
     abort_and_exit(exc)
 
 
-def abort_and_exit(exc: BaseException) -> None:
-    from ..config import ConfigError
+TRACEBACK_ENV = "BEITV2_TRACEBACK"  # set to 1: a failing command prints its traceback before the one-line summary
+_WORKER_TRACEBACK = re.compile(r"^Caught (\w+) in (DataLoader worker process \d+|pin memory thread.*?)\.\s*Original "
+                               r"Traceback \(most recent call last\):", re.S)
 
-    rank = dist.get_rank() if dist.is_initialized() else 0
+
+def failure_line(exc: BaseException) -> tuple[str, int]:
+    """(one line, exit code) saying why a command failed: 2 for a configuration error, 128 + SIGINT for Ctrl-C (the
+    second one in training, where the first asks for a checkpoint), else 1. An exception re-raised from a
+    data-loader worker (whose message carries the worker's traceback) is told by the worker's last line."""
+    from ..config import ConfigError, one_line
+
     if isinstance(exc, ConfigError):
-        msg, code = f"[rank {rank}] configuration error: {exc}\n", 2
-    else:
-        code = 128 + signal.SIGINT if isinstance(exc, KeyboardInterrupt) else 1
-        msg = f"[rank {rank}] failed; aborting the job:\n" + "".join(traceback.format_exception(exc))
-    sys.stderr.write(msg)
+        return f"configuration error: {one_line(exc, 1000)}", 2
+    if isinstance(exc, KeyboardInterrupt):
+        return ("interrupted (Ctrl-C): stopped without saving; a training run keeps its last complete checkpoint, "
+                "which --train.resume auto (the default) continues from"), 128 + signal.SIGINT
+    text = str(exc)
+    m = _WORKER_TRACEBACK.match(text)
+    if m:
+        last = next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), m.group(1))
+        where = m.group(2).replace("DataLoader worker process", "data-loader worker")
+        return f"failed in {where}: {one_line(Exception(last))}", 1
+    from .state import WriteError
+
+    if isinstance(exc, WriteError):
+        return f"failed: {one_line(exc, 1000)}", 1
+    return f"failed: {type(exc).__name__}: {one_line(exc)}", 1
+
+
+def exit_now(line: str, code: int, exc: BaseException | None = None) -> None:
+    """Print ``line`` (after ``exc``'s traceback when ``BEITV2_TRACEBACK=1``), kill this process's child processes
+    (data-loader workers ignore SIGTERM, so only SIGKILL ends a busy one) and exit at once with ``code``: no atexit
+    handler, non-daemon thread or process-group teardown can keep a failed process alive."""
+    import multiprocessing
+
+    for sig in (signal.SIGTERM, signal.SIGINT):  # exiting already: a launcher's SIGTERM must not cut the clean-up
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        sys.stdout.flush()
+    except Exception:  # a closed or full stdout must not stop the exit
+        pass
+    if exc is not None and os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        sys.stderr.write("".join(traceback.format_exception(exc)))
+    sys.stderr.write(line.rstrip("\n") + "\n")
     sys.stderr.flush()
+    for child in multiprocessing.active_children():
+        child.kill()
     logging.shutdown()
+    os._exit(code)
+
+
+def abort_and_exit(exc: BaseException) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    line, code = failure_line(exc)
     try:
         dist.distributed_c10d._abort_process_group()  # NCCL: frees the communicators without a collective
     except Exception:  # gloo has no abort; exiting closes its sockets, which fails the peers' collectives
         pass
-    os._exit(code)
+    exit_now(f"[rank {rank}] {line}; aborting the job", code, exc)
 
 
 def barrier() -> None:

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, one_line
+from ..utils.files import write_failure
+from .state import WriteError
 
 log = logging.getLogger("beitv2.engine")
 
@@ -107,7 +109,11 @@ class RunLogger:
             return
         rec = {"type": kind, "step": step, "epoch": epoch, "time": round(time.time(), 3)}
         rec.update({k: _clean(v) for k, v in metrics.items()})
-        self.file.write(json.dumps(rec) + "\n")
+        try:
+            self.file.write(json.dumps(rec) + "\n")
+        except OSError as e:  # a full disk: said in words, with what is kept
+            raise WriteError(f"could not write {self.file.name}: {write_failure(e, Path(self.file.name).parent)}; "
+                             "the checkpoints written so far are kept") from e
         scalars = {f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
         if self.tb is not None:
             for k, v in scalars.items():
@@ -131,15 +137,29 @@ class RunLogger:
 
     def close(self, exit_code: int = 0, preempted: bool = False) -> None:
         """``exit_code`` is what the W&B run records (0 = finished, else failed, as the process's exit status);
-        ``preempted``: stopped by a signal with a checkpoint written, to be resumed (W&B's "preempting" mark)."""
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        if self.file is not None:
-            self.file.close()
-        if self.wandb is not None:
-            if preempted:
-                self.wandb.mark_preempting()
-            self.wandb.finish(exit_code=exit_code)
+        ``preempted``: stopped by a signal with a checkpoint written, to be resumed (W&B's "preempting" mark).
+
+        Every sink is closed even when another fails (a full disk fails the flushes); the first failure is raised
+        afterwards."""
+        bar, tb, file, run = self.bar, self.tb, self.file, self.wandb
         self.bar = self.tb = self.file = self.wandb = None
+        errors: list[Exception] = []
+
+        def attempt(fn, *args, **kwargs) -> None:
+            try:
+                fn(*args, **kwargs)
+            except Exception as e:
+                errors.append(e)
+
+        if bar is not None:
+            attempt(bar.close)
+        if tb is not None:
+            attempt(tb.close)
+        if file is not None:
+            attempt(file.close)
+        if run is not None:
+            if preempted:
+                attempt(run.mark_preempting)
+            attempt(run.finish, exit_code=exit_code)
+        if errors:
+            raise errors[0]

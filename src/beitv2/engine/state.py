@@ -8,12 +8,15 @@ Layout of ``output_dir``::
     latest                                 text file naming the newest checkpoint directory
 
 A checkpoint is assembled in ``.tmp-ckpt-<step>-<pid>`` and renamed into place (``os.replace``), so a directory named
-``ckpt-*`` is always complete; a crash leaves only a temporary directory, which resume ignores. ``train_state.pt``
-holds only tensors and plain Python values and is read with ``torch.load(weights_only=True)``.
+``ckpt-*`` is always complete; a killed process leaves only a temporary directory, which resume ignores and the next
+save removes. A save that fails (a full disk, an unwritable folder, Ctrl-C) removes its temporary directory and, for
+an error, raises `WriteError`, leaving every earlier checkpoint as it was. ``train_state.pt`` holds only tensors and
+plain Python values and is read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -24,12 +27,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..utils.files import atomic_write_text
+from ..utils.files import atomic_write_text, write_failure
 
 WEIGHTS = "model.safetensors"
 STATE = "train_state.pt"
 LATEST = "latest"
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
+
+
+class WriteError(RuntimeError):
+    """A checkpoint or model file could not be written (a full disk, an unwritable folder); the message says why and
+    what was kept. Nothing half-written is left behind."""
 
 
 def is_complete(path: Path) -> bool:
@@ -68,16 +76,31 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, train_state: dic
     out_dir = Path(out_dir)
     final = out_dir / f"ckpt-{step}"
     tmp = out_dir / f".tmp-ckpt-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(tmp / WEIGHTS, model)
-    torch.save(train_state, tmp / STATE)
-    with open(tmp / STATE, "rb") as f:
-        os.fsync(f.fileno())
-    if final.exists():  # re-saving the same step (e.g. epoch end right after a periodic save)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    atomic_write_text(out_dir / LATEST, final.name + "\n")
+    complete = False
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_model(tmp / WEIGHTS, model)
+        with open(tmp / STATE, "wb") as f:
+            torch.save(train_state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():  # re-saving the same step (e.g. epoch end right after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        complete = True
+        atomic_write_text(out_dir / LATEST, final.name + "\n")
+    except BaseException as e:  # a full disk, an unwritable folder, Ctrl-C: no partial checkpoint stays behind
+        reason = write_failure(e, out_dir) if isinstance(e, Exception) else ""
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not reason:
+            if complete:  # Ctrl-C right after the rename: `latest` still names the complete checkpoint
+                with contextlib.suppress(Exception):
+                    atomic_write_text(out_dir / LATEST, final.name + "\n")
+            raise
+        found = list_checkpoints(out_dir)
+        kept = f"the last complete checkpoint, {found[-1][1]}, is kept" if found else "no earlier checkpoint exists"
+        raise WriteError(f"could not write checkpoint {final}: {reason}; {kept}") from e
     for _, old in list_checkpoints(out_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in out_dir.glob(".tmp-ckpt-*"):  # debris of crashed writers

@@ -29,6 +29,7 @@ from ..config import ConfigError, save_yaml, to_dict
 from ..data.transforms import ImageSpec, prepare_batch
 from ..models.backbone import unfuse_short_cpu_attention
 from ..models.registry import kind_of
+from ..utils.files import write_failure
 from . import distributed as D
 from . import state as S
 from .config import OptimConfig, TrainConfig
@@ -101,19 +102,45 @@ def _batch_spec(dataset: Dataset | None) -> dict[str, ImageSpec]:
     return dict(getattr(dataset, "batch_spec", None) or {}) if dataset is not None else {}
 
 
+def stop_workers(it: Any) -> None:
+    """End a DataLoader iterator's worker processes now (a no-op for a loader without workers, or twice).
+
+    A failing run must not leave this to garbage collection: the traceback keeps the iterator alive until the
+    interpreter exits, and at exit multiprocessing stops the workers with SIGTERM, which they ignore
+    (`distributed.worker_ignores_stop_signals`), so the process would wait for them forever. Workers that do not
+    stop within the loader's own grace period (one busy in a slow read) are killed."""
+    shutdown = getattr(it, "_shutdown_workers", None)
+    if shutdown is None:
+        return
+    try:
+        shutdown()
+    finally:
+        for w in getattr(it, "_workers", ()):
+            if w.is_alive():
+                w.kill()
+                w.join(timeout=5)
+
+
 class _OnDevice:
     """A loader whose batches arrive on the device and prepared, for a task's `evaluate` (its own ``.to(device)``
-    is then a no-op)."""
+    is then a no-op). `close` ends the workers of the pass under way."""
 
     def __init__(self, loader: DataLoader, device: torch.device, spec: dict[str, ImageSpec]):
         self.loader, self.device, self.spec = loader, device, spec
+        self.it: Any = None
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
-        for batch in self.loader:
+        self.close()
+        self.it = iter(self.loader)
+        for batch in self.it:
             yield _to_device(batch, self.device, self.spec)
+
+    def close(self) -> None:
+        stop_workers(self.it)
+        self.it = None
 
 
 class _StopFlag:
@@ -263,6 +290,7 @@ class Trainer:
         self.scaler = grad_scaler(self.device, self.precision)
         self.global_step = 0
         self.net: nn.Module = task.model
+        self._train_iter: Any = None  # the training loader's iterator, whose workers a failing run stops
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _loader(self, dataset: Dataset, sampler, batch_size: int, drop_last: bool) -> DataLoader:
@@ -371,9 +399,13 @@ class Trainer:
     def fit(self) -> FitResult:
         cfg = self.cfg
         if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            if self.run_config is not None:
-                save_yaml(self.run_config, self.out / "config.yaml")
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                if self.run_config is not None:
+                    save_yaml(self.run_config, self.out / "config.yaml")
+            except OSError as e:
+                raise ConfigError(f"train.output_dir: cannot write to {self.out} ({write_failure(e, self.out)})"
+                                  ) from None
         D.barrier()
         resumed = self._resume()
         self._wrap()
@@ -387,24 +419,36 @@ class Trainer:
                          f"world size {self.dist.world_size}" + (f", resumed from {resumed}" if resumed else ""))
         last_ckpt = resumed
         exit_code, preempted = 1, False  # what the W&B run records if the loop raises
-        try:
-            with _StopFlag() as stop:
+        with _StopFlag() as stop:  # also over the clean-up of a failed run: a launcher's SIGTERM must not cut it
+            try:
                 result = self._run(loader, stop)
-                if result.status == "interrupted":
-                    result.exit_code = 128 + (stop.signum or signal.SIGTERM)
-            exit_code, preempted = result.exit_code, result.status == "interrupted"
-        except KeyboardInterrupt:  # a second Ctrl-C: aborted without saving
-            exit_code = 128 + signal.SIGINT
-            raise
-        finally:
-            self.logger.close(exit_code, preempted)
+            except BaseException as e:
+                if isinstance(e, KeyboardInterrupt):  # a second Ctrl-C: aborted without saving
+                    exit_code = 128 + signal.SIGINT
+                stop_workers(self._train_iter)
+                try:  # the error that ended the run is the one to report, not a second one while closing the logs
+                    self.logger.close(exit_code, preempted)
+                except Exception as close_error:
+                    log.warning("closing the run's logs failed too: %s", close_error)
+                raise
+            if result.status == "interrupted":
+                result.exit_code = 128 + (stop.signum or signal.SIGTERM)
+        exit_code, preempted = result.exit_code, result.status == "interrupted"
+        stop_workers(self._train_iter)
+        self._train_iter = None
+        self.logger.close(exit_code, preempted)
         last_ckpt = result.checkpoint or last_ckpt
         if self.dist.enabled:
             self._check_rank_sync()
         if result.status == "finished" and self.dist.is_main:
             from ..checkpoint import save_model
 
-            save_model(self.out / "model.safetensors", self.task.model)
+            path = self.out / "model.safetensors"
+            try:
+                save_model(path, self.task.model)
+            except Exception as e:
+                kept = f"; the last checkpoint, {last_ckpt}, holds the same weights" if last_ckpt else ""
+                raise S.WriteError(f"could not write {path}: {write_failure(e, self.out)}{kept}") from e
         D.barrier()
         result.checkpoint = last_ckpt
         return result
@@ -459,8 +503,12 @@ class Trainer:
     def _train_epoch(self, loader: DataLoader, stop: _StopFlag, ep: _Epoch) -> str:
         """The epoch's steps; "finished", or "stopped" / "interrupted" when the run ends inside it."""
         accum = self.cfg.accum_steps
+        it = iter(loader)  # persistent workers: the same iterator every epoch
+        if self._train_iter is not it:
+            stop_workers(self._train_iter)  # the last epoch's, stopped early (a partial last step is not drawn)
+        self._train_iter = it
         try:
-            for i, batch in enumerate(loader, start=ep.first):
+            for i, batch in enumerate(self._train_iter, start=ep.first):
                 if i >= ep.used:
                     break
                 self._micro_step(ep, i, batch)
@@ -610,7 +658,8 @@ class Trainer:
         avg.update(self.task.epoch_metrics())
         self.logger.write("epoch", self.global_step, epoch, avg)
         if avg["skipped_images"]:
-            self.logger.info(f"epoch {epoch}: skipped {avg['skipped_images']} unreadable image(s) (see the log)")
+            self.logger.info(f"epoch {epoch}: skipped {avg['skipped_images']} unreadable image(s) (the "
+                             "'skipping unreadable image' warnings above name them)")
         if self.val_set is not None and self.cfg.eval_every_epochs and (epoch + 1) % self.cfg.eval_every_epochs == 0:
             val = self.evaluate()
             self.logger.write("val", self.global_step, epoch, val)
@@ -628,10 +677,19 @@ class Trainer:
         if self.dist.enabled and not isinstance(val, IterableDataset):
             val = Subset(val, range(self.dist.rank, len(val), self.dist.world_size))
         bs = max(1, int(1.5 * self.cfg.batch_size))  # the official eval batch
-        loader = _OnDevice(self._loader(val, None, bs, drop_last=False), self.device, self.val_spec)
+        batches = _OnDevice(self._loader(val, None, bs, drop_last=False), self.device, self.val_spec)
+        loader: Any = batches
+        if self.cfg.progress and self.dist.is_main:  # a pass over a large split takes minutes: show it
+            from tqdm.auto import tqdm
+
+            loader = tqdm(batches, desc="validation", unit="batch", leave=False, dynamic_ncols=True,
+                          total=len(loader) if not isinstance(val, IterableDataset) else None)
         self.task.eval()
         try:
             with self.task.unwrapped():
                 return self.task.evaluate(loader, self.device, lambda: autocast(self.device, self.precision))
         finally:
+            batches.close()  # its workers, also when the pass failed
+            if loader is not batches:
+                loader.close()
             self.task.train()

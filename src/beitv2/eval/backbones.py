@@ -1,6 +1,6 @@
 """Frozen ViT backbones for evaluation: from a checkpoint of this project (`mim` pre-training -> its ViT without the
-MIM head, `vit`, `vqkd` -> its encoder, as the official ``--model_filter_name encoder``; any registered kind with a
-ViT backbone) or from an untrained preset (a baseline).
+MIM head, `vit`, `vqkd` -> its encoder, as the official ``--model_filter_name encoder``, `segmenter` -> its ViT
+without a final norm; any registered kind with a ViT backbone) or from an untrained preset (a baseline).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..config import ConfigError, check, opt, reading
 from ..models.backbone import BEiTViT, ViTConfig
@@ -20,8 +21,8 @@ from ..models.registry import ModelKind, get_kind, kinds
 class ModelSource:
     """Where the backbone comes from (``--model.*``)."""
 
-    checkpoint: str = opt("", "beitv2 model file or checkpoint folder (kinds mim, vit, vqkd); finetune also reads "
-                              "official .pth files")
+    checkpoint: str = opt("", "beitv2 model file or checkpoint folder (kinds mim, vit, vqkd, segmenter); finetune also "
+                              "reads official .pth files")
     filter: str = opt("", "'' = automatic (vqkd -> encoder), 'encoder' = keep the keys under 'encoder.' "
                           "(official --model_filter_name)")
     preset: str = opt("", "with random_init: an untrained preset as a baseline (beitv2.models.presets)")
@@ -64,14 +65,25 @@ def backbone_from_kind(kind: str, cfg_dict: dict, state: dict[str, torch.Tensor]
     return spec.backbone_config(from_dict(spec.config_class, cfg_dict)), spec.backbone_state(state)
 
 
+# kinds whose backbone has no final LayerNorm (a segmenter reads the raw block outputs, as the official UperNet does):
+# their backbone is evaluated without one rather than with a freshly initialised norm
+NO_FINAL_NORM = ("segmenter",)
+
+
 def read_source(src: ModelSource) -> tuple[ViTConfig, dict[str, torch.Tensor] | None, str]:
     """(ViT config, weights or None for random init, description) without building the model."""
+    cfg, state, desc, _ = _read_source(src)
+    return cfg, state, desc
+
+
+def _read_source(src: ModelSource) -> tuple[ViTConfig, dict[str, torch.Tensor] | None, str, str]:
+    """`read_source` and the file's kind ('' for a random init)."""
     if src.random_init:
         from ..models.presets import get_preset
 
         kind, cfg = get_preset(src.preset)
         cfg = _with_backbone(kind, "model.preset", f"preset {src.preset!r}").backbone_config(cfg)
-        return cfg, None, f"random init of preset {src.preset}"
+        return cfg, None, f"random init of preset {src.preset}", ""
     from ..checkpoint import load_state_dict, read_metadata, resolve_weights
 
     with reading("model.checkpoint"):
@@ -84,14 +96,17 @@ def read_source(src: ModelSource) -> tuple[ViTConfig, dict[str, torch.Tensor] | 
             raise ConfigError(f"model.checkpoint: {path} has no beitv2 metadata (kind/config)")
         cfg, state = backbone_from_kind(meta["kind"], json.loads(meta["config"]), load_state_dict(path), src.filter,
                                         str(path))
-    return cfg, state, f"{meta['kind']} checkpoint {path}"
+    return cfg, state, f"{meta['kind']} checkpoint {path}", meta["kind"]
 
 
 def load_backbone(src: ModelSource) -> tuple[BEiTViT, str]:
     """A frozen ViT (eval mode, no gradients, no classifier) and a description of where it came from."""
-    cfg, state, desc = read_source(src)
+    cfg, state, desc, kind = _read_source(src)
     cfg.num_classes = 0
     model = BEiTViT(cfg)
+    if kind in NO_FINAL_NORM:
+        model.norm, model.fc_norm = nn.Identity(), nn.Identity()
+        desc += " (no final norm: the raw block outputs its heads read)"
     if state is not None:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         with reading("model.checkpoint"):

@@ -153,7 +153,10 @@ class LinearProbeTask(TrainTask):
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast():
-                logits = self.net(self.features(batch))
+                feats = self.features(batch)
+            # the heads in fp32, as `predict` scores them for metrics.json: a bf16 argmax flips near-ties
+            with torch.autocast(device.type, enabled=False):
+                logits = self.net({x: v.float() for x, v in feats.items()})
             labels = batch["label"]
             for i, x in enumerate(layers):
                 c = topk_correct(logits[x].float(), labels)

@@ -41,8 +41,10 @@ class SegModelConfig(ModelSource):
 
     img_size: tuple[int, ...] = opt((512,), "training crop = model input size (official 512); position tables "
                                             "and embeddings are resized to its grid")
-    out_indices: tuple[int, ...] = opt((), "1-based blocks feeding the pyramid (empty = official: 4 6 8 12 for "
-                                           "depth 12, 8 12 16 24 for depth 24)")
+    out_indices: tuple[int, ...] = opt((), "blocks feeding the pyramid: k = output of the k-th block (1-based, "
+                                           "official), 0 = patch embedding (empty = official: 4 6 8 12 for depth "
+                                           "12, 8 12 16 24 for depth 24; transformers export needs the last tap "
+                                           "before the last block, see docs/segmentation.md)")
     channels: int = opt(0, "UperNet width (0 = embed_dim, official)")
     pool_scales: tuple[int, ...] = opt((1, 2, 3, 6), "UperNet pyramid pooling scales")
     dropout: float = opt(0.1, "Dropout2d before the classifiers")

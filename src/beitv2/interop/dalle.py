@@ -11,6 +11,9 @@ imports `dall_e` and runs whatever the pickle asks for. Here a restricted unpick
   hold, ``torch.device``) become inert records of their pickled state: nothing of theirs is imported or called;
 * any other global (``os.system``, ``builtins.eval``, ...) is refused with an `UnpicklingError` naming it.
 
+Both of torch's file formats are read: the zip archive (``torch.save`` since torch 1.6) and the older stream of
+pickles followed by the raw storages (``_use_new_zipfile_serialization=False``); the same allow-list applies to both.
+
 The convolutions' ``w``/``b`` (``blocks.input``, ``blocks.group_k.block_j.{id_path, res_path.conv_i}``,
 ``blocks.output.conv``) are then mapped onto `beitv2.models.dvae.DiscreteVAE`: the encoder one to one; the
 decoder's input 1x1 convolution over the one-hot codes becomes the codebook (its bias folded into every row, exact
@@ -19,8 +22,10 @@ for one-hot inputs), the rest one to one. The model uses DALL-E's pixel mapping 
 
 from __future__ import annotations
 
+import io
 import pickle
 import re
+import struct
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -71,9 +76,11 @@ def _rebuild_parameter(data: torch.Tensor, *_unused) -> torch.Tensor:
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: str):
+    """Resolves only the allow-listed globals; storages come from ``storage(pid)`` (the file format's reader)."""
+
+    def __init__(self, file, path: str, storage=None):
         super().__init__(file)
-        self.archive, self.prefix, self.path = archive, prefix, path
+        self.path, self.storage = path, storage
         self.records: dict[tuple[str, str], type] = {}
 
     def find_class(self, module: str, name: str) -> Any:
@@ -95,22 +102,21 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"{self.path}: refusing to load global {module}.{name} (not a tensor or a "
                                      "DALL-E dVAE module)")
 
-    def persistent_load(self, pid: Any) -> torch.Tensor:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType)):
-            raise pickle.UnpicklingError(f"{self.path}: unexpected persistent id {pid!r}")
-        _, stype, key, _location, numel = pid
-        raw = self.archive.read(f"{self.prefix}/data/{key}")
-        if int(numel) == 0:
-            return torch.empty(0, dtype=stype.dtype)
-        return torch.frombuffer(bytearray(raw), dtype=stype.dtype)[: int(numel)]
+    def persistent_load(self, pid: Any) -> Any:
+        if self.storage is None:
+            raise pickle.UnpicklingError(f"{self.path}: unexpected persistent id in a header record")
+        return self.storage(pid)
 
 
-def read_torch_pickle(path: str | Path) -> Any:
-    """The object tree of a zip-format ``torch.save`` file, with allowed classes as inert `_Record` objects."""
-    path = Path(path)
-    if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not a zip-format torch file (torch.save since torch 1.6)")
+def _storage_pid(pid: Any, path: str, length: int) -> tuple[_StorageType, str, int]:
+    """(dtype marker, key, element count) of a ('storage', type, key, location, numel[, view]) persistent id."""
+    if not (isinstance(pid, tuple) and len(pid) == length and pid[0] in ("storage", b"storage")
+            and isinstance(pid[1], _StorageType)):
+        raise pickle.UnpicklingError(f"{path}: unexpected persistent id {pid!r}")
+    return pid[1], str(pid[2]), int(pid[4])
+
+
+def _read_zip(path: Path) -> Any:
     with zipfile.ZipFile(path) as archive:
         pkl = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
         if len(pkl) != 1:
@@ -119,8 +125,86 @@ def read_torch_pickle(path: str | Path) -> Any:
         order = f"{prefix}/byteorder"
         if order in archive.namelist() and archive.read(order).strip() != b"little":
             raise ValueError(f"{path}: big-endian tensors are not supported")
+
+        def storage(pid: Any) -> torch.Tensor:
+            stype, key, numel = _storage_pid(pid, str(path), 5)
+            if numel == 0:
+                return torch.empty(0, dtype=stype.dtype)
+            raw = archive.read(f"{prefix}/data/{key}")
+            return torch.frombuffer(bytearray(raw), dtype=stype.dtype)[:numel]
+
         with archive.open(pkl[0]) as f:
-            return _RestrictedUnpickler(f, archive, prefix, str(path)).load()
+            return _RestrictedUnpickler(f, str(path), storage).load()
+
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.serialization.MAGIC_NUMBER
+_LEGACY_PROTOCOL = 1001
+
+
+def _is_legacy(head: bytes) -> bool:
+    """Whether ``head`` starts with the legacy format's magic-number pickle (read with no global allowed)."""
+    try:
+        return _RestrictedUnpickler(io.BytesIO(head), "").load() == _LEGACY_MAGIC
+    except Exception:  # any other file: not legacy
+        return False
+
+
+def _read_legacy(path: Path) -> Any:
+    """The pre-zip format: pickles of the magic number, protocol and system info, the object tree (storages as
+    ('storage', type, key, location, numel, view) ids, module classes as ('module', class, file, source) ids), the
+    list of storage keys, then per key its element count (int64) and raw bytes."""
+    what = str(path)
+    storages: dict[str, torch.Tensor] = {}
+
+    def load_id(pid: Any) -> Any:
+        if isinstance(pid, tuple) and pid and pid[0] in ("module", b"module"):
+            if len(pid) != 4 or not isinstance(pid[1], type) or not issubclass(pid[1], _Record):
+                raise pickle.UnpicklingError(f"{what}: unexpected module id {pid[:2]!r}")
+            return pid[1]
+        stype, key, numel = _storage_pid(pid, what, 6)
+        if pid[5] is not None:
+            raise ValueError(f"{what}: storage views are not supported")
+        if key not in storages:
+            storages[key] = torch.empty(numel, dtype=stype.dtype)
+        elif storages[key].dtype != stype.dtype or storages[key].numel() != numel:
+            raise ValueError(f"{what}: storage {key} is named with two types or sizes")
+        return storages[key]
+
+    with open(path, "rb") as f:
+        header = [_RestrictedUnpickler(f, what).load() for _ in range(3)]
+        if header[0] != _LEGACY_MAGIC or header[1] != _LEGACY_PROTOCOL:
+            raise ValueError(f"{what}: not a torch file (bad magic number or protocol {header[1]!r})")
+        if not isinstance(header[2], dict) or not header[2].get("little_endian", False):
+            raise ValueError(f"{what}: big-endian tensors are not supported")
+        obj = _RestrictedUnpickler(f, what, load_id).load()
+        keys = _RestrictedUnpickler(f, what).load()
+        if not isinstance(keys, list) or set(map(str, keys)) != set(storages):
+            raise ValueError(f"{what}: the storage list does not match the tensors of the file")
+        for key in map(str, keys):
+            t = storages[key]
+            count = f.read(8)
+            if len(count) != 8 or struct.unpack("<q", count)[0] != t.numel():
+                raise ValueError(f"{what}: storage {key} is truncated or has the wrong size")
+            raw = f.read(t.numel() * t.element_size())
+            if len(raw) != t.numel() * t.element_size():
+                raise ValueError(f"{what}: storage {key} is truncated")
+            if t.numel():
+                t.copy_(torch.frombuffer(bytearray(raw), dtype=t.dtype))
+    return obj
+
+
+def read_torch_pickle(path: str | Path) -> Any:
+    """The object tree of a ``torch.save`` file (zip or legacy format), with allowed classes as inert `_Record`
+    objects."""
+    path = Path(path)
+    if zipfile.is_zipfile(path):
+        return _read_zip(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if _is_legacy(head):
+        return _read_legacy(path)
+    raise ValueError(f"{path}: not a torch.save file (neither the zip nor the legacy format); DALL-E's encoder.pkl "
+                     "and decoder.pkl are torch.save files")
 
 
 def module_tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -149,13 +233,18 @@ def read_dalle(path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
 
 
 def is_dalle_file(path: str | Path) -> bool:
-    """A torch zip archive whose pickle names DALL-E's Encoder or Decoder (checked without unpickling)."""
+    """A torch file (zip or legacy format) whose pickle names DALL-E's Encoder or Decoder (checked without
+    unpickling)."""
     p = Path(path)
-    if not p.is_file() or not zipfile.is_zipfile(p):
+    if not p.is_file():
         return False
-    with zipfile.ZipFile(p) as archive:
-        pkl = [n for n in archive.namelist() if n.endswith("/data.pkl")]
-        return bool(pkl) and re.search(rb"dall_e\.(encoder|decoder)", archive.read(pkl[0])) is not None
+    if zipfile.is_zipfile(p):
+        with zipfile.ZipFile(p) as archive:
+            pkl = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            return bool(pkl) and re.search(rb"dall_e\.(encoder|decoder)", archive.read(pkl[0])) is not None
+    with open(p, "rb") as f:
+        head = f.read(1 << 20)  # the object tree precedes the raw storages
+    return _is_legacy(head) and re.search(rb"dall_e\.(encoder|decoder)", head) is not None
 
 
 def _groups(state: dict[str, torch.Tensor]) -> tuple[int, int]:

@@ -19,6 +19,12 @@ new transformers release fails loudly instead of writing a half-loaded model):
 
 transformers' relative position bias reshapes the table as (2Ww-1, 2Wh-1), which is only right for square windows, so
 non-square models with relative positions are refused.
+
+The folder's `preprocessor_config.json` is a `BeitImageProcessor` with the model's own evaluation preprocessing
+(`beitv2.interop.preprocessing`). transformers' image pipeline converts every image to RGB, so a 1-channel model is
+exported with a 3-channel patch embedding reading the luma of the RGB input. Before anything is written, the
+transformers model's own forward is compared with ours on a fixed batch; an export that does not reproduce it is
+refused.
 """
 
 from __future__ import annotations
@@ -32,14 +38,15 @@ import torch
 import torch.nn as nn
 
 from ..models.backbone import ViTConfig
-from .timm_export import backbone_of, move_into
+from .preprocessing import PIL_RESAMPLE, Preprocessing, luma_patch_weight, preprocessing_of
+from .timm_export import backbone_of, check_export, move_into
 
 REL_POS_CHOICES = ("keep", "per_layer")
 
 
-def hf_config(cfg: ViTConfig, rel_pos: str = "keep", **extra: Any) -> Any:
+def hf_config(cfg: ViTConfig, rel_pos: str = "keep", *, rgb_input: bool = False, **extra: Any) -> Any:
     """A `transformers.BeitConfig` describing ``cfg`` exactly (LayerNorm eps 1e-6, GELU, no dropout); ``extra``
-    adds fields (the segmentation heads')."""
+    adds fields (the segmentation heads'); ``rgb_input``: a 1-channel model taking RGB (`to_hf_state_dict`)."""
     from transformers import BeitConfig
 
     if rel_pos not in REL_POS_CHOICES:
@@ -50,7 +57,8 @@ def hf_config(cfg: ViTConfig, rel_pos: str = "keep", **extra: Any) -> Any:
                          f"is {h}x{w}")
     per_layer = cfg.use_rel_pos_bias or (cfg.use_shared_rel_pos_bias and rel_pos == "per_layer")
     kw: dict[str, Any] = dict(
-        image_size=h, patch_size=cfg.patch_size, num_channels=cfg.in_chans, hidden_size=cfg.embed_dim,
+        image_size=h, patch_size=cfg.patch_size, num_channels=3 if rgb_input else cfg.in_chans,
+        hidden_size=cfg.embed_dim,
         num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
         intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio), hidden_act="gelu", hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0, drop_path_rate=cfg.drop_path_rate, layer_norm_eps=1e-6,
@@ -63,11 +71,17 @@ def hf_config(cfg: ViTConfig, rel_pos: str = "keep", **extra: Any) -> Any:
     return BeitConfig(**kw, **extra)
 
 
-def to_hf_state_dict(model: nn.Module, rel_pos: str = "keep") -> tuple[dict[str, torch.Tensor], Any]:
+def to_hf_state_dict(model: nn.Module, rel_pos: str = "keep", rgb_input: bool = False
+                     ) -> tuple[dict[str, torch.Tensor], Any]:
     """(state dict with transformers' names, BeitConfig). With a head the names are those of
-    `BeitForImageClassification`, otherwise of `BeitModel`."""
+    `BeitForImageClassification`, otherwise of `BeitModel`. ``rgb_input`` (1-channel models only): the patch
+    embedding reads the luma of a 3-channel input (`preprocessing.luma_patch_weight`)."""
     cfg, state = backbone_of(model)
-    config = hf_config(cfg, rel_pos)
+    if rgb_input:
+        if cfg.in_chans != 1:
+            raise ValueError(f"rgb_input applies to 1-channel models; this one has {cfg.in_chans} channels")
+        state["patch_embed.proj.weight"] = luma_patch_weight(state["patch_embed.proj.weight"])
+    config = hf_config(cfg, rel_pos, rgb_input=rgb_input)
     d = cfg.embed_dim
     p = "beit." if cfg.num_classes > 0 else ""
     out: dict[str, torch.Tensor] = {}
@@ -114,11 +128,11 @@ def to_hf_state_dict(model: nn.Module, rel_pos: str = "keep") -> tuple[dict[str,
     return out, config
 
 
-def build_hf_model(model: nn.Module, rel_pos: str = "keep") -> nn.Module:
+def build_hf_model(model: nn.Module, rel_pos: str = "keep", rgb_input: bool = False) -> nn.Module:
     """The transformers model holding ``model``'s weights, loaded strictly (any key drift raises here)."""
     from transformers import BeitForImageClassification, BeitModel
 
-    state, config = to_hf_state_dict(model, rel_pos)
+    state, config = to_hf_state_dict(model, rel_pos, rgb_input)
     hf_cls = BeitForImageClassification if "classifier.weight" in state else BeitModel
     hf = hf_cls(config)
     missing, unexpected = hf.load_state_dict(state, strict=False)
@@ -129,49 +143,71 @@ def build_hf_model(model: nn.Module, rel_pos: str = "keep") -> nn.Module:
 
 
 def image_processor(model: nn.Module, normalize: str = "imagenet") -> Any:
-    """A `BeitImageProcessor` giving the model's input: bicubic resize to its size, [0, 1], then ``normalize``
-    (a VQ-KD encoder always sees 2x - 1)."""
+    """A `BeitImageProcessor` resizing to the model's size (no crop), [0, 1], then ``normalize`` (a VQ-KD encoder
+    always sees its own statistics); the segmentation export's processor."""
     from transformers import BeitImageProcessor
 
-    from ..data.transforms import resolve_norm
-    from ..models.vqkd import VQKD
-
-    cfg, _ = backbone_of(model)
-    h, w = cfg.img_hw
-    if isinstance(model, VQKD) and model.cfg.input_norm == "default":
-        norm: Any = ((0.5,) * cfg.in_chans, (0.5,) * cfg.in_chans)
-    else:
-        norm = resolve_norm(normalize, cfg.in_chans)
+    pre = preprocessing_of(model, normalize)
+    h, w = pre.img_hw
+    stats = pre.export_mean_std()  # every image converted to RGB: a 1-channel model's export reads its luma
     return BeitImageProcessor(do_resize=True, size={"height": h, "width": w}, resample=3, do_center_crop=False,
-                              do_rescale=True, rescale_factor=1 / 255, do_normalize=norm is not None,
-                              image_mean=list(norm[0]) if norm else None, image_std=list(norm[1]) if norm else None,
-                              do_reduce_labels=False)
+                              do_rescale=True, rescale_factor=1 / 255, do_normalize=stats is not None,
+                              image_mean=stats[0] if stats else None, image_std=stats[1] if stats else None,
+                              do_reduce_labels=False, do_convert_rgb=True)
+
+
+def classification_image_processor(pre: Preprocessing) -> Any:
+    """A `BeitImageProcessor` doing ``pre``: shorter side to ``pre.resize_size`` (or no resize), centre crop to the
+    model's size, [0, 1], normalise; every image converted to RGB (a 1-channel model's export reads its luma)."""
+    from transformers import BeitImageProcessor
+
+    h, w = pre.img_hw
+    stats = pre.export_mean_std()
+    return BeitImageProcessor(do_resize=pre.resize, size={"shortest_edge": pre.resize_size},
+                              resample=PIL_RESAMPLE[pre.interpolation], do_center_crop=True,
+                              crop_size={"height": h, "width": w}, do_rescale=True, rescale_factor=1 / 255,
+                              do_normalize=stats is not None, image_mean=stats[0] if stats else None,
+                              image_std=stats[1] if stats else None, do_reduce_labels=False, do_convert_rgb=True)
+
+
+def _hf_output(hf: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    res = hf(pixel_values=x)
+    return res.logits if hasattr(res, "logits") else res.pooler_output
 
 
 def export_hf(model: nn.Module, out_dir: str | Path, rel_pos: str = "keep", class_names: list[str] | None = None,
-              normalize: str = "imagenet") -> Path:
+              normalize: str | None = None, preprocessing: Preprocessing | None = None) -> Path:
     """Write a transformers model folder: `config.json` (with ``id2label`` from ``class_names`` when known) +
-    `model.safetensors` via `save_pretrained`, `preprocessor_config.json` (so `AutoImageProcessor` and
-    ``pipeline("image-classification", model=out_dir)`` work) and a README.md model card: a folder
+    `model.safetensors` via `save_pretrained`, `preprocessor_config.json` with ``preprocessing`` (default:
+    `preprocessing_of(model, normalize)`; so `AutoImageProcessor` and ``pipeline("image-classification",
+    model=out_dir)`` feed the model what it was trained on) and a README.md model card: a folder
     `huggingface_hub.upload_folder` publishes as is."""
     from .hub import model_card
 
+    pre = preprocessing or preprocessing_of(model, normalize)
+    rgb = pre.in_chans == 1
     out = Path(out_dir)
-    hf = build_hf_model(model, rel_pos)
+    hf = build_hf_model(model, rel_pos, rgb)
+    check_export(model, hf, "the transformers export", rgb, _hf_output)
     n = getattr(hf.config, "num_labels", 0) if "classifier" in dict(hf.named_children()) else 0
     if class_names and n:
         if len(class_names) != n:
             raise ValueError(f"{len(class_names)} class names for a {n}-class head")
         hf.config.id2label = {i: str(c) for i, c in enumerate(class_names)}
         hf.config.label2id = {str(c): i for i, c in enumerate(class_names)}
+    hf.config.beitv2_trained_in_chans = pre.in_chans
+    hf.config.beitv2_normalize = pre.normalize
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         hf.save_pretrained(str(tmp))
-        image_processor(model, normalize).save_pretrained(str(tmp))
+        classification_image_processor(pre).save_pretrained(str(tmp))
+        gray = ("The model was trained on 1-channel (grayscale) images. This export takes RGB input: its patch "
+                "embedding computes the luma (ITU-R 601-2, as PIL's `convert('L')`), so gray and colour images both "
+                "work.\n\n") if rgb else ""
         usage = ("## Usage\n\n```python\nfrom transformers import pipeline\n\n"
                  f"classify = pipeline(\"{'image-classification' if n else 'image-feature-extraction'}\", "
-                 "model=\"ORG/NAME\")\n```\n\n")
+                 "model=\"ORG/NAME\")\n```\n\n" + gray)
         (tmp / "README.md").write_text(model_card(type(hf).__name__, hf.config.to_diff_dict(), "transformers", usage))
         return move_into(tmp, out)
     finally:

@@ -35,12 +35,27 @@ from .relpos import rel_pos_bias, resize_pos_embed, resize_rel_pos_table
 CPU_MATH_ATTENTION_MAX_TOKENS = 128
 
 
+def forces_math_attention(x: torch.Tensor) -> bool:
+    """Whether a block input ``x`` [B, N, D] gets SDPA's math kernel (CPU training on a short sequence)."""
+    return (x.device.type == "cpu" and x.shape[1] < CPU_MATH_ATTENTION_MAX_TOKENS and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
+
+
 def attention_kernel(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """The SDPA kernel choice for a block input ``x`` [B, N, D]."""
-    if (x.device.type == "cpu" and x.shape[1] < CPU_MATH_ATTENTION_MAX_TOKENS and torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()):
-        return sdpa_kernel(SDPBackend.MATH)
-    return contextlib.nullcontext()
+    return _kernel_context(forces_math_attention(x))
+
+
+def _kernel_context(math: bool) -> contextlib.AbstractContextManager:
+    return sdpa_kernel(SDPBackend.MATH) if math else contextlib.nullcontext()
+
+
+def _in_kernel_context(math: bool, fn, *args):
+    """``fn(*args)`` under the kernel choice ``math``. Checkpointing recomputes the block in backward outside the
+    forward's context managers, so the choice travels as an argument and is entered inside the checkpointed call:
+    the recomputation then runs the same kernel, with the same saved-tensor metadata, as the forward."""
+    with _kernel_context(math):
+        return fn(*args)
 
 
 def unfuse_short_cpu_attention(net: nn.Module, compiled: bool = False) -> int:
@@ -304,12 +319,12 @@ class BEiTViT(nn.Module):
     def run_block(self, blk: nn.Module, x: torch.Tensor, rel_pos_bias: torch.Tensor | None,
                   rows: torch.Tensor | None = None) -> torch.Tensor:
         """One block; with ``rows`` [B, Q] only those token positions' outputs (`block_at_rows`)."""
-        with attention_kernel(x):
-            fn, args = (blk, (x, rel_pos_bias)) if rows is None else \
-                (partial(block_at_rows, blk), (x, rel_pos_bias, rows))
-            if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
-                return checkpoint(fn, *args, use_reentrant=False)
-            return fn(*args)
+        fn, args = (blk, (x, rel_pos_bias)) if rows is None else \
+            (partial(block_at_rows, blk), (x, rel_pos_bias, rows))
+        math = forces_math_attention(x)
+        if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(_in_kernel_context, math, fn, *args, use_reentrant=False)
+        return _in_kernel_context(math, fn, *args)
 
     def forward_features(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None,
                          mask_token: torch.Tensor | None = None, return_layers: Sequence[int] = (),

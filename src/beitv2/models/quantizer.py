@@ -11,8 +11,16 @@ Deliberate departures, each fixing a documented problem of the official code:
 * Distances, k-means and EMA statistics run in fp32 even under autocast (the official code used fp16 there).
 * Usage statistics are explicit: an EMA of counts (`cluster_size`, as in the official code), raw counts since the last
   `reset_usage()`, and `usage_stats()` giving codes used, dead codes and perplexity.
-* An optional dead-code restart (`restart_threshold > 0`) re-seeds codes whose EMA count falls below the threshold from
-  current batch vectors, identically on every rank. Off by default, as in the paper.
+* Optional remedies for unused codes, all off by default (the paper's recipe):
+  - a dead-code restart re-seeds codes whose EMA count per step falls below a threshold with encoder outputs of the
+    current batch, drawn from all ranks' vectors by a seeded generator and broadcast, so every rank keeps the same
+    codebook. `restart_threshold` compares the official EMA count (`cluster_size`, decay `decay`) with an absolute
+    number. `restart_below` compares a faster EMA of the counts (decay `restart_decay`) with a fraction of the mean
+    count per code, vectors per step / num_codes, which means the same at any codebook or batch size; the faster
+    EMA matters because with decay 0.99 a code k-means gave a dozen vectors needs hundreds of steps to look dead;
+  - a diversity term (`entropy_weight`): the mean entropy of each vector's soft assignment minus the entropy of the
+    batch's mean assignment, softmax(cosine / `entropy_temperature`) over the codes, which pushes the encoder to
+    spread its outputs over the codebook. Its gradient reaches the encoder only (the codebook is learned by EMA).
 """
 
 from __future__ import annotations
@@ -37,6 +45,13 @@ class QuantizerConfig:
     kmeans_init: bool = opt(True, "initialise the codebook by cosine k-means on the first training batch")
     kmeans_iters: int = opt(10, "k-means iterations")
     restart_threshold: float = opt(0.0, "re-seed codes whose EMA usage count falls below this (0 = off, the paper)")
+    restart_below: float = opt(0.0, "re-seed codes whose recent usage count (EMA with restart_decay) falls below "
+                                    "this fraction of the mean count per code (vectors per step / num_codes), "
+                                    "e.g. 0.05 (0 = off, the paper)")
+    restart_decay: float = opt(0.9, "EMA decay of the recent usage counts restart_below reads")
+    entropy_weight: float = opt(0.0, "weight of the codebook diversity loss (per-vector assignment entropy minus the "
+                                     "entropy of the batch's mean assignment; 0 = off, the paper)")
+    entropy_temperature: float = opt(0.01, "softmax temperature of the diversity loss's soft assignments (cosines)")
 
     def validate(self, prefix: str = "") -> None:
         check(self.num_codes >= 2, prefix + "num_codes", f"must be >= 2, got {self.num_codes}")
@@ -45,6 +60,11 @@ class QuantizerConfig:
         check(self.beta >= 0, prefix + "beta", "must be >= 0")
         check(self.kmeans_iters >= 0, prefix + "kmeans_iters", "must be >= 0")
         check(self.restart_threshold >= 0, prefix + "restart_threshold", "must be >= 0")
+        check(self.restart_below >= 0, prefix + "restart_below", f"must be >= 0, got {self.restart_below}")
+        check(0.0 <= self.restart_decay < 1.0, prefix + "restart_decay", f"must be in [0, 1), got {self.restart_decay}")
+        check(self.entropy_weight >= 0, prefix + "entropy_weight", f"must be >= 0, got {self.entropy_weight}")
+        check(self.entropy_temperature > 0, prefix + "entropy_temperature",
+              f"must be > 0, got {self.entropy_temperature}")
 
 
 @contextlib.contextmanager
@@ -117,6 +137,10 @@ class NormEMAQuantizer(nn.Module):
         self.embedding = CodebookEmbedding(cfg.num_codes, cfg.code_dim, initted=not cfg.kmeans_init)
         self.register_buffer("cluster_size", torch.zeros(cfg.num_codes))  # EMA usage counts (official name)
         self.register_buffer("usage_counts", torch.zeros(cfg.num_codes, dtype=torch.float64), persistent=False)
+        # restart_below's fast EMA of the counts; not saved (official key set), so every process starts it at the mean
+        # count per code on its first training step, which leaves each code a few steps before it can look dead
+        self.register_buffer("recent_counts", torch.zeros(cfg.num_codes), persistent=False)
+        self._recent_started = False
         self.kmeans_seed = 0
         self.num_restarted = 0
         # host copy of embedding.initted: the training forward branches on it without reading the device (a sync,
@@ -151,7 +175,8 @@ class NormEMAQuantizer(nn.Module):
         entropy = -(p[p > 0] * p[p > 0].log()).sum()
         used = int((counts > 0).sum())
         return {"codes_used": used, "dead_codes": self.num_codes - used, "usage": used / self.num_codes,
-                "perplexity": float(entropy.exp()), "ema_dead_codes": int((self.cluster_size < 1e-3).sum())}
+                "perplexity": float(entropy.exp()), "ema_dead_codes": int((self.cluster_size < 1e-3).sum()),
+                "restarted": self.num_restarted}
 
     # -------------------------------------------------------------------------------------------------- core
     @torch.no_grad()
@@ -191,22 +216,50 @@ class NormEMAQuantizer(nn.Module):
                              self.embedding.weight)
         self.embedding.weight.data.copy_(F.normalize(d * self.embedding.weight + (1 - d) * target, dim=-1))
         if self.cfg.restart_threshold > 0:
-            self._restart_dead(z)
+            self._restart(z, self.cluster_size < self.cfg.restart_threshold, self.cluster_size,
+                          self.cfg.restart_threshold)
+        if self.cfg.restart_below > 0:
+            mean = bins.sum() / self.num_codes  # the mean count per code this step, all ranks' vectors
+            if not self._recent_started:
+                self.recent_counts.copy_(mean.expand(self.num_codes))
+                self._recent_started = True
+            self.recent_counts.mul_(self.cfg.restart_decay).add_(bins, alpha=1 - self.cfg.restart_decay)
+            self._restart(z, self.recent_counts < self.cfg.restart_below * mean, self.recent_counts, mean)
 
     @torch.no_grad()
-    def _restart_dead(self, z: torch.Tensor) -> None:
-        dead = self.cluster_size < self.cfg.restart_threshold
+    def _restart(self, z: torch.Tensor, dead: torch.Tensor, counts: torch.Tensor, start: torch.Tensor | float
+                 ) -> None:
+        """Re-seed the ``dead`` codes with distinct vectors of all ranks' batch (drawn with replacement only when
+        there are fewer vectors than dead codes) and set their ``counts`` to ``start``, so they are not restarted
+        again at once. The decision reads all-reduced counts and the draw a generator seeded from the restart count,
+        so every rank takes the same branch and picks the same rows; the broadcast keeps the codebooks bit-identical
+        even so."""
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
         samples = all_gather_cat(z)
+        n = samples.shape[0]
         gen = torch.Generator().manual_seed(self.kmeans_seed + 1 + self.num_restarted)
-        pick = torch.randint(0, samples.shape[0], (n_dead,), generator=gen).to(samples.device)
-        new = broadcast(samples[pick].contiguous())
+        if n >= n_dead:
+            pick = torch.randperm(n, generator=gen)[:n_dead]
+        else:
+            pick = torch.randint(0, n, (n_dead,), generator=gen)
+        new = broadcast(samples[pick.to(samples.device)].contiguous())
         self.embedding.weight.data[dead] = new
-        # A re-seeded code starts at the threshold so it is not restarted again on the next step.
-        self.cluster_size[dead] = self.cfg.restart_threshold
+        counts[dead] = torch.as_tensor(start, dtype=counts.dtype, device=counts.device)
         self.num_restarted += n_dead
+
+    def diversity_loss(self, z: torch.Tensor) -> torch.Tensor:
+        """Mean entropy of each unit vector's soft assignment minus the entropy of the mean assignment (z [M, D],
+        with gradient). Low when every vector picks one code confidently and the batch spreads over many codes; the
+        mean is over this rank's vectors."""
+        logits = z @ self.embedding.weight.detach().t() / self.cfg.entropy_temperature
+        logp = F.log_softmax(logits, dim=-1)
+        p = logp.exp()
+        per_vector = -(p * logp).sum(-1).mean()
+        mean_p = p.mean(0)
+        batch = -torch.special.xlogy(mean_p, mean_p).sum()
+        return per_vector - batch
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """z [B, N, D] (any scale) -> (straight-through z_q [B, N, D], commitment loss, code indices [B, N])."""
@@ -218,9 +271,11 @@ class NormEMAQuantizer(nn.Module):
                 self._kmeans_init(flat.detach())
             idx = self.nearest(flat.detach())
             z_q = self.embedding.weight[idx].view(shape)
+            loss = self.cfg.beta * F.mse_loss(z_q.detach(), z)
+            if self.training and self.cfg.entropy_weight > 0:  # against the codebook the vectors were assigned by
+                loss = loss + self.cfg.entropy_weight * self.diversity_loss(flat)
             if self.training:
                 self._ema_update(flat.detach(), idx)
-            loss = self.cfg.beta * F.mse_loss(z_q.detach(), z)
             z_q = z + (z_q - z).detach()
         return z_q, loss, idx.view(shape[:-1])
 

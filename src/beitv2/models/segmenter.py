@@ -4,9 +4,12 @@ The model follows the official BEiT / BEiT v2 segmentation backbone and mmseg he
 `BeitForSemanticSegmentation` so that export to transformers is a renaming (`beitv2.interop.hf_segmentation`):
 
 * ``backbone``: a `BEiTViT` (official names: ``backbone.blocks.i.*``) with a relative position table per block at the
-  segmentation grid and no final norm. The outputs of blocks ``out_indices`` (**1-based**: official 4, 6, 8, 12 for
-  base, 8, 12, 16, 24 for large; the official 0-based lists are 3, 5, 7, 11 / 7, 11, 15, 23) lose the CLS token
-  and become [B, D, H/p, W/p] maps.
+  segmentation grid and no final norm. ``out_indices`` names the four tapped token sequences by **block number**:
+  k >= 1 is the output of the k-th block (1-based), 0 the patch embedding that enters block 1. Official: 4, 6, 8, 12
+  for base, 8, 12, 16, 24 for large (the official code writes them 0-based, 3, 5, 7, 11 / 7, 11, 15, 23).
+  transformers' `BeitForSemanticSegmentation` reads ``hidden_states[i - 1]`` for its out_index i, so its i is our
+  block number + 1 (`beitv2.interop.hf_segmentation`). The taps lose the CLS token and become [B, D, H/p, W/p]
+  maps; blocks after the deepest tap are kept (their weights travel with the model) but not run.
 * ``fpn1`` .. ``fpn4``, the simple feature pyramid (strides p/4, p/2, p, 2p: 4, 8, 16, 32 for patch 16):
   ``fpn1`` = ConvT(2, 2) -> BatchNorm -> GELU -> ConvT(2, 2), ``fpn2`` = ConvT(2, 2), ``fpn3`` = identity,
   ``fpn4`` = MaxPool(2). The official code keeps them inside the backbone module; here they sit beside it (the
@@ -54,8 +57,10 @@ class SegmenterConfig:
                                                                   use_mean_pooling=True),
                                 metadata={"help": "the ViT backbone (per-block relative position tables)"})
     num_classes: int = opt(150, "output classes (ADE20K: 150)")
-    out_indices: tuple[int, ...] = opt((), "1-based blocks feeding the four pyramid levels (empty = official: "
-                                           "4 6 8 12 for depth 12, 8 12 16 24 for depth 24)")
+    out_indices: tuple[int, ...] = opt((), "block numbers feeding the four pyramid levels: k = the k-th block's "
+                                           "output (1-based, the official convention), 0 = the patch embedding; "
+                                           "transformers' out_indices are these + 1 (empty = official: 4 6 8 12 "
+                                           "for depth 12, 8 12 16 24 for depth 24)")
     channels: int = opt(0, "UperNet width (0 = embed_dim, the official choice and the only one transformers' "
                            "BeitForSemanticSegmentation can hold)")
     pool_scales: tuple[int, ...] = opt((1, 2, 3, 6), "pyramid pooling scales of the UperNet head")
@@ -81,12 +86,10 @@ class SegmenterConfig:
         self.backbone.validate(prefix + "backbone.")
         check(self.num_classes >= 2, prefix + "num_classes", f"must be >= 2, got {self.num_classes}")
         idx = self.indices
-        check(len(idx) == 4, prefix + "out_indices", f"four 1-based block numbers, got {list(idx)}")
-        check(all(1 <= i <= self.backbone.depth for i in idx) and list(idx) == sorted(idx), prefix + "out_indices",
-              f"non-decreasing values in 1..{self.backbone.depth} (1-based), got {list(idx)}")
-        check(idx[-1] == self.backbone.depth, prefix + "out_indices",
-              f"the last level must be the last block ({self.backbone.depth}; deeper blocks would go unused), "
-              f"got {list(idx)}")
+        check(len(idx) == 4, prefix + "out_indices", f"four block numbers, got {list(idx)}")
+        check(all(0 <= i <= self.backbone.depth for i in idx) and list(idx) == sorted(idx), prefix + "out_indices",
+              f"non-decreasing block numbers in 0..{self.backbone.depth} (k = output of block k, 0 = patch "
+              f"embedding), got {list(idx)}")
         check(self.channels >= 0, prefix + "channels", "must be >= 0 (0 = embed_dim)")
         check(len(self.pool_scales) >= 1 and all(s >= 1 for s in self.pool_scales), prefix + "pool_scales",
               "positive values")
@@ -169,6 +172,11 @@ class Segmenter(nn.Module):
     def depth(self) -> int:
         return self.cfg.backbone.depth
 
+    @property
+    def last_tap(self) -> int:
+        """The deepest tapped block; the blocks after it do not change the logits and are not run."""
+        return max(self.out_indices)
+
     def no_weight_decay(self) -> set[str]:
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
@@ -179,11 +187,12 @@ class Segmenter(nn.Module):
         bb = self.backbone
         t = bb.embed(x)
         bias = bb.rel_pos_bias_for_blocks()
-        maps: list[torch.Tensor] = []
-        for i, blk in enumerate(bb.blocks, start=1):
+        taps = {0: t} if 0 in self.out_indices else {}
+        for i, blk in enumerate(bb.blocks[:self.last_tap], start=1):
             t = bb.run_block(blk, t, bias)
-            for _ in range(self.out_indices.count(i)):
-                maps.append(t[:, 1:].transpose(1, 2).reshape(b, -1, gh, gw))
+            if i in self.out_indices:
+                taps[i] = t
+        maps = [taps[i][:, 1:].transpose(1, 2).reshape(b, -1, gh, gw) for i in self.out_indices]
         return [self.fpn1(maps[0]), self.fpn2(maps[1]), self.fpn3(maps[2]), self.fpn4(maps[3])]
 
     def forward(self, x: torch.Tensor, return_aux: bool = False

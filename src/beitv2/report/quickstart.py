@@ -53,7 +53,7 @@ def build_report(out: Path, plan, root: str, args, results: dict[str, dict[str, 
     notes = []
     if stand_in:
         notes.append(f"The teacher is a **stand-in**: {teacher_desc}. With a real CLIP/DINO teacher pass "
-                     "`--teacher-kind hf --teacher openai/clip-vit-base-patch16` (or a local directory).")
+                     "`--teacher.kind hf --teacher.name_or_path openai/clip-vit-base-patch16` (or a local directory).")
     else:
         notes.append(f"Teacher: {teacher_desc}.")
     if args.fast:
@@ -208,7 +208,9 @@ def _settings(plan, args, root: str, teacher_spec: dict, stand_in: bool) -> dict
                        "k-NN": f"k in {list(plan.knn_k)}, T=0.07, cosine",
                        "features": f"{plan.probe_feature}: {_FEATURE_WORDS.get(plan.probe_feature, '')} after the "
                                    "final norm, last block"},
-        "configs": "every stage's YAML is in configs/ (rerun one with `beitv2 <command> --config configs/X.yaml`)",
+        "configs": "each command stage's YAML is in configs/, named <command>[.<backbone>].yaml (rerun one with "
+                   "`beitv2 <command> --config configs/<command>[.<backbone>].yaml`); the stand-in teacher's training, "
+                   "which no command runs, is recorded in teacher/config.yaml",
     }
 
 
