@@ -8,15 +8,15 @@ FLOPs come from `torch.utils.flop_counter.FlopCounterMode` over one full step (f
 included); MFU = step FLOPs x steps/s / the matmul peak measured in the same run and precision (a large square
 matmul). Memory: CUDA max allocated, or the process's peak RSS on CPU (monotonic over the run).
 
-Two step paths: ``default`` is what `beitv2 pretrain` / `beitv2 train-tokenizer` run (torch.compile of the model
-and the frozen helpers where `beitv2.engine.trainer.resolve_compile` enables it, fused AdamW, the masked tokens
-gathered by index); ``eager`` is the baseline kept for comparison (no compile, the unfused for-loop AdamW, boolean
-indexing of the masked tokens, every block whole); ``untrimmed`` is the default pre-training step with
-`BEiTv2ForMIM.trim_unused_rows` off (the last backbone and aggregation blocks compute every token, not only the ones
-the loss reads), to measure that one change. ``--compare`` times eager and default (and any other ``--path``) side by
-side, interleaved, and prints the speed-ups; the compile warm-up (first steps) is reported separately and not
-counted in the timed steps. The FLOPs of every path are the eager step's (the whole model), so MFU is model FLOPs
-utilisation: work a path skips raises it.
+Step paths: ``default`` is what `beitv2 pretrain` / `beitv2 train-tokenizer` run (torch.compile of the model and
+the frozen helpers where `beitv2.engine.trainer.resolve_compile` enables it, fused AdamW, the masked tokens gathered
+by index, the last backbone and aggregation blocks computing only the rows the loss reads); ``eager`` is the baseline
+kept for comparison (no compile, the unfused for-loop AdamW, and the pre-training model run by `WholeBlocksMIM`
+below: every block whole, the masked tokens picked by boolean indexing); ``untrimmed`` is the default pre-training
+step with `WholeBlocksMIM` picking the masked tokens by index, to measure the row-limited last blocks alone.
+``--compare`` times eager and default (and any other ``--path``) side by side, interleaved, and prints the speed-ups;
+the compile warm-up (first steps) is reported separately and not counted in the timed steps. The FLOPs of every path
+are the eager step's (the whole model), so MFU is model FLOPs utilisation: work a path skips raises it.
 
     python benchmarks/bench_train_step.py --preset tiny            # CPU or GPU, fp32 and bf16
     python benchmarks/bench_train_step.py --preset tiny small base --precision bf16 --compare
@@ -44,7 +44,7 @@ from beitv2.engine.trainer import COMPILE_AUTO_MIN_STEPS, compile_task, resolve_
 from beitv2.masking import build_mask_generator
 from beitv2.mim_targets import TokenTarget
 from beitv2.models.backbone import unfuse_short_cpu_attention
-from beitv2.models.mim import BEiTv2ForMIM
+from beitv2.models.mim import BEiTv2ForMIM, MaskedPatches
 from beitv2.models.presets import get_preset
 from beitv2.models.vqkd import VQKD
 from beitv2.tasks import MIMTask, TokenizerTask
@@ -87,6 +87,36 @@ def batch_for(parts: dict, bs: int, device: torch.device) -> dict:
             "mask_index": torch.stack([m.nonzero().flatten() for m in masks]).to(device)}  # as MIMDataset ships it
 
 
+class WholeBlocksMIM(torch.nn.Module):
+    """``model``'s pre-training forward with every block whole, the masked tokens picked after the blocks: by boolean
+    indexing for a boolean mask (the form of the official code), by an index gather for an index. The same logits as
+    `BEiTv2ForMIM.forward` up to rounding (tests/test_speed.py checks a copy of this reference)."""
+
+    def __init__(self, model: BEiTv2ForMIM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        m, cfg = self.model, self.model.config
+        masked = MaskedPatches(mask, m.num_patches) if mask.dtype != torch.bool else None
+        bool_mask = mask if masked is None else masked.mask
+
+        def pick(tokens: torch.Tensor) -> torch.Tensor:
+            return tokens[:, 1:][bool_mask] if masked is None else masked.take(tokens[:, 1:])
+
+        layers = (cfg.early_layers,) if cfg.patch_aggregation else ()
+        x, saved = m.forward_features(images, bool_mask, m.mask_token, return_layers=layers)
+        outs = [m.lm_head(m.norm(pick(x)))]
+        if cfg.patch_aggregation:
+            h = torch.cat([x[:, :1], saved[cfg.early_layers][:, 1:]], dim=1)
+            bias = m.rel_pos_bias_for_blocks()
+            for blk in m.cls_pt_layers:
+                h = m.run_block(blk, h, bias)
+            norm, head = (m.norm, m.lm_head) if cfg.shared_lm_head else (m.cls_pt_norm, m.cls_pt_lm_head)
+            outs.append(head(norm(pick(h))))
+        return outs
+
+
 def make_inference(task, device: torch.device, precision: str, path: str):
     """The frozen tokenizer's `tokenize` alone (what pre-training and `beitv2 tokenize` run), no gradients."""
     fn = task.target.tokenizer.tokenize
@@ -103,11 +133,11 @@ def make_inference(task, device: torch.device, precision: str, path: str):
 
 def make_step(task, device: torch.device, precision: str, path: str, name: str = "mim"):
     """One optimizer step as the trainer runs it; ``path`` "eager" is the unfused, uncompiled baseline, "untrimmed"
-    the default step with full last blocks."""
+    the default step with whole last blocks (`WholeBlocksMIM`)."""
     if name == "tokenize":
         return make_inference(task, device, precision, path)
     attns = [m for m in task.model.modules() if isinstance(m, Attention)]
-    trims = hasattr(task.model, "trim_unused_rows")
+    whole = isinstance(task.model, BEiTv2ForMIM) and path != "default"
     compiled = path in ("default", "untrimmed") and resolve_compile(USE_COMPILE, device, COMPILE_AUTO_MIN_STEPS)
     if path != "eager" and device.type == "cpu":
         unfuse_short_cpu_attention(task.model, compiled=compiled)  # as the Trainer does on a CPU
@@ -117,20 +147,17 @@ def make_step(task, device: torch.device, precision: str, path: str, name: str =
     opt = build_optimizer(task.model, OptimConfig(lr=1e-4, clip_grad=3.0), fused=False if path == "eager" else None)
     scaler = grad_scaler(device, precision)
     params = [p for g in opt.param_groups for p in g["params"]]
-    if compiled:
-        # untrimmed is the default step with one change, so it compiles as default does (its own graph: Dynamo
-        # guards on trim_unused_rows)
-        net = compile_task(task, task.model, device)
+    net = WholeBlocksMIM(task.model) if whole else task.model
+    if compiled:  # untrimmed is the default step with one change, so it compiles as default does
+        net = compile_task(task, net, device)
         helpers = dict(task._helpers)
     else:
-        net, helpers = task.model, {}
+        helpers = {}
 
     def step(batch: dict) -> torch.Tensor:
         task.wrap(net, helpers)  # the paths share the task: each step sets its own wrapping and attention form
         for m, f in zip(attns, fused):
             m.fused_attn = f
-        if trims:
-            task.model.trim_unused_rows = path != "untrimmed"
         if path == "eager":
             batch = {k: v for k, v in batch.items() if k != "mask_index"}
         with autocast(device, precision):

@@ -114,7 +114,7 @@ def sync_check(size: str) -> dict:
     from bench_train_step import batch_for, build
 
     from beitv2.data import ImageSpec, resolve_norm
-    from beitv2.engine import OptimConfig, TrainConfig, Trainer, init_distributed
+    from beitv2.engine import OptimConfig, TrainConfig, Trainer, TrainingData, init_distributed
 
     preset = "base" if size == "base" else "tiny"
     parts = build(preset, torch.device("cpu"))
@@ -148,7 +148,8 @@ def sync_check(size: str) -> dict:
     task.on_step_start = on_step_start
     cfg = TrainConfig(output_dir="/tmp/beitv2_sync_check", epochs=1, batch_size=bs, log_every_steps=1000,
                       progress=False, tensorboard=False, compile=False, resume="none")
-    tr = Trainer(task, Synthetic(), cfg, OptimConfig(lr=1e-4, warmup_epochs=0), dist=init_distributed("cuda"))
+    tr = Trainer(task, TrainingData(Synthetic(), Synthetic.batch_spec), cfg, OptimConfig(lr=1e-4, warmup_epochs=0),
+                 dist=init_distributed("cuda"))
     real_check = tr._check
 
     def check(*a):

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 import yaml
 
 from beitv2.checkpoint import load_model
-from beitv2.commands.quickstart import PLANS
 from beitv2.data.fmnist import fashion_mnist_tensors
 from beitv2.data.transforms import resolve_norm
+from beitv2.demo import PLANS
 from beitv2.engine.precision import autocast, resolve_precision
 from beitv2.eval.backbones import ModelSource, load_backbone
 from beitv2.eval.knn import knn_scores

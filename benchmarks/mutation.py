@@ -35,7 +35,7 @@ PKG = ROOT / "src" / "beitv2"
 
 # module (relative to src/beitv2) -> the fast test files that exercise it
 TARGETS: dict[str, list[str]] = {
-    # backbone: drop path, layer scale, checkpointing (test_backbone.py); block_at_rows (test_speed.py)
+    # backbone: drop path, layer scale, checkpointing (test_backbone.py); blocks limited to rows (test_speed.py)
     "models/backbone.py": ["tests/test_backbone.py", "tests/test_references.py", "tests/test_speed.py"],
     "models/mim.py": ["tests/test_models.py", "tests/test_references.py", "tests/test_task_references.py"],
     "models/vqkd.py": ["tests/test_models.py", "tests/test_references.py", "tests/test_task_references.py"],

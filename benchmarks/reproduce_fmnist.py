@@ -202,7 +202,7 @@ class Plan:
 
     def quickstart_plan(self):
         """The quickstart plan whose CNN teacher recipe this budget uses (its sizes replaced by the budget's)."""
-        from beitv2.commands.quickstart import FULL
+        from beitv2.demo import FULL
 
         b = self.b
         return replace(FULL, teacher_labels=max(CLASSES, round(b.train * b.teacher_fraction)),
@@ -214,7 +214,7 @@ class Plan:
         run's seed, as `beitv2 quickstart --seed` does); returns its wall time."""
         import torch
 
-        from beitv2.commands.quickstart import resolve_data_path, train_cnn_teacher
+        from beitv2.demo import resolve_data_path, train_cnn_teacher
 
         t = time.perf_counter()
         torch.manual_seed(self.seed)
@@ -226,7 +226,7 @@ class Plan:
     @property
     def teacher_dim(self) -> int:
         """The CNN teacher's feature width (its last stage's channels)."""
-        from beitv2.commands.quickstart import CNN_CHANNELS
+        from beitv2.demo import CNN_CHANNELS
 
         return CNN_CHANNELS[-1]
 
@@ -364,7 +364,7 @@ def codebook_usage(tokenizer: Path, plan: Plan) -> dict[str, float]:
 
 def evaluate_pixels(plan: Plan, row_dir: Path) -> tuple[dict[str, Any], float]:
     """The raw-pixels row: the rows' linear probe and k-NN on the 784 normalised pixels (nothing to fine-tune)."""
-    from beitv2.commands.quickstart import raw_pixel_scores, resolve_data_path
+    from beitv2.demo import raw_pixel_scores, resolve_data_path
 
     t = time.perf_counter()
     cfg = plan.linprobe_config("-", row_dir / "linprobe")
@@ -379,7 +379,7 @@ def evaluate_cnn_teacher(plan: Plan, ckpt: Path, row_dir: Path) -> tuple[dict[st
     """The teacher row: the rows' linear probe and k-NN on the CNN's last feature map, read as the ViTs are (the map's
     mean in place of a CLS token, then its 3x3 pooling for the grid reading; a CNN has no ViT blocks to fine-tune with
     layer decay, so no fine-tune column)."""
-    from beitv2.commands.quickstart import cnn_pooled_encoder, raw_pixel_scores, resolve_data_path
+    from beitv2.demo import cnn_pooled_encoder, raw_pixel_scores, resolve_data_path
 
     t = time.perf_counter()
     encode = cnn_pooled_encoder(ckpt, 1000, plan.b.probe_feature)

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from beitv2.checkpoint import load_model
-from beitv2.commands.quickstart import PLANS, linprobe_config, raw_pixel_scores, row_scores
 from beitv2.data import FASHION_MNIST_ROOT
+from beitv2.demo import PLANS, linprobe_config, raw_pixel_scores, row_scores
 from beitv2.models.vqkd import VQKD
 
 Reading = Callable[[VQKD, torch.Tensor], torch.Tensor]  # (tokenizer, codes [B, N]) -> features [B, F]

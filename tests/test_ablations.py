@@ -280,7 +280,7 @@ def test_reproduce_script_only_seed_runs_one_seed_and_is_checked(tmp_path, capsy
 
 def test_reproduce_full_budget_pretrains_with_the_quickstart_recipe(tmp_path):
     """The ablation's `full` budget claims the quickstart's MIM recipe: the two must not drift apart."""
-    from beitv2.commands.quickstart import FULL
+    from beitv2.demo import FULL
 
     mod = load_benchmark("reproduce_fmnist")
     b = mod.BUDGETS["full"]

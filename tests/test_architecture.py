@@ -175,7 +175,7 @@ def test_trainer_hooks_build_the_optimizer_and_run_after_each_step(tmp_path):
 # --------------------------------------------------------------------------------------------------- layers
 
 LAYER = {"config": 0, "utils": 0, "models": 1, "data": 1, "masking": 1, "checkpoint": 2, "interop": 2, "engine": 3,
-         "tasks": 4, "mim_targets": 4, "teachers": 4, "eval": 5, "report": 6, "commands": 7, "cli": 7,
+         "tasks": 4, "mim_targets": 4, "teachers": 4, "eval": 5, "report": 6, "commands": 7, "demo": 7, "cli": 7,
          "__init__": 7, "__main__": 7}
 SIBLINGS = {"models", "data", "masking"}  # layer 1: independent of each other
 
@@ -204,6 +204,104 @@ def test_no_module_imports_from_a_layer_above_it():
     assert not bad, bad
 
 
+def _module_file(parts: list[str]) -> Path | None:
+    p = SRC.joinpath(*parts)
+    if p.with_suffix(".py").is_file():
+        return p.with_suffix(".py")
+    return p / "__init__.py" if (p / "__init__.py").is_file() else None
+
+
+def _module_imports(path: Path) -> set[Path]:
+    """The files of ``beitv2`` that importing ``path`` (or calling its functions: lazy imports count) executes
+    directly: each imported module and, for a module of another package, that package's ``__init__``."""
+    pkg = list(path.relative_to(SRC).parts[:-1])
+    found: set[Path] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets: list[Path | None] = []
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "beitv2"):
+            module = (node.module or "").split(".")
+            parts = pkg[: len(pkg) - node.level + 1] + module if node.level else module[1:]
+            parts = [p for p in parts if p]
+            targets = [_module_file(parts + [a.name]) or _module_file(parts) for a in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [_module_file(a.name.split(".")[1:]) for a in node.names if a.name.split(".")[0] == "beitv2"]
+        for t in targets:
+            if t is None or t == path:
+                continue
+            tparts = t.relative_to(SRC).parts
+            for i in range(1, len(tparts)):  # parent packages run first, unless the importer lives in them
+                init = SRC.joinpath(*tparts[:i], "__init__.py")
+                if init.is_file() and list(tparts[:i]) != pkg[:i] and init != path:
+                    found.add(init)
+            found.add(t)
+    return found
+
+
+def _cycles(graph: dict[Path, set[Path]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan), as sorted relative paths."""
+    index: dict[Path, int] = {}
+    low: dict[Path, int] = {}
+    stack: list[Path] = []
+    on_stack: set[Path] = set()
+    out: list[list[str]] = []
+
+    def visit(v: Path) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(str(c.relative_to(SRC)) for c in comp))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circle():
+    """No two modules import each other, directly or through others, lazy imports inside functions included."""
+    graph = {f: _module_imports(f) for f in sorted(SRC.rglob("*.py"))}
+    assert _module_imports(SRC / "checkpoint.py") and graph[SRC / "demo" / "stages.py"]  # the graph is not empty
+    assert not _cycles(graph), _cycles(graph)
+
+
+def test_the_circle_check_sees_a_lazy_import():
+    a, b, c = SRC / "a.py", SRC / "b.py", SRC / "c.py"
+    assert _cycles({a: {b}, b: {c}, c: {a}}) == [["a.py", "b.py", "c.py"]] and not _cycles({a: {b}, b: {c}})
+    lazy = _module_imports(SRC / "interop" / "preprocessing.py")  # its data.transforms import is inside a function
+    assert SRC / "data" / "transforms.py" in lazy
+
+
+def test_no_command_imports_another_command():
+    """What two commands share lives a layer down (`eval`, `interop.tokenizer_ref`) or in the commands' helper
+    `_training`; the demo composes commands from beside them."""
+    commands = SRC / "commands"
+    bad = [f"{f.name} imports {t.name}" for f in sorted(commands.glob("*.py"))
+           for t in _module_imports(f) if t.parent == commands and t.name not in ("_training.py", "__init__.py")]
+    assert not bad, bad
+
+
+def test_one_reader_of_model_files():
+    """Every loader of beitv2 model files goes through `checkpoint.read_model_file` (no second safetensors reader)."""
+    readers = [str(f.relative_to(SRC)) for f in sorted(SRC.rglob("*.py"))
+               if "safe_open(" in f.read_text() or "load_file(" in f.read_text()]
+    assert readers == ["checkpoint.py", "eval/feature_cache.py"], readers  # the second reads cached features
+
+
 def test_library_code_never_switches_the_matplotlib_backend(tmp_path):
     assert not [f for f in SRC.rglob("*.py") if "matplotlib.use(" in f.read_text()]
     import matplotlib
@@ -213,3 +311,53 @@ def test_library_code_never_switches_the_matplotlib_backend(tmp_path):
     before = matplotlib.get_backend()
     out = save_confusion_matrix(torch.eye(3, dtype=torch.long).numpy() * 4, ["a", "b", "c"], tmp_path / "cm.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and matplotlib.get_backend() == before
+
+
+# ------------------------------------------------------------------------------------------ one model reader
+
+def test_read_model_file_gives_kind_typed_config_and_weights(tmp_path):
+    from beitv2.checkpoint import read_model_file
+
+    mim = tiny_models()["mim"]
+    run = tmp_path / "run"
+    save_model(run / "ckpt-3" / "model.safetensors", mim)
+    (run / "latest").write_text("ckpt-3")
+    f = read_model_file(run)  # a run folder: its latest checkpoint
+    assert f.kind == "mim" and f.path == run / "ckpt-3" / "model.safetensors"
+    assert f.config == mim.config and f.config_dict["vocab_size"] == 16
+    assert f.state.keys() == mim.state_dict().keys() and torch.equal(f.state["lm_head.weight"], mim.lm_head.weight)
+    assert read_model_file(f.path, weights=False).state == {}
+    torch.save({"w": torch.zeros(1)}, tmp_path / "official.pth")
+    with pytest.raises(ValueError, match="not a beitv2 model file"):
+        read_model_file(tmp_path / "official.pth")
+
+
+def test_config_from_builds_what_the_command_line_builds_from_the_same_yaml(tmp_path):
+    """The demo's stages skip the YAML -> command line round trip; the config they run must be the one a user gets
+    by rerunning the YAML they are given (defaults < preset < file, channels followed)."""
+    import yaml
+    from _helpers import write_fmnist
+
+    from beitv2.cli import build_parser
+    from beitv2.commands._training import config_from, resolve_config
+    from beitv2.commands.segment import SegmentConfig
+    from beitv2.commands.train_tokenizer import TrainTokenizerConfig
+
+    ckpt = save_model(tmp_path / "vit.safetensors", tiny_models()["vit"])
+    root = write_fmnist(tmp_path / "fmnist", 8, 4)
+    cases = [("train-tokenizer", TrainTokenizerConfig, None,
+              {"data": {"kind": "fmnist", "path": str(root), "channels": 1, "subset": 4},
+               "optim": {"lr": 2e-3, "betas": [0.9, 0.99]}, "train": {"output_dir": str(tmp_path / "t")}}),
+             ("segment", SegmentConfig, "seg_fmnist_cpu",
+              {"model": {"checkpoint": str(ckpt)}, "schedule": {"iters": 4}, "train": {"output_dir": str(tmp_path)}})]
+    for command, cls, preset, data in cases:
+        path = tmp_path / f"{command}.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        argv = [command, *(["--preset", preset] if preset else []), "--config", str(path)]
+        from_cli = resolve_config(cls, build_parser(only=command).parse_args(argv))
+        ours = config_from(cls, data, preset)
+        assert ours == from_cli, command
+        if command == "train-tokenizer":  # data.channels given: the encoder's input channels follow it
+            assert ours.tokenizer.vqkd.encoder.in_chans == 1
+        assert data["train"]["output_dir"] == str(tmp_path / "t" if command == "train-tokenizer" else tmp_path)
+    assert ours.schedule.iters == 4 and ours.model.checkpoint == str(ckpt)  # the file over the preset

@@ -80,6 +80,36 @@ def test_sdpa_path_matches_explicit_softmax_and_attention_maps():
     assert torch.allclose(maps.sum(-1), torch.ones(2, 4, 65), atol=1e-5)
 
 
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_attention_maps_are_the_weights_timms_attention_applies(per_layer):
+    """The maps of block l, times that block's values, projected, give timm's own `Attention` output there (timm's
+    module run on the same weights): the figure shows the weights the model uses, with the shared or the per-layer
+    relative position bias."""
+    from timm.models.beit import Attention
+
+    case = "perlayer_mean" if per_layer else "shared_cls"
+    ours, theirs = _pair(case)
+    for n, t in ours.named_parameters():
+        if "relative_position_bias_table" in n:
+            torch.nn.init.normal_(t, std=0.5)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        h = ours.embed(x)
+        bias = ours.rel_pos_bias_for_blocks()
+        h = ours.blocks[0](h, shared_rel_pos_bias=bias)
+        maps = ours.attention_maps(x, layer=1)
+        timm_attn = theirs.blocks[1].attn
+        assert type(timm_attn) is Attention
+        y = theirs.blocks[1].norm1(h)
+        want = timm_attn(y, shared_rel_pos_bias=theirs.rel_pos_bias() if theirs.rel_pos_bias is not None else None)
+        a = ours.blocks[1].attn
+        v = torch.nn.functional.linear(y, a.qkv.weight[128:], a.v_bias).reshape(2, 65, 4, 16).transpose(1, 2)
+        got = a.proj((maps @ v).transpose(1, 2).reshape(2, 65, 64))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (maps.amax(-1) - maps.amin(-1)).min() > 1e-3  # not a flat field: the biases and queries matter
+
+
 def test_intermediate_layers_mask_token_and_official_init():
     m = BEiTViT(ViTConfig(img_size=(32,), patch_size=4, embed_dim=64, depth=4, num_heads=4)).eval()
     x = torch.randn(2, 3, 32, 32)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from beitv2.config import ConfigError, build_config
 from beitv2.engine import (
@@ -20,6 +20,7 @@ from beitv2.engine import (
     OptimConfig,
     TrainConfig,
     Trainer,
+    TrainingData,
     cosine_schedule,
     find_resume,
     init_distributed,
@@ -244,3 +245,69 @@ def test_non_finite_loss_stops_without_checkpoint(tmp_path):
 def test_too_small_dataset_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="train.batch_size"):
         make_trainer(tmp_path, batch=32, data=Blobs(8))
+
+
+class NaNGradientAt(Classify):
+    """A finite loss whose gradients are NaN at one step: 0 * sqrt(0) adds nothing forward, and 0 * inf backward."""
+
+    def __init__(self, model, step: int):
+        super().__init__(model)
+        self.bad = step
+
+    def forward(self, batch):
+        loss, metrics = super().forward(batch)
+        if self.step == self.bad:
+            zero = next(self.net.parameters()).sum() * 0
+            loss = loss + 0 * torch.sqrt(zero)
+        return loss, metrics
+
+
+def test_non_finite_gradients_skip_the_step_on_the_device_without_optimizer_attributes(tmp_path):
+    """Fused AdamW with a finite loss but NaN gradients: the step is skipped (the weights equal those of a run that
+    stopped before it), the error names the gradients, and no attribute is left on the optimizer."""
+    ref = make_trainer(tmp_path / "ref", batch=4, stop_after_steps=2)
+    ref.fit()
+    seed_everything(0)
+    model = BEiTViT(tiny_vit(num_classes=4))
+    tr = make_trainer(tmp_path / "bad", batch=4, task=NaNGradientAt(model, step=2))
+    assert tr.step_skips_on_device
+    with pytest.raises(NonFiniteLossError, match=r"non-finite gradients at step 2 \(loss [0-9.]+, gradient norm nan"):
+        tr.fit()
+    for (n, p), q in zip(ref.task.model.named_parameters(), tr.task.model.parameters()):
+        assert torch.equal(p, q), n
+    assert not hasattr(tr.optimizer, "found_inf") and not hasattr(tr.optimizer, "grad_scale")
+    assert [s for s, _ in S.list_checkpoints(tmp_path / "bad")] == []
+
+
+class Recorded(Blobs):
+    """A data set whose per-epoch call the caller states in a `TrainingData` (the trainer asks the data set
+    nothing)."""
+
+    def __init__(self):
+        super().__init__(16)
+        self.epochs: list[int] = []
+
+
+def test_the_training_data_contract_is_what_the_trainer_uses(tmp_path):
+    data = Recorded()
+    make_trainer(tmp_path / "a", batch=4, epochs=3, data=TrainingData(data, set_epoch=data.epochs.append)).fit()
+    assert data.epochs == [0, 1, 2]
+    resumed = Recorded()  # a run resumed in epoch 1 points the data at epoch 1 first
+    make_trainer(tmp_path / "b", batch=4, epochs=3, stop_after_steps=6).fit()
+    make_trainer(tmp_path / "b", batch=4, epochs=3, data=TrainingData(resumed, set_epoch=resumed.epochs.append)).fit()
+    assert resumed.epochs == [1, 2]
+    plain = Recorded()
+    plain.set_epoch = plain.epochs.append  # not stated: a plain data set is not probed for it
+    make_trainer(tmp_path / "c", batch=4, data=plain).fit()
+    assert plain.epochs == []
+
+
+def test_a_stream_needs_its_epoch_length_stated(tmp_path):
+    class Stream(IterableDataset):
+        def __iter__(self):
+            yield from Blobs(16)
+
+    with pytest.raises(TypeError, match="TrainingData"):
+        make_trainer(tmp_path, batch=4, data=Stream())
+    with pytest.raises(ConfigError, match="data.num_samples"):
+        make_trainer(tmp_path, batch=4, data=TrainingData(Stream(), set_plan=lambda plan: None))

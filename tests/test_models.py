@@ -5,7 +5,6 @@ import torch
 from beitv2.checkpoint import load_model, save_model
 from beitv2.config import ConfigError
 from beitv2.masking import BlockwiseMaskGenerator
-from beitv2.mim_targets import FeatureTarget, TokenTarget
 from beitv2.models.backbone import ViTConfig
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig, patchify, pixel_targets
 from beitv2.models.presets import build_model, count_learnable, get_preset, list_presets
@@ -110,10 +109,12 @@ def test_mim_heads_losses_and_keys():
     mask = masks(2)
     outs = m(x, mask)
     assert len(outs) == 2 and outs[0].shape == (12, 64)
-    labels = torch.randint(0, 64, (12,))
-    loss, met = TokenTarget.score(outs, labels)
+    codes = torch.randint(0, 64, (2, 16))  # a code per patch; the loss reads the masked ones
+    loss, met = m.loss(outs, codes, mask)
     assert torch.isclose(loss, met["loss_1"] + met["loss_2"])
-    assert {"mlm_acc_1", "mlm_acc_2"} <= set(met)
+    for i, out in enumerate(outs, start=1):
+        assert torch.equal(met[f"loss_{i}"], torch.nn.functional.cross_entropy(out, codes[mask]))
+        assert torch.equal(met[f"mlm_acc_{i}"], (out.argmax(-1) == codes[mask]).float().mean())
     keys = set(m.state_dict())
     assert {"mask_token", "lm_head.weight", "cls_pt_layers.1.attn.qkv.weight", "norm.weight",
             "rel_pos_bias.relative_position_bias_table"} <= keys
@@ -153,8 +154,12 @@ def test_regression_targets():
     outs = m(torch.randn(2, 3, 16, 16), masks(2))
     assert outs[0].shape == (12, 48)
     m = tiny_mim(target="features", target_dim=24)
-    loss, _ = FeatureTarget.score(m(torch.randn(2, 3, 16, 16), masks(2)), torch.randn(12, 24))
-    assert loss.item() > 0
+    mask, feats = masks(2), torch.randn(2, 16, 24)
+    outs = m(torch.randn(2, 3, 16, 16), mask)
+    loss, met = m.loss(outs, feats, mask)
+    cos = torch.nn.functional.cosine_similarity(outs[0], feats[mask], dim=-1)
+    assert loss.item() > 0 and torch.allclose(met["target_cos"], cos.mean())
+    assert torch.allclose(met["loss_1"], 1 - cos.mean(), atol=1e-6)
 
 
 def _steps(fn, params, n=15, lr=5e-3):
@@ -178,8 +183,8 @@ def test_optimizer_steps_lower_both_losses():
     assert losses[-1] < losses[0] - 0.1
     mim = tiny_mim().train()
     mask = masks(8)
-    labels = torch.randint(0, 64, (int(mask.sum()),))
-    losses = _steps(lambda: TokenTarget.score(mim(x, mask), labels)[0], mim.parameters())
+    codes = torch.randint(0, 64, (8, 16))
+    losses = _steps(lambda: mim.loss(mim(x, mask), codes, mask)[0], mim.parameters())
     assert losses[-1] < losses[0] - 0.5
 
 
@@ -192,7 +197,7 @@ def test_bf16_autocast_on_cpu_end_to_end():
         mask = masks(4)
         outs = mim(x, mask)
         assert outs[0].dtype == torch.bfloat16
-        mloss, _ = TokenTarget.score(outs, codes[mask])
+        mloss, _ = mim.loss(outs, codes, mask)
     (loss + mloss).backward()
     assert torch.isfinite(loss) and torch.isfinite(mloss)
     assert mim.mask_token.grad is not None and vq.encoder.cls_token.grad is not None

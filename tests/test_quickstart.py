@@ -64,7 +64,7 @@ def test_fast_run_succeeds_and_times_every_stage(fast_run):
 
 def test_pretrain_stage_masks_small_blocks_of_the_whole_image(fast_run):
     """The plan's masking and crop reach the pre-training config, and its generator keeps every block small."""
-    from beitv2.commands.quickstart import FAST
+    from beitv2.demo import FAST
     from beitv2.masking import build_mask_generator
 
     _, out = fast_run
@@ -203,8 +203,8 @@ def test_a_user_given_teacher_is_used_as_is_and_not_trained(tmp_path):
     import argparse
 
     from beitv2.checkpoint import save_model
-    from beitv2.commands.quickstart import FAST, build_teacher_spec
     from beitv2.config import ConfigError
+    from beitv2.demo import FAST, build_teacher_spec
 
     cfg = ViTConfig(img_size=(28,), patch_size=4, in_chans=1, embed_dim=48, depth=1, num_heads=2)
     path = tmp_path / "my_vit.safetensors"
@@ -257,7 +257,7 @@ def test_cnn_teacher_row_is_read_like_the_vits(fast_run):
     """With the grid reading the teacher's row gets its map's mean (in place of a CLS token) and the 3x3 grid, as the
     ViT rows get CLS and their patch grid; the default reading is the mean-pooled map."""
     from beitv2.checkpoint import load_model
-    from beitv2.commands.quickstart import cnn_pooled_encoder
+    from beitv2.demo import cnn_pooled_encoder
 
     _, out = fast_run
     ckpt = out / "teacher" / "model.safetensors"

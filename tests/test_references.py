@@ -109,6 +109,27 @@ def test_mim_without_aggregation_is_one_head_on_the_last_block_by_hand():
     torch.testing.assert_close(got[0], ref, rtol=1e-5, atol=1e-5)
 
 
+def test_masks_of_different_counts_per_image_give_the_boolean_indexing_outputs_and_loss():
+    """BEiT v1's masking without top-up masks a different count per image: the forward pads the shorter rows and
+    drops the padding, giving the by-hand outputs (boolean indexing after whole blocks) and their cross-entropy."""
+    m = tiny_mim(depth=3, early=2, head=2)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    mask = fixed_mask()
+    mask[1, 0, 0] = True  # 4 and 5 masked patches
+    codes = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        got = m(x, mask)
+        ref = by_hand_mim(m, x, mask)
+        loss, metrics = m.loss(got, codes, mask)
+    assert got[0].shape == (9, 64)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    labels = codes[mask.reshape(2, -1)]
+    want = [F.cross_entropy(o, labels) for o in ref]
+    torch.testing.assert_close(loss, want[0] + want[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(metrics["loss_2"], want[1], rtol=1e-5, atol=1e-5)
+
+
 def _with_heads(m):
     """by_hand_mim reads cls_pt_layers for head 2; a v1-style model has none, so give it an empty list."""
     m.cls_pt_layers = torch.nn.ModuleList() if m.cls_pt_layers is None else m.cls_pt_layers

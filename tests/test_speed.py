@@ -1,5 +1,6 @@
-"""The fast step stays correct: index gather vs boolean indexing, fused vs unfused AdamW, compiled vs eager, metrics
-kept on the device and read only at check points, quantizer statistics without bincount."""
+"""The fast step stays correct: index gather vs boolean indexing, last blocks limited to the rows the loss reads vs a
+whole-block reference written here, fused vs unfused AdamW, compiled vs eager, metrics kept on the device and read
+only at check points, quantizer statistics without bincount."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from beitv2.engine import state as S
 from beitv2.engine.trainer import COMPILE_AUTO_MIN_STEPS, NonFiniteLossError, resolve_compile
 from beitv2.masking import build_mask_generator
 from beitv2.mim_targets import TokenTarget
-from beitv2.models.backbone import ViTConfig, block_at_rows, gather_rows, make_block
-from beitv2.models.mim import BEiTv2ForMIM, MIMConfig, gather_tokens
+from beitv2.models.backbone import ViTConfig, make_block, select_rows
+from beitv2.models.mim import BEiTv2ForMIM, MaskedPatches, MIMConfig
 from beitv2.models.quantizer import NormEMAQuantizer, QuantizerConfig
 from beitv2.models.vqkd import VQKD, VQKDConfig, vqkd_encoder_config
 from beitv2.tasks import MIMTask
@@ -53,32 +54,48 @@ def loss_and_grads(task: MIMTask, batch: dict) -> tuple[torch.Tensor, dict, dict
     return loss.detach(), metrics, {n: p.grad.clone() for n, p in task.model.named_parameters() if p.grad is not None}
 
 
-def test_gather_tokens_matches_boolean_indexing():
+def test_masked_patches_take_what_boolean_indexing_takes():
+    """From an index or a boolean mask, `take` gives ``x[mask]`` (row-major), for tokens and for per-patch labels;
+    a boolean mask whose rows mask different counts pads the shorter rows and drops the padding again."""
     x = torch.randn(3, 10, 5)
     mask = torch.zeros(3, 10, dtype=torch.bool)
     for b, pos in enumerate([[0, 4, 9], [1, 2, 3], [5, 7, 8]]):
         mask[b, pos] = True
-    assert torch.equal(gather_tokens(x, torch.stack([m.nonzero().flatten() for m in mask])), x[mask])
+    index = torch.stack([m.nonzero().flatten() for m in mask])
+    for given in (index, mask, mask.reshape(3, 2, 5)):
+        m = MaskedPatches(given, 10)
+        assert torch.equal(m.mask, mask) and torch.equal(m.index, index) and m.keep is None
+        assert torch.equal(m.take(x), x[mask]) and torch.equal(m.take(x[..., 0]), x[..., 0][mask])
+    ragged = mask.clone()
+    ragged[0, 9] = False
+    ragged[2, :] = True
+    m = MaskedPatches(ragged, 10)
+    assert m.index.shape == (3, 10) and m.keep.sum(1).tolist() == [2, 3, 10]
+    assert torch.equal(m.take(x), x[ragged]) and torch.equal(m.take(x[..., 1]), x[..., 1][ragged])
+    with pytest.raises(ValueError, match="12 patches"):
+        MaskedPatches(torch.zeros(3, 12, dtype=torch.bool), 10)
 
 
 def test_mim_step_with_index_gather_equals_boolean_path():
+    """The index the data ships and the boolean mask it came from give the same step, bit for bit (one forward path:
+    the mask is converted to an index inside)."""
     mim, vq = tiny_parts()
     task = MIMTask(mim, TokenTarget(vq)).train()
     batch = mim_batch()
     slow = {k: v for k, v in batch.items() if k != "mask_index"}
     l_bool, m_bool, g_bool = loss_and_grads(task, slow)
     l_idx, m_idx, g_idx = loss_and_grads(task, batch)
-    assert torch.allclose(l_bool, l_idx, atol=1e-6)
-    assert all(torch.allclose(m_bool[k], m_idx[k], atol=1e-6) for k in m_bool)
+    assert torch.equal(l_bool, l_idx)
+    assert m_bool.keys() == m_idx.keys() and all(torch.equal(m_bool[k], m_idx[k]) for k in m_bool)
     assert g_bool.keys() == g_idx.keys() and len(g_idx) > 10
     for n in g_bool:
-        assert torch.allclose(g_bool[n], g_idx[n], atol=1e-6), n
+        assert torch.equal(g_bool[n], g_idx[n]), n
 
 
 @pytest.mark.parametrize("qkv_bias,own_table,fused", [(True, False, True), (True, True, False), (False, False, True)])
-def test_block_at_rows_equals_the_whole_block_at_those_rows(qkv_bias, own_table, fused):
-    """Outputs and gradients of `block_at_rows` are the whole block's at the chosen rows, whatever the bias layout
-    (shared table, per-layer table, no q/v bias) and attention form; stochastic depth draws the same masks."""
+def test_block_limited_to_rows_equals_the_whole_block_at_those_rows(qkv_bias, own_table, fused):
+    """Outputs and gradients of a block limited to ``rows`` are the whole block's at those rows, whatever the bias
+    layout (shared table, per-layer table, no q/v bias) and attention form; stochastic depth draws the same masks."""
     torch.manual_seed(0)
     cfg = ViTConfig(img_size=(16,), patch_size=4, embed_dim=32, depth=1, num_heads=2, qkv_bias=qkv_bias,
                     drop_path_rate=0.0)
@@ -90,24 +107,44 @@ def test_block_at_rows_equals_the_whole_block_at_those_rows(qkv_bias, own_table,
     shared = torch.randn(2, 17, 17, requires_grad=True)
     rows = torch.stack([torch.tensor([0, 2, 5, 16]), torch.tensor([0, 1, 3, 4]), torch.tensor([0, 9, 10, 11])])
     torch.manual_seed(1)
-    full = gather_rows(blk(x, shared_rel_pos_bias=shared), rows)
+    full = select_rows(blk(x, shared_rel_pos_bias=shared), rows)
     g_full = torch.autograd.grad(full.square().sum(), [x, shared, *blk.parameters()])
     torch.manual_seed(1)
-    part = block_at_rows(blk, x, shared, rows)
+    part = blk(x, shared, rows)
     g_part = torch.autograd.grad(part.square().sum(), [x, shared, *blk.parameters()])
     assert part.shape == (3, 4, 32) and torch.allclose(full, part, atol=1e-5)
     # stochastic depth did drop something, so the draws were compared
-    assert not torch.equal(full, gather_rows(blk.eval()(x, shared_rel_pos_bias=shared), rows))
+    assert not torch.equal(full, select_rows(blk.eval()(x, shared_rel_pos_bias=shared), rows))
     for a, b in zip(g_full, g_part):
         assert torch.allclose(a, b, atol=1e-5)
 
 
+def whole_blocks_mim(m: BEiTv2ForMIM, images: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """The MIM forward with every block whole and the masked tokens picked by boolean indexing after the final norm
+    (the form of the official code), written from the model's public parts: the reference for the library's forward,
+    whose last backbone and aggregation blocks compute only the rows the loss reads."""
+    cfg = m.config
+    mask = mask.reshape(images.shape[0], -1)
+    layers = (cfg.early_layers,) if cfg.patch_aggregation else ()
+    x, saved = m.forward_features(images, mask, m.mask_token, return_layers=layers)
+    outs = [m.lm_head(m.norm(x)[:, 1:][mask])]
+    if cfg.patch_aggregation:
+        h = torch.cat([x[:, :1], saved[cfg.early_layers][:, 1:]], dim=1)
+        bias = m.rel_pos_bias_for_blocks()
+        for blk in m.cls_pt_layers:
+            h = m.run_block(blk, h, bias)
+        norm, head = (m.norm, m.lm_head) if cfg.shared_lm_head else (m.cls_pt_norm, m.cls_pt_lm_head)
+        outs.append(head(norm(h)[:, 1:][mask]))
+    return outs
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(patch_aggregation=False), dict(early_layers=2),
                                 dict(drop_path=0.2), dict(grad_checkpointing=True)])
-def test_trimmed_last_blocks_give_the_full_blocks_loss_and_grads(kw):
-    """The default static path computes only CLS + masked rows in the last backbone block and masked rows in the
-    last aggregation block; loss, metrics and every gradient equal the full blocks' (trimming off) and the boolean
-    path's. early_layers = depth feeds the whole last block to the aggregation head, so the backbone is not trimmed."""
+def test_trimmed_last_blocks_give_the_whole_blocks_loss_and_grads(kw):
+    """The model computes only CLS + masked rows in the last backbone block and masked rows in the last aggregation
+    block; loss, metrics and every gradient equal those of the whole-block reference above, on the index and the
+    boolean mask. early_layers = depth feeds the whole last block to the aggregation head, so the backbone is not
+    trimmed."""
     kw = dict(kw)
     torch.manual_seed(0)
     vit = ViTConfig(img_size=(16,), patch_size=4, embed_dim=32, depth=2, num_heads=2,
@@ -116,9 +153,15 @@ def test_trimmed_last_blocks_give_the_full_blocks_loss_and_grads(kw):
     _, vq = tiny_parts()
     task = MIMTask(mim, TokenTarget(vq)).train()
     batch = mim_batch()
+
+    class WholeBlocks(nn.Module):
+        def forward(self, images, mask):
+            return whole_blocks_mim(mim, images, mask)
+
     runs = []
-    for trim, b in ((True, batch), (False, batch), (False, {k: v for k, v in batch.items() if k != "mask_index"})):
-        mim.trim_unused_rows = trim
+    for net, b in ((mim, batch), (mim, {k: v for k, v in batch.items() if k != "mask_index"}),
+                   (WholeBlocks(), {k: v for k, v in batch.items() if k != "mask_index"})):
+        task.wrap(net)
         torch.manual_seed(3)
         runs.append(loss_and_grads(task, b))
     (l0, m0, g0) = runs[0]

@@ -1,7 +1,8 @@
 """The pre-training targets (`beitv2.mim_targets`) behind the one `MIMTask`: labels made by hand (codes by the
-tokenizer then boolean indexing, pixel patches cut out one by one, teacher features then boolean indexing) give
-bit-for-bit the task's loss, metrics and gradients, on the boolean-mask path and on the static-shape index path,
-with and without patch aggregation. `build_target` reads the pretrain config and names a wrong field."""
+tokenizer then boolean indexing, pixel patches cut out one by one, teacher features then boolean indexing) and each
+head's loss written out here give bit-for-bit the task's loss (`BEiTv2ForMIM.loss`), metrics and gradients, given
+the boolean mask or the static-shape index, with and without patch aggregation. `build_target` reads the pretrain
+config and names a wrong field."""
 
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ from beitv2.checkpoint import save_model
 from beitv2.commands.pretrain import PretrainConfig
 from beitv2.config import ConfigError, from_dict
 from beitv2.masking import build_mask_generator
-from beitv2.mim_targets import FeatureTarget, PixelTarget, TokenTarget, at_masked, build_target
+from beitv2.mim_targets import FeatureTarget, PixelTarget, TokenTarget, build_target
 from beitv2.models.backbone import BEiTViT, ViTConfig
-from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
+from beitv2.models.mim import BEiTv2ForMIM, MaskedPatches, MIMConfig
 from beitv2.models.quantizer import QuantizerConfig
 from beitv2.models.vqkd import VQKD, VQKDConfig, vqkd_encoder_config
 from beitv2.tasks import MIMTask
@@ -92,10 +93,9 @@ def run_task(task: MIMTask, b: dict):
 
 
 def run_by_hand(model, b: dict, labels: torch.Tensor, head_loss):
-    """The loss the pre-interface code computed: each head's float predictions against the labels, summed."""
+    """Each head's float predictions against the labels, summed."""
     model.zero_grad(set_to_none=True)
-    mask = b["mask"].bool()
-    outs = model(b["image"], mask, b["mask_index"]) if "mask_index" in b else model(b["image"], mask)
+    outs = model(b["image"], b.get("mask_index", b["mask"]))
     losses = [head_loss(o.float(), labels) for o in outs]
     total = sum(losses[1:], losses[0])
     total.backward()
@@ -139,7 +139,8 @@ def test_pixel_target_equals_mse_on_hand_cut_patches(aggregation, with_index, no
     task = MIMTask(model, PixelTarget(model.config)).train()
     b = batch(with_index)
     labels = pixel_labels_by_hand(b["image"], b["mask"].bool(), normalize)
-    assert torch.equal(at_masked(task.target.per_patch(b["image"]), b["mask"].bool(), b.get("mask_index")), labels)
+    picked = MaskedPatches(b.get("mask_index", b["mask"]), 16).take(task.target.per_patch(b["image"]))
+    assert torch.equal(picked, labels)
     got = run_task(task, b)
     assert_same(got, run_by_hand(model, b, labels, F.mse_loss))
     assert set(got[1]) == {f"loss_{i}" for i in range(1, 3 if aggregation else 2)}
@@ -197,7 +198,7 @@ def test_build_target_from_the_pretrain_config(tmp_path, teacher_file):
     assert isinstance(t, TokenTarget) and t.second_size == (16, 16) and t.description.startswith("vqkd tokenizer")
     cfg = pretrain_config(target="pixels")
     t = build_target(cfg)
-    assert isinstance(t, PixelTarget) and t.mim_cfg is cfg.model and t.second_size == (16, 16)
+    assert isinstance(t, PixelTarget) and t.config is cfg.model and t.second_size == (16, 16)
     cfg = pretrain_config(target="features", target_dim=24)
     cfg.teacher = TeacherConfig(kind="beitv2", name_or_path=str(teacher_file), bf16=False)
     t = build_target(cfg)

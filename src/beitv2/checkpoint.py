@@ -2,11 +2,16 @@
 
 No pickle is involved, so loading a file never runs code. Files are written atomically: a temporary file in the same
 folder, flushed and fsync'ed, then renamed over the target, so a crash never leaves a half-written checkpoint.
+
+`read_model_file` is the one reader of these files: every loader (`load_model`, the evaluation backbones,
+fine-tuning, the tokenizer reference) starts from the `ModelFile` it returns. A path is a file, a checkpoint or run
+folder, or a hub reference ``hf-hub:ORG/NAME[@REVISION]`` (`resolve_weights`).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +21,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import from_dict, to_dict
-from .models.registry import get_kind, kind_of, kinds
+from .models.registry import ModelKind, get_kind, kind_of, kinds
 from .utils.files import atomic_write
 
 FORMAT = "beitv2"
 WEIGHTS_NAME = "model.safetensors"
+HUB_PREFIX = "hf-hub:"
+
+__all__ = ["FORMAT", "WEIGHTS_NAME", "ModelFile", "atomic_write", "is_hub_ref", "kind_of", "load_model",
+           "load_state_dict", "parse_hub_ref", "read_metadata", "read_model_file", "resolve_weights", "save_model"]
 
 
 def save_model(path: str | Path, model: nn.Module, kind: str | None = None, config: Any = None,
@@ -36,12 +45,35 @@ def save_model(path: str | Path, model: nn.Module, kind: str | None = None, conf
     return atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
 
 
-def resolve_weights(path: str | Path) -> Path:
-    """A weights file, a folder holding `model.safetensors` (a checkpoint directory), or ``hf-hub:ORG/NAME``."""
-    from .interop.hub import hub_weights, is_hub_ref
+# ---------------------------------------------------------------------------------------------- where a file is
 
+def is_hub_ref(path: Any) -> bool:
+    return isinstance(path, (str, Path)) and str(path).startswith(HUB_PREFIX)
+
+
+def parse_hub_ref(ref: str) -> tuple[str, str | None]:
+    """'hf-hub:ORG/NAME@REV' -> ('ORG/NAME', 'REV'); the revision is optional."""
+    repo = str(ref)[len(HUB_PREFIX):]
+    repo, _, rev = repo.partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ValueError(f"{ref}: expected hf-hub:ORG/NAME[@REVISION]")
+    return repo, rev or None
+
+
+def hub_file(ref: str, filename: str = WEIGHTS_NAME) -> Path:
+    """The local path of ``filename`` of the hub repo ``ref``, downloaded into (or read from) the HF cache, so its
+    ``HF_HOME`` / ``HF_HUB_OFFLINE`` settings and tokens apply."""
+    from huggingface_hub import hf_hub_download  # deferred: an optional package, needed for hub references only
+
+    repo, rev = parse_hub_ref(ref)
+    return Path(hf_hub_download(repo, filename, revision=rev))
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """A weights file, a folder holding `model.safetensors` (a checkpoint directory; a run folder: its ``latest``),
+    or ``hf-hub:ORG/NAME``."""
     if is_hub_ref(path):
-        return hub_weights(str(path))
+        return hub_file(str(path))
     p = Path(path)
     if p.is_dir():
         if (p / WEIGHTS_NAME).is_file():
@@ -54,6 +86,8 @@ def resolve_weights(path: str | Path) -> Path:
         raise FileNotFoundError(f"checkpoint not found: {p}")
     return p
 
+
+# ----------------------------------------------------------------------------------------------- reading a file
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     with safe_open(str(resolve_weights(path)), framework="pt") as f:
@@ -76,20 +110,53 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                          f"{str(e).splitlines()[0]}") from None
 
 
+@dataclass
+class ModelFile:
+    """What a beitv2 model file holds: its kind, its typed config and (unless read without) its weights."""
+
+    path: Path  # the resolved file
+    kind: str
+    config: Any  # the kind's config dataclass
+    config_dict: dict  # the config as written in the file
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> ModelKind:
+        return get_kind(self.kind)
+
+    def describe(self) -> str:
+        return f"{self.kind} checkpoint {self.path}"
+
+
+def read_model_file(path: str | Path, weights: bool = True) -> ModelFile:
+    """The one reader of beitv2 model files: the path resolved once, then kind, config and (``weights``) tensors.
+
+    A file without beitv2 metadata (an official ``.pth``, a foreign safetensors file) or of a kind not registered
+    raises ValueError naming the file."""
+    p = resolve_weights(path)
+    if p.suffix != ".safetensors":
+        raise ValueError(f"{p} is not a beitv2 model file (not safetensors); official .pth files are read by "
+                         "`beitv2 convert` / beitv2.interop")
+    with safe_open(str(p), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+        if meta.get("format") != FORMAT or "kind" not in meta or "config" not in meta:
+            raise ValueError(f"{p} is not a beitv2 model file (no beitv2 metadata); official .pth files are read by "
+                             "`beitv2 convert` / beitv2.interop")
+        kind = meta["kind"]
+        if kind not in kinds():
+            raise ValueError(f"{p}: unknown model kind {kind!r} (known: {', '.join(kinds())})")
+        state = {k: f.get_tensor(k) for k in f.keys()} if weights else {}
+    cfg_dict = json.loads(meta["config"])
+    return ModelFile(p, kind, from_dict(get_kind(kind).config_class, cfg_dict), cfg_dict, state)
+
+
 def load_model(path: str | Path, strict: bool = True) -> tuple[nn.Module, str, dict]:
     """Rebuild a model saved by `save_model`: returns (model in eval mode, kind, config as a dict)."""
-    meta = read_metadata(path)
-    if meta.get("format") != FORMAT or "kind" not in meta:
-        raise ValueError(f"{path} is not a beitv2 model file (no beitv2 metadata); official .pth files are read by "
-                         "`beitv2 convert` / beitv2.interop")
-    kind = meta["kind"]
-    if kind not in kinds():
-        raise ValueError(f"{path}: unknown model kind {kind!r} (known: {', '.join(kinds())})")
-    spec = get_kind(kind)
-    cfg_dict = json.loads(meta["config"])
-    model = spec.build(from_dict(spec.config_class, cfg_dict))
-    missing, unexpected = model.load_state_dict(load_state_dict(path), strict=False)
+    f = read_model_file(path)
+    model = f.spec.build(f.config)
+    missing, unexpected = model.load_state_dict(f.state, strict=False)
     if strict and (missing or unexpected):
-        raise ValueError(f"{path}: weights do not match a {kind} model built from its config: "
+        raise ValueError(f"{f.path}: weights do not match a {f.kind} model built from its config: "
                          f"missing {missing[:8]}, unexpected {unexpected[:8]}")
-    return model.eval(), kind, cfg_dict
+    return model.eval(), f.kind, f.config_dict
+

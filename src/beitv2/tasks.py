@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .engine import distributed as D
-from .mim_targets import MIMTarget, at_masked
+from .mim_targets import MIMTarget
 
 
 class TrainTask(nn.Module):
@@ -169,7 +169,8 @@ class DVAETask(TrainTask):
 
 class MIMTask(TrainTask):
     """Masked image modeling against a pre-training target (`mim_targets`: tokenizer codes, pixels or teacher
-    features): the target labels the masked patches of the batch and scores the model's predictions there."""
+    features): the target labels every patch of its view, the model predicts and scores the masked ones
+    (`BEiTv2ForMIM.forward` and `BEiTv2ForMIM.loss`)."""
 
     frozen = ("target",)
 
@@ -182,10 +183,9 @@ class MIMTask(TrainTask):
         return {"target": self.target.per_patch} if self.target.frozen_net else {}
 
     def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict]:
-        mask = batch["mask"].flatten(1).bool()
-        index = batch.get("mask_index")  # static-shape gather when the data ships it (see BEiTv2ForMIM.forward)
+        # the data's index of the masked positions when it ships one: static shapes, no host sync
+        mask = batch["mask_index"] if "mask_index" in batch else batch["mask"]
         with torch.no_grad():
             per_patch = self.helper("target") if self.target.frozen_net else self.target.per_patch
-            labels = at_masked(per_patch(batch[self.target.view]), mask, index)
-        outputs = self.net(batch["image"], mask, index) if index is not None else self.net(batch["image"], mask)
-        return self.target.score(outputs, labels)
+            targets = per_patch(batch[self.target.view])
+        return self.model.loss(self.net(batch["image"], mask), targets, mask)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.resources
 import logging
 import sys
@@ -22,6 +23,7 @@ from ..config import (
     dump_yaml,
     from_dict,
     layered,
+    merge,
     one_line,
     to_dict,
     validate_config,
@@ -129,6 +131,18 @@ def resolve_config(cfg_cls: type[T], args: argparse.Namespace) -> T:
     cfg = from_dict(cfg_cls, data)
     if getattr(args, "print_config", False):
         maybe_print_config(cfg, args, config_problems(cfg))
+    validate_config(cfg)
+    return cfg
+
+
+def config_from(cfg_cls: type[T], data: dict, preset: str | None = None) -> T:
+    """The config ``beitv2 <command> [--preset NAME] --config FILE`` builds when FILE holds ``data``: defaults <
+    preset < ``data``, channel fields followed, validated. Programs that compose commands (the demo) build their
+    configs with it and call the command's ``execute`` directly."""
+    merged = merge(load_preset(preset), copy.deepcopy(data)) if preset else copy.deepcopy(data)
+    given = set(_flat(data))
+    follow_channels(merged, given, getattr(cfg_cls, "CHANNEL_FIELDS", ()))
+    cfg = from_dict(cfg_cls, merged)
     validate_config(cfg)
     return cfg
 

@@ -17,9 +17,8 @@ import torch
 
 from ..config import check, opt
 from ..data import DataConfig
+from ..interop.tokenizer_ref import TokenizerRef, image_batches, load_tokenizer
 from ._training import configure_parser, resolve_config
-from .pretrain import TokenizerRef
-from .tokenize import image_batches, load_tokenizer
 
 HELP = "draw the codebook atlas (patches per code) of a tokenizer on a data set"
 DESCRIPTION = __doc__

@@ -211,7 +211,11 @@ def _history(out: Path) -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = resolve_config(FinetuneConfig, args)
+    return execute(resolve_config(FinetuneConfig, args))
+
+
+def execute(cfg: FinetuneConfig) -> int:
+    """The command on a resolved, validated config (`run` from the command line; the demo's stages directly)."""
     check_rerun(cfg, arch=("model.",))
     dist = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
     quiet_other_ranks(dist.rank)

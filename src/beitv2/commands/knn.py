@@ -13,8 +13,8 @@ from ..data import DataConfig
 from ..engine import cleanup, init_distributed, seed_everything
 from ..eval.backbones import ModelSource, load_backbone
 from ..eval.features import FeatureConfig
-from ..eval.knn import KNNConfig, knn_scores
-from ..eval.metrics import accuracy, write_metrics
+from ..eval.knn import KNNConfig, evaluate_knn
+from ..eval.metrics import write_metrics
 from ..eval.normalization import resolve_normalize
 from ..eval.splits import data_for_model, features_for_splits
 from ._training import configure_parser, quiet_other_ranks, resolve_config
@@ -61,25 +61,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     configure_parser(parser, KNNCommandConfig)
 
 
-def evaluate_knn(feats, cfg: KNNConfig, device=None) -> dict:
-    """{'layers': {block: {k: {acc1, acc5}}}, best block / k} from `SplitFeatures`."""
-    ks = tuple(sorted({int(k) for k in cfg.k}))
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    best = (-1.0, 0, 0)
-    for x in sorted(feats.val):
-        scores = knn_scores(feats.train[x], feats.train_labels, feats.val[x], feats.num_classes, ks,
-                            cfg.temperature, cfg.chunk_size, device=device)
-        results[str(x)] = {str(k): accuracy(scores[k], feats.val_labels) for k in ks}
-        for k in ks:
-            best = max(best, (results[str(x)][str(k)]["acc1"], x, k))
-    return {"layers": results, "best_layer": best[1], "best_k": best[2], "acc1": best[0],
-            "acc5": results[str(best[1])][str(best[2])]["acc5"], "temperature": cfg.temperature,
-            "num_train": int(len(feats.train_labels)), "num_val": int(len(feats.val_labels)),
-            "num_classes": feats.num_classes}
-
-
 def run(args: argparse.Namespace) -> int:
-    cfg = resolve_config(KNNCommandConfig, args)
+    return execute(resolve_config(KNNCommandConfig, args))
+
+
+def execute(cfg: KNNCommandConfig) -> int:
+    """The command on a resolved, validated config (`run` from the command line; the demo's stages directly)."""
     check_output_dir(cfg.run.output_dir, "run.output_dir")
     dist = init_distributed(cfg.run.device, cfg.run.dist_timeout_min)
     quiet_other_ranks(dist.rank)

@@ -69,7 +69,11 @@ def augment_transform(img_size: tuple[int, int], min_scale: float, normalize: st
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = resolve_config(LinProbeConfig, args)
+    return execute(resolve_config(LinProbeConfig, args))
+
+
+def execute(cfg: LinProbeConfig) -> int:
+    """The command on a resolved, validated config (`run` from the command line; the demo's stages directly)."""
     check_rerun(cfg, arch=("model.", "features."))
     dist = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
     quiet_other_ranks(dist.rank)

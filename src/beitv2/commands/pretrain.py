@@ -12,21 +12,19 @@ regresses the ``teacher:`` section's features.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
-from ..checkpoint import load_model, read_metadata
-from ..config import ConfigError, check, from_dict, opt, reading
+from ..config import check, opt
 from ..data import DataConfig, MIMDataset, TwoViewTransform, build_dataset, collate_skip_bad
 from ..data.samples import for_loader
 from ..engine import NonFiniteLossError, OptimConfig, TrainConfig, Trainer, cleanup, init_distributed, seed_everything
+from ..interop.tokenizer_ref import TokenizerRef
 from ..masking import build_mask_generator
 from ..mim_targets import build_target
 from ..models.mim import BEiTv2ForMIM, MIMConfig
 from ..models.presets import get_preset
-from ..models.registry import get_kind, kinds
 from ..tasks import MIMTask
 from ..teachers import TeacherConfig
 from ._training import check_rerun, configure_parser, quiet_other_ranks, resolve_config
@@ -35,56 +33,6 @@ HELP = "pre-train a ViT by masked image modeling of tokenizer codes (BEiT v2 / v
 DESCRIPTION = __doc__
 
 log = logging.getLogger("beitv2.pretrain")
-
-
-@dataclass
-class TokenizerRef:
-    checkpoint: str = opt("", "tokenizer weights made by this project (a .safetensors file, a checkpoint directory "
-                              "or a run directory: its latest checkpoint), or OpenAI DALL-E's encoder.pkl (BEiT v1; "
-                              "read without running pickled code)")
-    dalle_img_size: int = opt(112, "DALL-E encoder.pkl only: tokenizer view size (BEiT v1: 112 = 14 x 8)")
-
-    def _is_dalle(self) -> bool:
-        from ..interop.dalle import is_dalle_file
-
-        return is_dalle_file(self.checkpoint)
-
-    def load(self) -> tuple[Any, str]:
-        """(tokenizer in eval mode, kind)."""
-        if self._is_dalle():
-            from ..interop.dalle import load_dalle
-
-            return load_dalle(self.checkpoint, img_size=self.dalle_img_size), "dvae (DALL-E)"
-        model, kind, _ = load_model(self.checkpoint)
-        return model, kind
-
-    def describe(self) -> tuple[str, tuple[int, int], int, tuple[int, int], int]:
-        """(kind, grid, vocab, image size, channels) read from the file's metadata, without building the model."""
-        if self._is_dalle():
-            import pickle
-
-            from ..interop.dalle import dalle_config, read_dalle
-
-            check(self.dalle_img_size > 0, "tokenizer.dalle_img_size", "must be > 0")
-            try:
-                part, enc = read_dalle(self.checkpoint)
-                check(part == "encoder", "tokenizer.checkpoint", f"{self.checkpoint} is DALL-E's decoder; pass "
-                                                                 "encoder.pkl")
-                c = dalle_config(enc, img_size=self.dalle_img_size)
-                c.validate("tokenizer.dalle_img_size: ")
-            except (ValueError, pickle.UnpicklingError) as e:
-                if isinstance(e, ConfigError):
-                    raise
-                raise ConfigError(f"tokenizer.checkpoint: {e}") from e
-            return ("dvae", *get_kind("dvae").tokens(c))
-        with reading("tokenizer.checkpoint"):
-            meta = read_metadata(self.checkpoint)
-        kind = meta.get("kind", "")
-        spec = get_kind(kind) if kind in kinds() else None
-        tokenizers = [k for k in kinds() if get_kind(k).tokens is not None]
-        check(spec is not None and spec.tokens is not None, "tokenizer.checkpoint",
-              f"{self.checkpoint} holds a {kind or 'non-beitv2'} model, not a tokenizer ({' or '.join(tokenizers)})")
-        return (kind, *spec.tokens(from_dict(spec.config_class, json.loads(meta["config"]))))
 
 
 @dataclass
@@ -183,7 +131,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = resolve_config(PretrainConfig, args)
+    return execute(resolve_config(PretrainConfig, args))
+
+
+def execute(cfg: PretrainConfig) -> int:
+    """The command on a resolved, validated config (`run` from the command line; the demo's stages directly)."""
     check_rerun(cfg, arch=("model.",))
     dist = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
     quiet_other_ranks(dist.rank)

@@ -104,9 +104,13 @@ def _pair(v: tuple[int, ...], default: tuple[int, int]) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    return execute(resolve_config(SegmentConfig, args))
+
+
+def execute(cfg: SegmentConfig) -> int:
+    """The command on a resolved, validated config (`run` from the command line; the demo's stages directly)."""
     from ..engine import NonFiniteLossError, cleanup, init_distributed
 
-    cfg = resolve_config(SegmentConfig, args)
     dist = init_distributed(cfg.train.device)
     quiet_other_ranks(dist.rank)
     try:
@@ -243,56 +247,3 @@ def _write_outputs(out: Path, task, classes: list[str], norm: str, report: dict,
         log.info("segmentation: mIoU %.2f, mAcc %.2f, aAcc %.2f; outputs in %s", m["mIoU"], m["mAcc"], m["aAcc"],
                  out)
     write_metrics(out / "metrics.json", metrics)
-
-
-# --------------------------------------------------------------------------------------------- quickstart stage
-
-def quickstart_config(checkpoint: Path, root: str, out: Path, seed: int, fast: bool, progress: bool) -> dict:
-    """The `seg_fmnist_cpu` recipe at the quickstart's scale: 450 poly iterations of batch 8 (lr 2e-3, 30 warmup)
-    on 1,200 training compositions, mIoU on 200 test compositions (fast: 40 iterations, 160 / 40 compositions)."""
-    iters, train, val = (40, 160, 40) if fast else (450, 1200, 200)
-    return {"preset": "seg_fmnist_cpu",
-            "model": {"checkpoint": str(checkpoint)},
-            "data": {"kind": "fmnist", "path": root, "fmnist_train_size": train, "fmnist_val_size": val,
-                     "num_workers": 0},
-            "schedule": {"iters": iters, "eval_every_iters": 0},
-            "optim": {"lr": 2e-3, "warmup_steps": max(iters // 15, 1)},
-            "train": {"output_dir": str(out), "batch_size": 8, "seed": seed, "progress": progress,
-                      "tensorboard": False}}
-
-
-def quickstart_stage(out: Path, root: str, backbones: dict[str, Path], cfg_dir: Path, seed: int, fast: bool,
-                     progress: bool) -> dict[str, dict]:
-    """`beitv2 quickstart --segment`: the same segmentation schedule on each backbone; a section in report.md."""
-    import json
-    import shutil
-
-    import yaml
-
-    from ..cli import main
-
-    seg_dir = out / "segmentation"
-    shutil.rmtree(seg_dir, ignore_errors=True)
-    results: dict[str, dict] = {}
-    for i, (name, ckpt) in enumerate(backbones.items()):
-        run_dir = seg_dir / f"run{i}"
-        cfg = quickstart_config(ckpt, root, run_dir, seed, fast, progress)
-        preset = cfg.pop("preset")
-        cfg_dir.mkdir(parents=True, exist_ok=True)
-        path = cfg_dir / f"segment.run{i}.yaml"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        rc = main(["segment", "--preset", preset, "--config", str(path)])
-        m = json.loads((run_dir / "metrics.json").read_text()) if rc == 0 else {}
-        results[name] = {k: m.get(k) for k in ("mIoU", "mAcc", "aAcc")} | {"run": str(run_dir), "exit_code": rc}
-    iters = quickstart_config(Path("."), root, seg_dir, seed, fast, progress)["schedule"]["iters"]
-    lines = ["", "## Semantic segmentation (`--segment`)", "",
-             f"UperNet fine-tuned for {iters} iterations (batch 8) on the Fashion-MNIST composition (56 x 56 canvases "
-             "of 2-4 items, 11 classes), same schedule for every backbone (`beitv2 segment --preset seg_fmnist_cpu`, "
-             "configs in configs/segment.run*.yaml); test compositions:", "",
-             "| backbone | mIoU | mAcc | aAcc |", "|---|---:|---:|---:|"]
-    f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-    for name, r in results.items():
-        lines.append(f"| {name} | {f(r['mIoU'])} | {f(r['mAcc'])} | {f(r['aAcc'])} |")
-    with open(out / "report.md", "a") as fh:
-        fh.write("\n".join(lines) + "\n")
-    return results

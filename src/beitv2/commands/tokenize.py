@@ -22,11 +22,11 @@ from typing import Any, Literal
 
 import torch
 
-from ..config import check, check_output_dir, opt, reading
+from ..config import check, check_output_dir, opt
 from ..data import DataConfig
 from ..engine.precision import bf16_autocast
+from ..interop.tokenizer_ref import TokenizerRef, image_batches, load_tokenizer
 from ._training import configure_parser, resolve_config
-from .pretrain import TokenizerRef
 
 HELP = "turn images into tokenizer codes (code grids + image ids + usage statistics)"
 DESCRIPTION = __doc__
@@ -64,51 +64,6 @@ class TokenizeConfig:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     configure_parser(parser, TokenizeConfig)
-
-
-def load_tokenizer(ref: TokenizerRef, device: torch.device, data: DataConfig | None = None) -> tuple[Any, str]:
-    """(tokenizer in eval mode on ``device``, kind); a file of another kind exits 2 naming the option. ``data`` is set
-    to read images with the tokenizer's input channels (a grayscale tokenizer gets 'L' images), as the evaluation
-    commands do for their backbones."""
-    in_chans = ref.describe()[4]  # checks the kind, naming tokenizer.checkpoint
-    if data is not None and data.channels != in_chans:
-        log.info("data.channels %d -> %d to match the tokenizer's input channels", data.channels, in_chans)
-        data.channels = in_chans
-    with reading("tokenizer.checkpoint"):
-        tok, kind = ref.load()
-    return tok.to(device).eval().requires_grad_(False), kind
-
-
-def image_batches(data: DataConfig, split: str, tokenizer: Any, batch_size: int, progress: bool, desc: str,
-                  device: torch.device):
-    """Yield (images [B, C, H, W] in [0, 1] at the tokenizer's size, on ``device``, labels [B], ids) over a data
-    source; the loader ships uint8 images, converted on the device."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from ..data import EvalTransform, build_dataset, collate_skip_bad, for_loader, prepare_batch
-
-    size = tuple(int(s) for s in tokenizer.img_size) if not isinstance(tokenizer.img_size, int) else \
-        (tokenizer.img_size,) * 2
-    tf = EvalTransform(size, min(size), "bicubic", normalize="none", channels=data.channels)
-    ds = build_dataset(data, split, tf)  # type: ignore[arg-type]
-    check(ds is not None, "data.val_path", f"the {data.kind} source has no validation split")
-    files = getattr(ds.base, "files", None)
-    source = getattr(ds.base, "source_indices", None)  # Fashion-MNIST: ids are indices in the IDX file, not the subset
-    spec = ds.batch_spec
-    loader = DataLoader(for_loader(ds), batch_size=batch_size, shuffle=False, num_workers=data.num_workers,
-                        collate_fn=collate_skip_bad)
-    total = len(ds) if hasattr(ds.base, "__len__") else None
-    bar = tqdm(total=total, unit="img", desc=desc, disable=not progress, dynamic_ncols=True)
-    for batch in loader:
-        bar.update(len(batch.get("index", [])) + batch["num_skipped"])
-        if "image" not in batch:
-            continue
-        idx = batch["index"].tolist()
-        ids = [files[i] for i in idx] if files is not None else \
-            [int(source[i]) for i in idx] if source is not None else idx
-        yield prepare_batch({"image": batch["image"].to(device)}, spec)["image"], batch["label"], ids
-    bar.close()
 
 
 def usage_stats(counts: torch.Tensor, top: int) -> dict[str, Any]:

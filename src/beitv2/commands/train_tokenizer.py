@@ -120,7 +120,11 @@ def warn_unused_codes(stats: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = resolve_config(TrainTokenizerConfig, args)
+    return execute(resolve_config(TrainTokenizerConfig, args))
+
+
+def execute(cfg: TrainTokenizerConfig) -> int:
+    """The command on a resolved, validated config (`run` from the command line; the demo's stages directly)."""
     check_rerun(cfg, arch=("tokenizer.",))
     dist = init_distributed(cfg.train.device, cfg.train.dist_timeout_min)
     quiet_other_ranks(dist.rank)

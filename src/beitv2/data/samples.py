@@ -12,18 +12,26 @@ slot) draw different operations; and the caller's three RNG states are restored 
 data set, so with ``persistent_workers=True`` a later `set_epoch` does not reach them; for that case a sampler may
 pass ``(epoch, index)`` pairs instead of indices (`beitv2.engine.sampler.ResumableSampler` with ``with_epoch=True``,
 what the trainer does with persistent workers), and the sample is made for that epoch.
+
+`TrainingData` is what the training loop is told about its data instead of asking the data set: the batch layout
+(which views arrive as uint8), the epoch length of a stream, the per-epoch call and whether persistent workers may
+keep their copy. Every wrapper here states it (`training_data`), and `training_data(ds)` turns anything a caller
+hands the trainer into one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, IterableDataset
+
+from .transforms import ImageSpec
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -50,7 +58,50 @@ def seeded_rngs(seed: int):
             np.random.set_state(np_state)
 
 
-class SeededDataset(Dataset):
+@dataclass(frozen=True)
+class TrainingData:
+    """The training loop's contract with its data (`beitv2.engine.Trainer` reads only these fields).
+
+    ``dataset`` is what the DataLoader iterates: map-style (a sampler picks indices) or a stream, an
+    ``IterableDataset`` that is handed its share of each epoch through ``set_plan`` (`beitv2.engine.sampler.StreamPlan`)
+    and whose epoch length, ``num_samples`` (over all processes), it cannot count itself. ``batch_spec`` names the
+    uint8 views of a batch and how each becomes float on the device (`beitv2.data.transforms.prepare_batch`).
+    ``set_epoch`` is called before each epoch's iterator is made. ``epoch_indexable``: the data set accepts
+    ``(epoch, index)`` keys, so persistent workers make each epoch's samples from their own copy."""
+
+    dataset: Dataset
+    batch_spec: Mapping[str, ImageSpec] = field(default_factory=dict)
+    set_epoch: Callable[[int], None] | None = None
+    epoch_indexable: bool = False
+    num_samples: int = 0
+    set_plan: Callable[[Any], None] | None = None
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.dataset, IterableDataset)
+
+
+class TrainingSource:
+    """A data set that states its `TrainingData` itself (the wrappers here, `beitv2.data.segmentation`'s epochs)."""
+
+    def training_data(self) -> TrainingData:
+        raise NotImplementedError
+
+
+def training_data(data: TrainingData | Dataset) -> TrainingData:
+    """What the trainer is told about ``data``: a `TrainingData` as given, a `TrainingSource`'s own statement, or,
+    for any other map-style data set, float batches without per-epoch state."""
+    if isinstance(data, TrainingData):
+        return data
+    if isinstance(data, TrainingSource):
+        return data.training_data()
+    if isinstance(data, IterableDataset):
+        raise TypeError(f"a streamed data set ({type(data).__name__}) needs its epoch length and plan: pass "
+                        "TrainingData(stream, num_samples=..., set_plan=stream.set_plan)")
+    return TrainingData(data)
+
+
+class SeededDataset(TrainingSource, Dataset):
     """Base wrapper: fetch ``base[index]``, then ``make(img, label, index, rng)`` under seeded RNGs.
 
     ``None`` items (unreadable files) pass through as ``None`` for `beitv2.data.collate_skip_bad` to drop.
@@ -66,11 +117,14 @@ class SeededDataset(Dataset):
         self.epoch = 0
 
     @property
-    def batch_spec(self) -> dict[str, Any]:
+    def batch_spec(self) -> dict[str, ImageSpec]:
         """``{sample key: ImageSpec}`` for the views the transform returns as uint8 (`beitv2.data.transforms`): what
         `prepare_batch` applies to a batch on the device. Empty for float views."""
         specs = getattr(self.__dict__.get("transform"), "specs", None) or ()
         return {k: s for k, s in zip(self.view_keys, specs) if s is not None}
+
+    def training_data(self) -> TrainingData:
+        return TrainingData(self, self.batch_spec, self.set_epoch, self.epoch_indexable)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -162,12 +216,21 @@ class TransformDataset(SeededDataset):
         return {"image": self.transform(img)}
 
 
-class IterableView(IterableDataset):
-    """Streams a `SeededDataset` whose base is an ``IterableDataset`` (WebDataset shards); the stream's
-    ``num_samples`` / `set_plan` (what the training engine needs, see `beitv2.data.shards`) pass through."""
+class IterableView(TrainingSource, IterableDataset):
+    """Streams a `SeededDataset` whose base is an ``IterableDataset`` (WebDataset shards, `beitv2.data.shards`): the
+    stream's epoch length (``num_samples``) and `set_plan` are what the training engine needs. A stream has no
+    length."""
 
     def __init__(self, wrapped: SeededDataset):
         self.wrapped = wrapped
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.wrapped.base.num_samples)
+
+    @property
+    def batch_spec(self) -> dict[str, ImageSpec]:
+        return self.wrapped.batch_spec
 
     def set_epoch(self, epoch: int) -> None:
         self.wrapped.set_epoch(epoch)
@@ -175,11 +238,9 @@ class IterableView(IterableDataset):
     def set_plan(self, plan: Any) -> None:
         self.wrapped.base.set_plan(plan)
 
-    def __getattr__(self, name: str) -> Any:
-        # `num_samples`, `bad_files`, ... of the stream; never `__len__` & co (a stream has no length)
-        if name == "wrapped" or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(self.wrapped, name)
+    def training_data(self) -> TrainingData:
+        return TrainingData(self, self.batch_spec, self.set_epoch, num_samples=self.num_samples,
+                            set_plan=self.set_plan)
 
     def __iter__(self) -> Iterator[dict[str, Any] | None]:
         for position, item in enumerate(self.wrapped.base):

@@ -42,7 +42,7 @@ from torchvision.transforms.v2 import functional as TF
 from ..config import check, opt
 from .fmnist import FASHION_MNIST_CLASSES, FashionMNIST
 from .images import BadFileLog, BadImageError, load_image
-from .samples import sample_seed
+from .samples import TrainingData, TrainingSource, sample_seed
 
 IGNORE_INDEX = 255
 
@@ -397,7 +397,7 @@ class SegmentationSamples(Dataset):
         return getattr(self.base, name)
 
 
-class IterationEpochs(Dataset):
+class IterationEpochs(TrainingSource, Dataset):
     """An iteration-based schedule on the epoch-based engine: one "epoch" is ``length`` samples drawn from the
     source as an endless sequence of seeded permutations (every image once per pass, as mmseg's infinite sampler).
     Virtual epoch ``e`` holds positions ``e * length .. (e + 1) * length - 1`` of that sequence."""
@@ -409,6 +409,9 @@ class IterationEpochs(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
         self.samples.set_epoch(epoch)
+
+    def training_data(self) -> TrainingData:
+        return TrainingData(self, set_epoch=self.set_epoch)
 
     def __len__(self) -> int:
         return self.length

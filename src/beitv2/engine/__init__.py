@@ -1,5 +1,6 @@
 """The training engine shared by every command: optimizer, schedules, precision, DDP, checkpoints, logging."""
 
+from ..data.samples import TrainingData
 from .config import OptimConfig, TrainConfig
 from .distributed import DistInfo, cleanup, init_distributed, seed_everything
 from .optim import build_optimizer, param_groups, set_schedule
@@ -14,6 +15,7 @@ __all__ = [
     "OptimConfig",
     "TrainConfig",
     "Trainer",
+    "TrainingData",
     "build_optimizer",
     "cleanup",
     "cosine_schedule",

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..config import check, opt
+from .logger import WANDB_MISSING, wandb_available
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "relative_position_bias_table")
 OFFICIAL_NO_DECAY_NAMES = ("pos_embed", "cls_token")
@@ -106,8 +107,6 @@ class TrainConfig:
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), f"{prefix}device",
               f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.wandb:
-            from .logger import WANDB_MISSING, wandb_available
-
             check(wandb_available(), f"{prefix}wandb", WANDB_MISSING)
         if self.resume not in ("auto", "none"):
             check(Path(self.resume).is_dir(), f"{prefix}resume", f"checkpoint directory not found: {self.resume}")

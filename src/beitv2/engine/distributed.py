@@ -31,6 +31,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError, one_line
+from ..utils.files import WriteError
+
 log = logging.getLogger("beitv2.engine")
 
 
@@ -159,8 +162,6 @@ def failure_line(exc: BaseException) -> tuple[str, int]:
     """(one line, exit code) saying why a command failed: 2 for a configuration error, 128 + SIGINT for Ctrl-C (the
     second one in training, where the first asks for a checkpoint), else 1. An exception re-raised from a
     data-loader worker (whose message carries the worker's traceback) is told by the worker's last line."""
-    from ..config import ConfigError, one_line
-
     if isinstance(exc, ConfigError):
         return f"configuration error: {one_line(exc, 1000)}", 2
     if isinstance(exc, KeyboardInterrupt):
@@ -172,8 +173,6 @@ def failure_line(exc: BaseException) -> tuple[str, int]:
         last = next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), m.group(1))
         where = m.group(2).replace("DataLoader worker process", "data-loader worker")
         return f"failed in {where}: {one_line(Exception(last))}", 1
-    from .state import WriteError
-
     if isinstance(exc, WriteError):
         return f"failed: {one_line(exc, 1000)}", 1
     return f"failed: {type(exc).__name__}: {one_line(exc)}", 1

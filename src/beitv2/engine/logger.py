@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, one_line
-from ..utils.files import write_failure
-from .state import WriteError
+from ..utils.files import WriteError, write_failure
 
 log = logging.getLogger("beitv2.engine")
 

@@ -62,8 +62,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, *, layer_id_fn: LayerIdF
 
     ``fused`` None (default) uses PyTorch's fused AdamW kernel where every parameter is a floating-point tensor on CPU
     or CUDA: the same update in one kernel per parameter group instead of a dozen element-wise ops per tensor, and it
-    takes ``found_inf`` so the trainer can skip a non-finite step without a host sync. False: PyTorch's default
-    (for-loop on CPU, foreach on CUDA; the eager baseline of benchmarks/bench_train_step.py)."""
+    takes a GradScaler's found-inf flag, so the trainer can skip a non-finite step without a host sync. False:
+    PyTorch's default (for-loop on CPU, foreach on CUDA; the eager baseline of benchmarks/bench_train_step.py)."""
     groups = param_group_fn(model) if param_group_fn is not None else param_groups(model, cfg, layer_id_fn, num_layers)
     for g in groups:
         g.setdefault("lr_scale", 1.0)

@@ -88,3 +88,18 @@ def autocast(device: torch.device, precision: str):
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
     """Enabled only for fp16; bf16 has fp32's exponent range and needs no scaling."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def step_scaler(loss_scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer,
+                device: torch.device) -> torch.amp.GradScaler:
+    """The scaler that drives each optimizer step, so that a step with non-finite gradients is skipped on the
+    device, without a host read: fp16's loss scaler does that itself. Otherwise, for a fused optimizer (which takes
+    PyTorch's found-inf flag from a GradScaler), a scaler fixed at scale 1: it scales nothing, finds non-finite
+    gradients while "unscaling" them by 1 and hands the flag to the optimizer's step; `Trainer` keeps its scale at 1
+    (``update(1.0)``). Other optimizers cannot skip on the device: a disabled scaler, the step is applied."""
+    if loss_scaler.is_enabled():
+        return loss_scaler
+    fused = bool(optimizer.defaults.get("fused"))
+    scaler = torch.amp.GradScaler(device.type, init_scale=1.0, enabled=fused)
+    scaler.scale(torch.zeros((), device=device))  # creates its scale tensor on the device (no host read later)
+    return scaler

@@ -1,4 +1,5 @@
-"""Training checkpoints: one directory per checkpoint, written atomically, and the auto-resume search.
+"""Training checkpoints: one directory per checkpoint, written atomically, the auto-resume search, and the
+`Checkpointer` that saves and resumes a run (weights, optimizer, loss scaler, step, every process's RNG states).
 
 Layout of ``output_dir``::
 
@@ -6,6 +7,7 @@ Layout of ``output_dir``::
     ckpt-<global_step>/train_state.pt      optimizer, scaler, global step, next (epoch, step_in_epoch), RNG states,
                                            config
     latest                                 text file naming the newest checkpoint directory
+    model.safetensors                      the finished run's weights
 
 A checkpoint is assembled in ``.tmp-ckpt-<step>-<pid>`` and renamed into place (``os.replace``), so a directory named
 ``ckpt-*`` is always complete; a killed process leaves only a temporary directory, which resume ignores and the next
@@ -17,27 +19,33 @@ plain Python values and is read with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import logging
 import os
 import random
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..utils.files import atomic_write_text, write_failure
+from ..checkpoint import load_state_dict, save_model
+from ..config import to_dict
+from ..utils.files import WriteError, atomic_write_text, write_failure
+from . import distributed as D
+
+log = logging.getLogger("beitv2.engine")
+__all__ = ["Checkpointer", "WriteError", "find_resume", "list_checkpoints", "load_train_state", "rng_state",
+           "save_checkpoint", "set_rng_state"]
 
 WEIGHTS = "model.safetensors"
 STATE = "train_state.pt"
 LATEST = "latest"
 _CKPT_RE = re.compile(r"^ckpt-(\d+)$")
-
-
-class WriteError(RuntimeError):
-    """A checkpoint or model file could not be written (a full disk, an unwritable folder); the message says why and
-    what was kept. Nothing half-written is left behind."""
 
 
 def is_complete(path: Path) -> bool:
@@ -71,8 +79,6 @@ def find_resume(out_dir: Path, resume: str) -> Path | None:
 
 def save_checkpoint(out_dir: Path, step: int, model: nn.Module, train_state: dict, keep_last: int) -> Path:
     """Write ``ckpt-<step>`` atomically, point ``latest`` at it and delete all but the newest ``keep_last``."""
-    from ..checkpoint import save_model
-
     out_dir = Path(out_dir)
     final = out_dir / f"ckpt-{step}"
     tmp = out_dir / f".tmp-ckpt-{step}-{os.getpid()}"
@@ -111,8 +117,6 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, train_state: dic
 
 def load_weights(model: nn.Module, path: Path) -> None:
     """Load a checkpoint's weights into an existing model, strictly."""
-    from ..checkpoint import load_state_dict
-
     model.load_state_dict(load_state_dict(path), strict=True)
 
 
@@ -144,3 +148,90 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    """Saves and resumes one training run. `resume` and `save` are collective (every process calls them); rank 0
+    reads and writes the files.
+
+    What makes a resumed run step-exact: the weights, the optimizer and loss-scaler state, the global step (from
+    which the loop finds its epoch and micro-batch) and each process's RNG states. The data's own randomness is a
+    function of (seed, epoch, index) and needs no state."""
+
+    def __init__(self, out: Path, dist: D.DistInfo, *, resume: str, seed: int, keep_last: int, run_config: Any):
+        self.out, self.dist, self.resume_from, self.seed, self.keep_last = Path(out), dist, resume, seed, keep_last
+        self.run_config = run_config  # recorded in every checkpoint
+
+    def resume(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               steps_per_epoch: int) -> tuple[Path | None, int]:
+        """(the checkpoint resumed from, its global step), or (None, 0) for a fresh run, which seeds every RNG from
+        ``seed + rank``. A different world size restores no RNG state (there is one per process): it re-seeds."""
+        ckpt = find_resume(self.out, self.resume_from) if self.dist.is_main else None
+        ckpt = D.broadcast_object(str(ckpt) if ckpt else None)
+        rank = self.dist.rank
+        if ckpt is None:
+            D.seed_everything(self.seed + rank)
+            return None, 0
+        ckpt = Path(ckpt)
+        load_weights(model, ckpt)
+        st = load_train_state(ckpt)
+        optimizer.load_state_dict(st["optimizer"])
+        scaler.load_state_dict(st["scaler"])
+        step = int(st["global_step"])
+        if st.get("steps_per_epoch") != steps_per_epoch:
+            log.warning("resuming with %d steps per epoch (checkpoint: %s); the data order differs from the "
+                        "original run", steps_per_epoch, st.get("steps_per_epoch"))
+        rngs = st.get("rng", [])
+        if len(rngs) == self.dist.world_size:
+            set_rng_state(rngs[rank])
+            cuda_seed = D.cuda_seed_for_resume(rngs[rank], self.dist.device.type, self.seed, rank, step)
+            if cuda_seed is not None:
+                torch.cuda.manual_seed(cuda_seed)
+        else:
+            log.warning("world size changed (%d -> %d): re-seeding instead of restoring RNG states", len(rngs),
+                        self.dist.world_size)
+            D.seed_everything(self.seed + rank + step)
+        return ckpt, step
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
+             global_step: int, steps_per_epoch: int, accum_steps: int, total_steps: int) -> Path | None:
+        """Every rank contributes its RNG state; rank 0 writes ``ckpt-<global_step>`` (its path; None elsewhere)."""
+        rngs = D.all_gather_object(rng_state())
+        path = None
+        if self.dist.is_main:
+            epoch, step_in_epoch = divmod(global_step, steps_per_epoch)
+            st = {"global_step": global_step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+                  "steps_per_epoch": steps_per_epoch, "accum_steps": accum_steps, "total_steps": total_steps,
+                  "world_size": self.dist.world_size, "optimizer": optimizer.state_dict(),
+                  "scaler": scaler.state_dict(), "rng": rngs,
+                  "config": to_dict(self.run_config) if self.run_config is not None else {}}
+            path = save_checkpoint(self.out, global_step, model, st, self.keep_last)
+        D.barrier()
+        return path
+
+    def save_final(self, model: nn.Module, last_checkpoint: Path | None) -> None:
+        """The finished run's ``model.safetensors`` (rank 0)."""
+        if self.dist.is_main:
+            path = self.out / WEIGHTS
+            try:
+                save_model(path, model)
+            except Exception as e:
+                kept = f"; the last checkpoint, {last_checkpoint}, holds the same weights" if last_checkpoint else ""
+                raise WriteError(f"could not write {path}: {write_failure(e, self.out)}{kept}") from e
+        D.barrier()
+
+    def record_rank_sync(self, model: nn.Module, global_step: int) -> None:
+        """Collective: all ranks must hold identical weights (incl. buffers such as an EMA codebook); rank 0 records
+        every rank's digest in ``metrics.jsonl`` and warns when they differ."""
+        h = hashlib.sha256()
+        for k, v in sorted(model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digests = D.all_gather_object(h.hexdigest())
+        if self.dist.is_main:
+            in_sync = len(set(digests)) == 1
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"type": "rank_sync", "step": global_step, "in_sync": in_sync,
+                                    "digests": digests}) + "\n")
+            if not in_sync:
+                log.warning("model weights differ between ranks: %s", digests)

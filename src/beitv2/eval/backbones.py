@@ -5,15 +5,17 @@ without a final norm; any registered kind with a ViT backbone) or from an untrai
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from ..checkpoint import ModelFile, read_model_file
 from ..config import ConfigError, check, opt, reading
 from ..models.backbone import BEiTViT, ViTConfig
+from ..models.presets import get_preset, list_presets
 from ..models.registry import ModelKind, get_kind, kinds
 
 
@@ -33,8 +35,6 @@ class ModelSource:
         if self.random_init:
             check(bool(self.preset), prefix + "preset", "name the preset to initialise randomly")
             check(not self.checkpoint, prefix + "checkpoint", "give either a checkpoint or random_init, not both")
-            from ..models.presets import list_presets
-
             check(self.preset in list_presets(), prefix + "preset",
                   f"unknown preset {self.preset!r} (known: {', '.join(list_presets())})")
         else:
@@ -45,7 +45,17 @@ class ModelSource:
                   f"not found: {self.checkpoint}")
 
 
-def _with_backbone(kind: str, field: str, where: str) -> ModelKind:
+class Backbone(NamedTuple):
+    """A ViT backbone as read from its source, not built yet."""
+
+    config: ViTConfig
+    state: dict[str, torch.Tensor] | None  # None: random init
+    description: str
+    kind: str  # the file's kind ('' for a random init)
+
+
+def with_vit_backbone(kind: str, field: str, where: str) -> ModelKind:
+    """The registered kind ``kind`` if it has a ViT backbone, else a ConfigError naming ``field``."""
     spec = get_kind(kind) if kind in kinds() else None
     if spec is None or spec.backbone is None:
         known = ", ".join(k for k in kinds() if get_kind(k).backbone is not None)
@@ -53,16 +63,24 @@ def _with_backbone(kind: str, field: str, where: str) -> ModelKind:
     return spec
 
 
-def backbone_from_kind(kind: str, cfg_dict: dict, state: dict[str, torch.Tensor], filt: str, where: str
-                       ) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
-    """(ViT config, ViT state dict) of a beitv2 model file of any kind with a ViT backbone (the registry says where
-    it sits: a VQ-KD's encoder, a MIM model without its pre-training head, ...)."""
-    from ..config import from_dict
+def backbone_of_file(f: ModelFile, filt: str = "") -> Backbone:
+    """The ViT config and weights inside a beitv2 model file of any kind with a ViT backbone (the registry says
+    where it sits: a VQ-KD's encoder, a MIM model without its pre-training head, ...)."""
+    if filt == "encoder" and f.kind != "vqkd":
+        raise ConfigError(f"model.filter: 'encoder' needs a vqkd checkpoint, {f.path} is a {f.kind!r} model")
+    spec = with_vit_backbone(f.kind, "model.checkpoint", str(f.path))
+    return Backbone(spec.backbone_config(f.config), spec.backbone_state(f.state), f.describe(), f.kind)
 
-    if filt == "encoder" and kind != "vqkd":
-        raise ConfigError(f"model.filter: 'encoder' needs a vqkd checkpoint, {where} is a {kind!r} model")
-    spec = _with_backbone(kind, "model.checkpoint", where)
-    return spec.backbone_config(from_dict(spec.config_class, cfg_dict)), spec.backbone_state(state)
+
+def read_source(src: ModelSource) -> Backbone:
+    """The backbone ``src`` names, read without building it: a random init of a preset, or a beitv2 model file."""
+    if src.random_init:
+        kind, cfg = get_preset(src.preset)
+        cfg = with_vit_backbone(kind, "model.preset", f"preset {src.preset!r}").backbone_config(cfg)
+        return Backbone(cfg, None, f"random init of preset {src.preset}", "")
+    with reading("model.checkpoint"):
+        f = read_model_file(src.checkpoint)
+    return backbone_of_file(f, src.filter)
 
 
 # kinds whose backbone has no final LayerNorm (a segmenter reads the raw block outputs, as the official UperNet does):
@@ -70,38 +88,9 @@ def backbone_from_kind(kind: str, cfg_dict: dict, state: dict[str, torch.Tensor]
 NO_FINAL_NORM = ("segmenter",)
 
 
-def read_source(src: ModelSource) -> tuple[ViTConfig, dict[str, torch.Tensor] | None, str]:
-    """(ViT config, weights or None for random init, description) without building the model."""
-    cfg, state, desc, _ = _read_source(src)
-    return cfg, state, desc
-
-
-def _read_source(src: ModelSource) -> tuple[ViTConfig, dict[str, torch.Tensor] | None, str, str]:
-    """`read_source` and the file's kind ('' for a random init)."""
-    if src.random_init:
-        from ..models.presets import get_preset
-
-        kind, cfg = get_preset(src.preset)
-        cfg = _with_backbone(kind, "model.preset", f"preset {src.preset!r}").backbone_config(cfg)
-        return cfg, None, f"random init of preset {src.preset}", ""
-    from ..checkpoint import load_state_dict, read_metadata, resolve_weights
-
-    with reading("model.checkpoint"):
-        path = resolve_weights(src.checkpoint)
-        if path.suffix != ".safetensors":
-            raise ConfigError(f"model.checkpoint: {path} is not a beitv2 safetensors file (official .pth files: use "
-                              "`beitv2 convert` first, or `beitv2 finetune`)")
-        meta = read_metadata(path)
-        if "kind" not in meta or "config" not in meta:
-            raise ConfigError(f"model.checkpoint: {path} has no beitv2 metadata (kind/config)")
-        cfg, state = backbone_from_kind(meta["kind"], json.loads(meta["config"]), load_state_dict(path), src.filter,
-                                        str(path))
-    return cfg, state, f"{meta['kind']} checkpoint {path}", meta["kind"]
-
-
 def load_backbone(src: ModelSource) -> tuple[BEiTViT, str]:
     """A frozen ViT (eval mode, no gradients, no classifier) and a description of where it came from."""
-    cfg, state, desc, kind = _read_source(src)
+    cfg, state, desc, kind = read_source(src)
     cfg.num_classes = 0
     model = BEiTViT(cfg)
     if kind in NO_FINAL_NORM:

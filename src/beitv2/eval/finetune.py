@@ -21,14 +21,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint import read_model_file, resolve_weights, save_model
 from ..config import ConfigError, check, opt, reading
 from ..engine import distributed as D
+from ..interop.official import infer_vit_fields, read_official_state_dict
 from ..models.backbone import BEiTViT, ViTConfig, to_2tuple
 from ..models.registry import ModelKind, get_kind, register
 from ..models.relpos import resize_state_dict, shared_table_to_per_layer
 from ..tasks import TrainTask
-from .backbones import ModelSource, read_source
-from .metrics import confusion_matrix, topk_correct
+from .backbones import Backbone, ModelSource, backbone_of_file, read_source
+from .metrics import confusion_matrix, topk_correct, write_metrics
 
 log = logging.getLogger("beitv2.eval")
 
@@ -97,12 +99,10 @@ def layer_id_fn(depth: int, prefix: str = "") -> Callable[[str], int]:
 
 # ------------------------------------------------------------------------------------------ model preparation
 
-def _read_official(mcfg: FinetuneModelConfig) -> tuple[ViTConfig, dict[str, torch.Tensor], str]:
+def _read_official(mcfg: FinetuneModelConfig, path: Path) -> Backbone:
     """An official microsoft/unilm .pth file (pre-training, classifier, or with filter 'encoder' a VQ-KD tokenizer),
     read and described by the interop helper (`beitv2.interop.official`)."""
-    from ..interop.official import infer_vit_fields, read_official_state_dict
-
-    state = read_official_state_dict(mcfg.checkpoint)
+    state = read_official_state_dict(path)
     what = f"official checkpoint {mcfg.checkpoint}"
     if mcfg.filter == "encoder":  # official --model_filter_name encoder
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
@@ -110,17 +110,20 @@ def _read_official(mcfg: FinetuneModelConfig) -> tuple[ViTConfig, dict[str, torc
             raise ConfigError(f"model.filter: {mcfg.checkpoint} has no 'encoder.' keys")
     state = {k: v for k, v in state.items() if not k.endswith("relative_position_index")}
     fields, _ = infer_vit_fields(state, what)
-    return ViTConfig(**fields), state, what
+    return Backbone(ViTConfig(**fields), state, what, "official")
 
 
-def read_finetune_source(mcfg: FinetuneModelConfig) -> tuple[ViTConfig, dict[str, torch.Tensor] | None, str]:
-    if not mcfg.random_init:
-        from ..checkpoint import resolve_weights
-
-        with reading("model.checkpoint"):
-            if resolve_weights(mcfg.checkpoint).suffix != ".safetensors":
-                return _read_official(mcfg)
-    return read_source(mcfg)
+def read_finetune_source(mcfg: FinetuneModelConfig) -> Backbone:
+    """The backbone to fine-tune: a beitv2 model file of any kind with a ViT backbone, an official .pth file, or a
+    random init of a preset."""
+    if mcfg.random_init:
+        return read_source(mcfg)
+    with reading("model.checkpoint"):
+        path = resolve_weights(mcfg.checkpoint)
+        if path.suffix != ".safetensors":
+            return _read_official(mcfg, path)
+        f = read_model_file(path)
+    return backbone_of_file(f, mcfg.filter)
 
 
 def finetune_config(src: ViTConfig, mcfg: FinetuneModelConfig, num_classes: int) -> ViTConfig:
@@ -155,11 +158,10 @@ def remap_state_dict(state: dict[str, torch.Tensor], src: ViTConfig, dst: ViTCon
     return out
 
 
-def build_finetune_model(mcfg: FinetuneModelConfig, num_classes: int,
-                         source: tuple[ViTConfig, dict[str, torch.Tensor] | None, str] | None = None
+def build_finetune_model(mcfg: FinetuneModelConfig, num_classes: int, source: Backbone | None = None
                          ) -> tuple[BEiTViT, dict[str, Any]]:
     """The classifier and a report (source, missing/unexpected keys, resolution change)."""
-    src_cfg, state, desc = source if source is not None else read_finetune_source(mcfg)
+    src_cfg, state, desc, _ = source if source is not None else read_finetune_source(mcfg)
     cfg = finetune_config(src_cfg, mcfg, num_classes)
     model = BEiTViT(cfg)
     report: dict[str, Any] = {"source": desc, "src_img_size": list(src_cfg.img_hw), "img_size": list(cfg.img_hw)}
@@ -314,9 +316,6 @@ class ClassificationTask(TrainTask):
         return out
 
     def _save_best(self) -> None:
-        from ..checkpoint import save_model
-        from .metrics import write_metrics
-
         net = classifier_of(self.model)
         save_model(self.out / "best" / "model.safetensors", net)
         write_metrics(self.out / "best" / "metrics.json", self.best)

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import check, opt
+from .metrics import accuracy
+from .splits import SplitFeatures
 
 
 @dataclass
@@ -66,3 +68,21 @@ def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats:
             kk = min(k, kmax)
             out[k].append((one_hot[:, :kk] * weights[:, :kk, None]).sum(dim=1).cpu())
     return {k: torch.cat(v) if v else torch.zeros(0, num_classes) for k, v in out.items()}
+
+
+def evaluate_knn(feats: SplitFeatures, cfg: KNNConfig, device: torch.device | None = None) -> dict:
+    """{'layers': {block: {k: {acc1, acc5}}}, best block / k, counts} of the k-NN vote of every block and k in
+    ``cfg`` (the `beitv2 knn` command's metrics, also the quickstart's raw-pixel and CNN rows)."""
+    ks = tuple(sorted({int(k) for k in cfg.k}))
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    best = (-1.0, 0, 0)
+    for x in sorted(feats.val):
+        scores = knn_scores(feats.train[x], feats.train_labels, feats.val[x], feats.num_classes, ks,
+                            cfg.temperature, cfg.chunk_size, device=device)
+        results[str(x)] = {str(k): accuracy(scores[k], feats.val_labels) for k in ks}
+        for k in ks:
+            best = max(best, (results[str(x)][str(k)]["acc1"], x, k))
+    return {"layers": results, "best_layer": best[1], "best_k": best[2], "acc1": best[0],
+            "acc5": results[str(best[1])][str(best[2])]["acc5"], "temperature": cfg.temperature,
+            "num_train": int(len(feats.train_labels)), "num_val": int(len(feats.val_labels)),
+            "num_classes": feats.num_classes}

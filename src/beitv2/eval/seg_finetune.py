@@ -19,11 +19,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..checkpoint import load_model, read_metadata, resolve_weights
 from ..config import ConfigError, check, opt
 from ..models.backbone import ViTConfig
 from ..models.segmenter import Segmenter, SegmenterConfig
 from ..tasks import TrainTask
-from .backbones import ModelSource
+from .backbones import Backbone, ModelSource
+from .finetune import FinetuneModelConfig, read_finetune_source, remap_state_dict
 from .segmentation import (
     all_reduce_confusion,
     confusion_matrix,
@@ -63,9 +65,7 @@ class SegModelConfig(ModelSource):
         check(0 <= self.dropout < 1, prefix + "dropout", "must be in [0, 1)")
 
 
-def _read_backbone(mcfg: SegModelConfig) -> tuple[ViTConfig, dict[str, torch.Tensor] | None, str]:
-    from .finetune import FinetuneModelConfig, read_finetune_source
-
+def _read_backbone(mcfg: SegModelConfig) -> Backbone:
     src = FinetuneModelConfig(checkpoint=mcfg.checkpoint, filter=mcfg.filter, preset=mcfg.preset,
                               random_init=mcfg.random_init)
     return read_finetune_source(src)
@@ -93,9 +93,7 @@ def build_segmenter(mcfg: SegModelConfig, num_classes: int) -> tuple[Segmenter, 
                 raise ConfigError(f"model.checkpoint: {desc} predicts {model.cfg.num_classes} classes, the data has "
                                   f"{num_classes}")
             return model.train(), {"source": desc, "whole_model": True}
-    from .finetune import remap_state_dict
-
-    src, state, desc = _read_backbone(mcfg)
+    src, state, desc, _ = _read_backbone(mcfg)
     cfg = segmenter_config(src, mcfg, num_classes)
     cfg.validate("model.")
     model = Segmenter(cfg)
@@ -123,8 +121,6 @@ def _load_whole(path: str) -> tuple[Segmenter, str] | None:
 
         model, _ = import_hf_segmentation(p)
         return model, f"transformers BeitForSemanticSegmentation {p}"
-    from ..checkpoint import load_model, read_metadata, resolve_weights
-
     try:
         w = resolve_weights(p)
     except FileNotFoundError:

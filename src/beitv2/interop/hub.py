@@ -1,8 +1,6 @@
-"""The Hugging Face hub: ``hf-hub:ORG/NAME[@REVISION]`` wherever a checkpoint path is taken, and model folders that
-``huggingface_hub.upload_folder`` can publish as they are.
-
-Downloads go through huggingface_hub (``hf_hub_download``), so its cache, ``HF_HOME``/``HF_HUB_CACHE``, tokens and
-``HF_HUB_OFFLINE=1`` (cache only, no network) apply unchanged.
+"""The Hugging Face hub: model folders that ``huggingface_hub.upload_folder`` can publish as they are, read back
+wherever a checkpoint path is taken as ``hf-hub:ORG/NAME[@REVISION]`` (`beitv2.checkpoint.resolve_weights`, through
+``hf_hub_download``, so its cache, ``HF_HOME``/``HF_HUB_CACHE``, tokens and ``HF_HUB_OFFLINE=1`` apply unchanged).
 """
 
 from __future__ import annotations
@@ -11,29 +9,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-PREFIX = "hf-hub:"
-WEIGHTS_NAME = "model.safetensors"
+from ..checkpoint import WEIGHTS_NAME, is_hub_ref, kind_of, save_model
+from ..config import to_dict
 
-
-def is_hub_ref(path: Any) -> bool:
-    return isinstance(path, (str, Path)) and str(path).startswith(PREFIX)
-
-
-def parse_hub_ref(ref: str) -> tuple[str, str | None]:
-    """'hf-hub:ORG/NAME@REV' -> ('ORG/NAME', 'REV'); the revision is optional."""
-    repo = str(ref)[len(PREFIX):]
-    repo, _, rev = repo.partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise ValueError(f"{ref}: expected hf-hub:ORG/NAME[@REVISION]")
-    return repo, rev or None
-
-
-def hub_weights(ref: str, filename: str = WEIGHTS_NAME) -> Path:
-    """The local path of ``filename`` of the hub repo ``ref`` (downloaded into, or read from, the HF cache)."""
-    from huggingface_hub import hf_hub_download
-
-    repo, rev = parse_hub_ref(ref)
-    return Path(hf_hub_download(repo, filename, revision=rev))
+# references are parsed and downloaded where files are resolved (`beitv2.checkpoint.resolve_weights`); this module
+# writes the folders published to the hub
+__all__ = ["is_hub_ref", "model_card", "save_for_hub"]
 
 
 def model_card(kind: str, config: dict, library: str, extra: str = "") -> str:
@@ -48,9 +29,6 @@ def model_card(kind: str, config: dict, library: str, extra: str = "") -> str:
 def save_for_hub(model: Any, out_dir: str | Path, extra_meta: dict[str, str] | None = None) -> Path:
     """A folder to upload as is: our ``model.safetensors`` (weights + kind + config, what `load_model` reads, also
     as ``hf-hub:ORG/NAME``), ``config.json`` (kind and config) and a README.md model card."""
-    from ..checkpoint import kind_of, save_model
-    from ..config import to_dict
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_model(out / WEIGHTS_NAME, model, extra=extra_meta)

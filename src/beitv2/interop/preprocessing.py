@@ -24,6 +24,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..models.backbone import ViTConfig
+from ..models.registry import backbone_config, backbone_state_dict, kind_of
+
 SMALL_IMAGE_MAX = 32  # the fine-tuning command's small-image rule: inputs this small are evaluated without a resize
 PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
 # ITU-R 601-2 luma with PIL's fixed-point weights (Image.convert('L')); they sum to exactly 1, so a gray pixel
@@ -96,12 +99,25 @@ def read_run_config(model_path: str | Path | None) -> dict:
     return {}
 
 
+def backbone_of(model: nn.Module) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
+    """(config, state dict) of the exportable ViT of a model of any kind with a ViT backbone (a BEiTViT, the
+    backbone of a BEiTv2ForMIM, a VQ-KD encoder; `beitv2.models.registry`)."""
+    try:
+        spec = kind_of(model)
+    except TypeError:
+        spec = None
+    if spec is None or spec.backbone is None:
+        raise TypeError(f"cannot export a {type(model).__name__}: it has no ViT backbone")
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone_state_dict(model).items()
+             if not k.endswith("relative_position_index")}
+    return backbone_config(model), state
+
+
 def preprocessing_of(model: nn.Module, normalize: str | None = None, run_config: dict | None = None
                      ) -> Preprocessing:
     """The preprocessing ``model`` was trained and evaluated with (see the module docstring for the sources)."""
     from ..data.transforms import INTERPOLATIONS, resolve_norm
     from ..models.vqkd import VQKD
-    from .timm_export import backbone_of
 
     cfg, _ = backbone_of(model)
     aug = (run_config or {}).get("aug") or {}

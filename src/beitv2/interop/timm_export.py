@@ -23,9 +23,16 @@ import torch
 import torch.nn as nn
 
 from ..models.backbone import ViTConfig
-from ..models.registry import backbone_config, backbone_state_dict, kind_of
+from ..models.registry import kind_of
 from ..utils.sizes import size_field
-from .preprocessing import Preprocessing, check_parity, luma_patch_weight, parity_input, preprocessing_of
+from .preprocessing import (
+    Preprocessing,
+    backbone_of,
+    check_parity,
+    luma_patch_weight,
+    parity_input,
+    preprocessing_of,
+)
 
 REL_POS_CHOICES = ("per_layer", "shared")
 
@@ -42,20 +49,6 @@ def own_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     net = backbone_module(model)
     tokens, _ = net.forward_features(x)
     return net.forward_head(tokens)
-
-
-def backbone_of(model: nn.Module) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
-    """(config, state dict) of the exportable ViT of a model of any kind with a ViT backbone (a BEiTViT, the
-    backbone of a BEiTv2ForMIM, a VQ-KD encoder; `beitv2.models.registry`)."""
-    try:
-        spec = kind_of(model)
-    except TypeError:
-        spec = None
-    if spec is None or spec.backbone is None:
-        raise TypeError(f"cannot export a {type(model).__name__}: it has no ViT backbone")
-    state = {k: v.detach().cpu().contiguous() for k, v in backbone_state_dict(model).items()
-             if not k.endswith("relative_position_index")}
-    return backbone_config(model), state
 
 
 def _img_size(cfg: ViTConfig) -> int | list[int]:

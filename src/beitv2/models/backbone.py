@@ -3,9 +3,12 @@
 Parameter names are the official ones (`cls_token`, `patch_embed.proj`, `pos_embed`, `rel_pos_bias.*`,
 `blocks.i.{norm1, attn.qkv, attn.q_bias, attn.v_bias, attn.proj, norm2, mlp.fc1, mlp.fc2, gamma_1, gamma_2}`, `norm`,
 `fc_norm`, `head`), so a state dict moves between this model, timm's `Beit` and microsoft/unilm without renaming.
-Attention runs through `F.scaled_dot_product_attention` with the relative position bias as the additive mask
-(timm's fused path). On CPU, training on short sequences picks SDPA's math kernel (see `attention_kernel`), and
-the Trainer switches such networks to timm's explicit attention (`unfuse_short_cpu_attention`).
+
+Attention is written once, in `BEiTAttention` (a subclass of timm's): the whole sequence, some query rows only (a MIM
+model's last blocks), or its softmax weights (figures). It runs `F.scaled_dot_product_attention` with the relative
+position bias as the additive mask (``fused_attn``, timm's default). On CPU, training on short sequences picks SDPA's
+math kernel (`attention_kernel`), and the Trainer switches such networks to the explicit softmax
+(`unfuse_short_cpu_attention`); docs/models.md gives the measurements behind both choices.
 """
 
 from __future__ import annotations
@@ -29,9 +32,8 @@ from ..config import check, opt
 from ..utils.sizes import to_2tuple
 from .relpos import rel_pos_bias, resize_pos_embed, resize_rel_pos_table
 
-# Below this many tokens, CPU training uses SDPA's math kernel: the CPU flash kernel's backward is 3-7x slower there
-# (50-65 tokens), about even at 197 and faster beyond; forward-only passes keep flash, which wins at every length.
-# Figures: benchmarks/bench_attention.py.
+# Below this many tokens, CPU training uses SDPA's math kernel, whose backward beats the CPU flash kernel's on short
+# sequences; forward-only passes keep flash (benchmarks/bench_attention.py measures both).
 CPU_MATH_ATTENTION_MAX_TOKENS = 128
 
 
@@ -62,11 +64,9 @@ def unfuse_short_cpu_attention(net: nn.Module, compiled: bool = False) -> int:
     """For a network trained on a CPU (the Trainer calls it, compiled or not): timm's explicit attention (matmul,
     softmax, matmul) in every block, when all its ViTs see fewer than `CPU_MATH_ATTENTION_MAX_TOKENS` tokens, or at
     any length when the network is ``compiled``. Eager, it beats SDPA's math kernel under bf16 autocast on short
-    sequences (at 197 tokens the two are about even, so eager long sequences keep SDPA). Compiled, Inductor fuses the
-    explicit form, where a graph would otherwise get the flash kernel, whose CPU backward is 3-7x slower at 50-65
-    tokens and still the largest single cost at 197 (VQ-KD tiny step of 32, 28 px, 2 threads: 244 -> 106-118 ms,
-    eager with SDPA 139; the ViT-B VQ-KD step at 224 px compiled: 1.20x -> 1.45x the eager step). The same
-    arithmetic as SDPA up to rounding. Returns how many modules switched."""
+    sequences (long ones keep SDPA, where the two are even). Compiled, Inductor fuses the explicit form, where a graph
+    would otherwise get the flash kernel and its slow CPU backward. The same arithmetic as SDPA up to rounding.
+    Returns how many modules switched."""
     vits = [m for m in net.modules() if isinstance(m, BEiTViT)]
     if not vits or (not compiled and any(v.num_patches + 1 >= CPU_MATH_ATTENTION_MAX_TOKENS for v in vits)):
         return 0
@@ -138,8 +138,92 @@ class ViTConfig:
               f"trunc_normal or torch_default, got {self.patch_embed_init!r}")
 
 
-def make_block(cfg: ViTConfig, drop_path: float, window_size: tuple[int, int] | None) -> Block:
-    blk = Block(
+def select_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, N, ...] at the positions ``rows`` [B, Q] -> [B, Q, ...]: a gather whose output shape does not depend
+    on the values of ``rows`` (no host sync, one graph under torch.compile)."""
+    index = rows.view(*rows.shape, *(1,) * (x.dim() - 2)).expand(*rows.shape, *x.shape[2:])
+    return x.gather(1, index)
+
+
+class BEiTAttention(Attention):
+    """timm's BEiT attention (the same parameters and the same arithmetic) that can also answer for some query rows
+    only, and return its softmax weights.
+
+    ``rows`` [B, Q]: keys and values come from every token, the queries and the output from the Q positions alone
+    (a MIM model's last blocks feed the loss only at the masked tokens and CLS). The relative position bias (own table
+    and/or the shared one) is the additive mask of `F.scaled_dot_product_attention` (``fused_attn``), or is added to
+    the explicit ``q k^T`` before the softmax."""
+
+    def _qkv(self, x: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, N, C = x.shape
+        w = self.qkv.weight
+        if rows is None:
+            bias = torch.cat((self.q_bias, self.k_bias, self.v_bias)) if self.q_bias is not None else None
+            return F.linear(x, w, bias).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        b_q, b_kv = (self.q_bias, torch.cat((self.k_bias, self.v_bias))) if self.q_bias is not None else (None, None)
+        q = F.linear(select_rows(x, rows), w[:C], b_q).reshape(B, -1, self.num_heads, C // self.num_heads)
+        k, v = F.linear(x, w[C:], b_kv).reshape(B, N, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        return q.transpose(1, 2), k, v  # [B, heads, Q or N, head_dim]
+
+    def _bias(self, shared: torch.Tensor | None, x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """The additive attention bias, [.., heads, N, N], or at the query ``rows`` [B, heads, Q, N]."""
+        bias = shared
+        if self.relative_position_bias_table is not None:
+            own = self._get_rel_pos_bias()
+            bias = own if bias is None else own + bias
+        if bias is None or rows is None:
+            return bias
+        B, N, _ = x.shape
+        bias = bias.reshape(-1, self.num_heads, N, N).expand(B, -1, -1, -1)
+        return bias.gather(2, rows[:, None, :, None].expand(-1, self.num_heads, -1, N))
+
+    def _scores(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        a = (q * self.scale) @ k.transpose(-2, -1)
+        return a if bias is None else a + bias
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` [B, N, C] (after norm1) -> [B, N, C], or [B, Q, C] at ``rows``."""
+        q, k, v = self._qkv(x, rows)
+        bias = self._bias(shared_rel_pos_bias, x, rows)
+        if self.fused_attn:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                 dropout_p=self.attn_drop.p if self.training else 0.0)
+        else:
+            out = self.attn_drop(self._scores(q, k, bias).softmax(dim=-1)) @ v
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(x.shape[0], q.shape[2], -1)))
+
+    def weights(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The softmax attention [B, heads, N, N] (what SDPA computes without returning it; for figures)."""
+        q, k, _ = self._qkv(x, None)
+        return self._scores(q, k, self._bias(shared_rel_pos_bias, x, None)).softmax(dim=-1)
+
+
+class BEiTBlock(Block):
+    """timm's BEiT block with `BEiTAttention`; ``rows`` [B, Q] gives only those token positions' outputs [B, Q, D]
+    (attention to every token, the residuals and the MLP for the Q rows; stochastic depth draws the same per-sample
+    masks as the whole block)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # timm's Block builds its own `Attention`; the subclass adds no state, so the instance is re-classed rather
+        # than rebuilt (a rebuilt one would draw its initial weights again and shift every later random draw)
+        self.attn.__class__ = BEiTAttention
+
+    def forward(self, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.attn(self.norm1(x), shared_rel_pos_bias, rows)
+        if rows is not None:
+            x = select_rows(x, rows)
+        if self.gamma_1 is None:
+            x = x + self.drop_path1(out)
+            return x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x + self.drop_path1(self.gamma_1 * out)
+        return x + self.drop_path2(self.gamma_2 * self.mlp(self.norm2(x)))
+
+
+def make_block(cfg: ViTConfig, drop_path: float, window_size: tuple[int, int] | None) -> BEiTBlock:
+    blk = BEiTBlock(
         dim=cfg.embed_dim, num_heads=cfg.num_heads, qkv_bias=cfg.qkv_bias, mlp_ratio=cfg.mlp_ratio,
         proj_drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate, drop_path=drop_path,
         init_values=cfg.init_values if cfg.init_values > 0 else None,
@@ -147,55 +231,6 @@ def make_block(cfg: ViTConfig, drop_path: float, window_size: tuple[int, int] | 
     )
     blk.mlp.drop1 = nn.Identity()  # the official MLP drops only after fc2 (its dropout after GELU is commented out)
     return blk
-
-
-def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Tokens ``x`` [B, N, D] at positions ``rows`` [B, Q] -> [B, Q, D] (a gather of static shape)."""
-    return x.gather(1, rows[..., None].expand(-1, -1, x.shape[-1]))
-
-
-def block_at_rows(blk: Block, x: torch.Tensor, rel_pos_bias: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-    """``blk(x, shared_rel_pos_bias=rel_pos_bias)`` at the token positions ``rows`` [B, Q] only -> [B, Q, D].
-
-    Keys and values come from every token; the queries, the attention output, the MLP and the residuals run for the
-    Q rows alone. A MIM model's last block feeds only its masked tokens (and CLS) to the loss: 21 of 50 tokens at 7x7
-    with 40% masking, 76 of 197 at 14x14, so this skips about half of that block's work. The same arithmetic as timm's
-    `Block.forward` on those rows, up to rounding (it is written out here because timm's blocks take one token set for
-    queries and keys alike); stochastic depth draws the same per-sample mask."""
-    attn = blk.attn
-    B, N, C = x.shape
-    H = attn.num_heads
-    y = blk.norm1(x)
-    w = attn.qkv.weight
-    if attn.q_bias is not None:
-        b_q, b_kv = attn.q_bias, torch.cat((attn.k_bias, attn.v_bias))
-    else:
-        b = attn.qkv.bias
-        b_q, b_kv = (b[:C], b[C:]) if b is not None else (None, None)
-    q = F.linear(gather_rows(y, rows), w[:C], b_q).reshape(B, -1, H, C // H).transpose(1, 2)  # [B, H, Q, hd]
-    k, v = F.linear(y, w[C:], b_kv).reshape(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, hd]
-    bias = rel_pos_bias
-    if attn.relative_position_bias_table is not None:
-        own = attn._get_rel_pos_bias()
-        bias = own if bias is None else own + bias
-    if bias is not None:  # [.., H, N, N] -> the query rows [B, H, Q, N]
-        bias = bias.reshape(-1, H, N, N).expand(B, H, N, N)
-        bias = bias.gather(2, rows[:, None, :, None].expand(B, H, rows.shape[1], N))
-    if attn.fused_attn:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    else:
-        a = (q * attn.scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            a = a + bias
-        out = attn.attn_drop(a.softmax(dim=-1)) @ v
-    out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(B, -1, C)))
-    x = gather_rows(x, rows)
-    if blk.gamma_1 is None:
-        x = x + blk.drop_path1(out)
-        return x + blk.drop_path2(blk.mlp(blk.norm2(x)))
-    x = x + blk.drop_path1(blk.gamma_1 * out)
-    return x + blk.drop_path2(blk.gamma_2 * blk.mlp(blk.norm2(x)))
 
 
 def rescale_block(block: Block, layer_id: int) -> None:
@@ -318,13 +353,12 @@ class BEiTViT(nn.Module):
 
     def run_block(self, blk: nn.Module, x: torch.Tensor, rel_pos_bias: torch.Tensor | None,
                   rows: torch.Tensor | None = None) -> torch.Tensor:
-        """One block; with ``rows`` [B, Q] only those token positions' outputs (`block_at_rows`)."""
-        fn, args = (blk, (x, rel_pos_bias)) if rows is None else \
-            (partial(block_at_rows, blk), (x, rel_pos_bias, rows))
+        """One block under the attention kernel choice (`forces_math_attention`), recomputed in backward when
+        ``grad_checkpointing``; with ``rows`` [B, Q] only those token positions' outputs (`BEiTBlock`)."""
         math = forces_math_attention(x)
         if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(_in_kernel_context, math, fn, *args, use_reentrant=False)
-        return _in_kernel_context(math, fn, *args)
+            return checkpoint(_in_kernel_context, math, blk, x, rel_pos_bias, rows, use_reentrant=False)
+        return _in_kernel_context(math, blk, x, rel_pos_bias, rows)
 
     def forward_features(self, x: torch.Tensor, bool_masked_pos: torch.Tensor | None = None,
                          mask_token: torch.Tensor | None = None, return_layers: Sequence[int] = (),
@@ -366,21 +400,11 @@ class BEiTViT(nn.Module):
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor, layer: int = -1) -> torch.Tensor:
-        """Softmax attention [B, heads, 1+N, 1+N] of block ``layer`` (explicit, since SDPA does not return weights)."""
+        """Softmax attention [B, heads, 1+N, 1+N] of block ``layer`` (`BEiTAttention.weights`)."""
         layer = layer % self.depth
         h = self.embed(x)
         bias = self.rel_pos_bias_for_blocks()
         for blk in self.blocks[:layer]:
             h = blk(h, shared_rel_pos_bias=bias)
-        attn = self.blocks[layer].attn
-        y = self.blocks[layer].norm1(h)
-        B, N, _ = y.shape
-        qkv_bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)) if attn.q_bias is not None else None
-        qkv = F.linear(y, attn.qkv.weight, qkv_bias).reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = qkv[0], qkv[1]
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
-        if attn.relative_position_bias_table is not None:
-            logits = logits + attn._get_rel_pos_bias()
-        if bias is not None:
-            logits = logits + bias
-        return logits.softmax(dim=-1)
+        blk = self.blocks[layer]
+        return blk.attn.weights(blk.norm1(h), bias)

@@ -1,17 +1,25 @@
-"""BEiT v2 masked image modeling: the backbone, a learned mask token, and the MIM head with patch aggregation.
+"""BEiT v2 masked image modeling: the model and its loss, in one reading.
 
     patches --(masked positions := mask_token)--> ViT blocks --> norm --> lm_head (masked positions)   -> loss_1
     [CLS of the last block] + [patch tokens after block l] --> head_layers blocks (shared rel-pos bias)
                                                            --> the same norm and lm_head             -> loss_2
     loss = loss_1 + loss_2
 
+`BEiTv2ForMIM.forward(images, mask)` returns the logits of both heads at the masked patches;
+`BEiTv2ForMIM.loss(logits, targets, mask)` picks the targets at the same patches and scores each head. The mask is a
+boolean [B, N] (True = masked) or each row's masked positions [B, M], ascending (what `MIMDataset` ships as
+``mask_index``); `MaskedPatches` converts it once per call, and its `take` is the one gather of masked patches.
+Because the loss reads the last backbone block only at CLS and the masked tokens, and the last aggregation block only
+at the masked tokens, those two blocks compute just these rows (`backbone.BEiTBlock` with ``rows``): keys and values
+still come from every token, so the outputs there are the whole blocks'.
+
 The model *is* the backbone (a `BEiTViT` subclass) so its state dict has the official top-level keys: `cls_token`,
 `mask_token`, `patch_embed.*`, `rel_pos_bias.*`, `blocks.*`, `norm.*`, `lm_head.*`, `cls_pt_layers.*` (and
 `cls_pt_norm.*`, `cls_pt_lm_head.*` when the head is not shared).
 
-Targets: discrete tokenizer codes (BEiT v1/v2), or, as ablations, normalised pixels of the masked patches and teacher
-features. The head width follows ``config.target`` (`MIMConfig.out_dim`); labels and losses are the targets' own
-(`beitv2.mim_targets`).
+Targets (``config.target``): discrete tokenizer codes (BEiT v1/v2, cross-entropy, ``mlm_acc``), or, as ablations,
+normalised pixels of the masked patches (MSE) and teacher features (``1 - cosine``, ``target_cos``). The head width
+follows the target (`MIMConfig.out_dim`); `beitv2.mim_targets` makes the per-patch targets from a batch.
 """
 
 from __future__ import annotations
@@ -20,9 +28,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import check, opt
-from .backbone import BEiTViT, ViTConfig, gather_rows, make_block, rescale_block
+from .backbone import BEiTViT, ViTConfig, make_block, rescale_block, select_rows
 
 
 @dataclass
@@ -80,11 +89,38 @@ def pixel_targets(images: torch.Tensor, patch_size: int, normalize: bool) -> tor
     return t
 
 
-def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Patch tokens [B, N, D] at positions ``index`` [B, M] -> [B*M, D], in the order of ``tokens[mask]`` when
-    ``index`` lists each row's masked positions in ascending order. Unlike boolean indexing, the output shape is known
-    without reading the mask (no host sync, one graph for torch.compile)."""
-    return gather_rows(tokens, index).flatten(0, 1)
+class MaskedPatches:
+    """The masked patches of a batch, from a boolean (or uint8) mask [B, N] or [B, h, w], or an index (int32/int64)
+    [B, M]: ``mask`` (bool [B, N]), ``index`` (each row's masked positions, ascending, [B, M]) and ``keep`` (None when
+    every row masks M patches; else which of the M entries are real, the shorter rows being padded with unmasked
+    positions).
+
+    An index costs no host sync and keeps every shape static (one graph under torch.compile); a boolean mask is read
+    once on the host for its counts."""
+
+    def __init__(self, mask: torch.Tensor, num_patches: int):
+        B = mask.shape[0]
+        self.keep: torch.Tensor | None = None
+        if mask.dtype in (torch.bool, torch.uint8):
+            self.mask = mask.reshape(B, -1).bool()
+            if self.mask.shape[1] != num_patches:
+                raise ValueError(f"a mask of {self.mask.shape[1]} patches for a model of {num_patches}")
+            counts = self.mask.sum(1)
+            lo, hi = counts.aminmax()
+            lo, hi = int(lo), int(hi)
+            # a stable sort puts each row's masked positions first, in ascending order
+            self.index = torch.sort((~self.mask).to(torch.uint8), dim=1, stable=True).indices[:, :hi]
+            if lo != hi:
+                self.keep = torch.arange(hi, device=mask.device) < counts[:, None]
+        else:
+            self.index = mask.long()
+            self.mask = torch.zeros(B, num_patches, dtype=torch.bool, device=mask.device).scatter_(1, self.index, True)
+
+    def take(self, x: torch.Tensor, at_index: bool = True) -> torch.Tensor:
+        """``x`` [B, N, ...] at the masked patches -> [masked patches, ...], row-major (the order of ``x[mask]``).
+        ``at_index=False``: ``x`` [B, M, ...] is already at ``index`` (a block computed only those rows)."""
+        x = select_rows(x, self.index) if at_index else x
+        return x.flatten(0, 1) if self.keep is None else x[self.keep]
 
 
 class BEiTv2ForMIM(BEiTViT):
@@ -92,9 +128,6 @@ class BEiTv2ForMIM(BEiTViT):
 
     # state-dict prefixes that exist only for pre-training (dropped when the backbone is evaluated or fine-tuned)
     pretrain_only_keys = ("mask_token", "lm_head.", "cls_pt_layers.", "cls_pt_norm.", "cls_pt_lm_head.")
-    # With ``masked_index``, the last backbone block and the last aggregation block compute only the rows the loss
-    # reads (CLS + masked tokens, masked tokens): the same outputs there; False runs them whole (benchmarks compare).
-    trim_unused_rows: bool = True
 
     def __init__(self, cfg: MIMConfig):
         cfg.validate()
@@ -118,7 +151,7 @@ class BEiTv2ForMIM(BEiTViT):
     def _init_mim(self) -> None:
         self._trunc_normal(self.mask_token)
         extra: list[nn.Module] = [self.lm_head]
-        if self.cls_pt_layers is not None and self.mim_cfg.cls_pt_init == "trunc_normal":
+        if self.cls_pt_layers is not None and self.config.cls_pt_init == "trunc_normal":
             extra.append(self.cls_pt_layers)
         if hasattr(self, "cls_pt_lm_head"):
             extra += [self.cls_pt_norm, self.cls_pt_lm_head]
@@ -136,52 +169,55 @@ class BEiTv2ForMIM(BEiTViT):
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}
 
-    def forward(self, images: torch.Tensor, bool_masked_pos: torch.Tensor,
-                masked_index: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Predictions at the masked positions: [head 1] or [head 1, aggregation head], each [B*M, out_dim].
-
-        ``masked_index`` [B, M] (each row's masked positions, ascending; `MIMDataset` ships it as ``mask_index``)
-        selects the masked tokens by a gather of static shape, and lets the last backbone block and the last
-        aggregation block compute only the tokens the loss reads (`trim_unused_rows`); without it they are picked by
-        boolean indexing after full blocks (a host sync and a data-dependent shape; the eager baseline of
-        benchmarks/bench_train_step.py)."""
-        bool_masked_pos = bool_masked_pos.reshape(images.shape[0], -1).bool()
-        if masked_index is None:
-            return self._forward_boolean(images, bool_masked_pos)
+    def forward(self, images: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+        """Logits at the masked patches, row-major: [head 1] or [head 1, aggregation head], each [masked, out_dim].
+        ``mask``: boolean [B, N] or index [B, M] (see `MaskedPatches`)."""
         cfg = self.config
-        layers = (cfg.early_layers,) if cfg.patch_aggregation else ()
-        rows = masked_index + 1  # token positions (CLS is 0)
-        trim = self.trim_unused_rows and not (cfg.patch_aggregation and cfg.early_layers == self.depth)
+        masked = MaskedPatches(mask, self.num_patches)
+        rows = masked.index + 1  # token positions (CLS is 0)
+        # the aggregation head reads every patch of block l: when l is the last block, that block stays whole
+        trim = not (cfg.patch_aggregation and cfg.early_layers == self.depth)
         last_rows = torch.cat([torch.zeros_like(rows[:, :1]), rows], dim=1) if trim else None  # CLS + masked
-        x, saved = self.forward_features(images, bool_masked_pos, self.mask_token, return_layers=layers,
+        x, saved = self.forward_features(images, masked.mask, self.mask_token,
+                                         return_layers=(cfg.early_layers,) if cfg.patch_aggregation else (),
                                          last_block_rows=last_rows)
-        masked = x[:, 1:].flatten(0, 1) if trim else gather_tokens(x[:, 1:], masked_index)
-        outs = [self.lm_head(self.norm(masked))]  # norm and head are per token: gather first, less work
+        patches = masked.take(x[:, 1:], at_index=not trim)
+        logits = [self.lm_head(self.norm(patches))]  # norm and head are per token: gather first, less work
         if cfg.patch_aggregation:
             h = torch.cat([x[:, :1], saved[cfg.early_layers][:, 1:]], dim=1)
             bias = self.rel_pos_bias_for_blocks()
             *first, last = self.cls_pt_layers
             for blk in first:
                 h = self.run_block(blk, h, bias)
-            h = self.run_block(last, h, bias, rows).flatten(0, 1) if self.trim_unused_rows \
-                else gather_tokens(self.run_block(last, h, bias)[:, 1:], masked_index)
+            h = masked.take(self.run_block(last, h, bias, rows), at_index=False)
             norm, head = (self.norm, self.lm_head) if cfg.shared_lm_head else (self.cls_pt_norm, self.cls_pt_lm_head)
-            outs.append(head(norm(h)))
-        return outs
+            logits.append(head(norm(h)))
+        return logits
 
-    def _forward_boolean(self, images: torch.Tensor, bool_masked_pos: torch.Tensor) -> list[torch.Tensor]:
-        cfg = self.config
-        layers = (cfg.early_layers,) if cfg.patch_aggregation else ()
-        x, saved = self.forward_features(images, bool_masked_pos, self.mask_token, return_layers=layers)
-        outs = [self.lm_head(self.norm(x)[:, 1:][bool_masked_pos])]
-        if cfg.patch_aggregation:
-            h = torch.cat([x[:, :1], saved[cfg.early_layers][:, 1:]], dim=1)
-            bias = self.rel_pos_bias_for_blocks()
-            for blk in self.cls_pt_layers:
-                h = self.run_block(blk, h, bias)
-            norm, head = (self.norm, self.lm_head) if cfg.shared_lm_head else (self.cls_pt_norm, self.cls_pt_lm_head)
-            outs.append(head(norm(h)[:, 1:][bool_masked_pos]))
-        return outs
+    def loss(self, logits: list[torch.Tensor], targets: torch.Tensor, mask: torch.Tensor
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The sum of the heads' losses against ``targets`` of every patch ([B, N] codes or [B, N, D] values,
+        row-major; `beitv2.mim_targets`) at the masked patches of ``mask``, and the metrics ``loss_<head>`` (heads
+        from 1), ``mlm_acc_<head>`` (tokens), ``target_cos`` (features: the first head's cosine). Scored in float32."""
+        target = self.config.target
+        labels = MaskedPatches(mask, self.num_patches).take(targets)
+        metrics: dict[str, torch.Tensor] = {}
+        total = 0.0
+        for i, out in enumerate(logits, start=1):
+            out = out.float()
+            if target == "tokens":
+                loss = F.cross_entropy(out, labels)
+                metrics[f"mlm_acc_{i}"] = (out.argmax(-1) == labels).float().mean().detach()
+            elif target == "pixels":
+                loss = F.mse_loss(out, labels.float())
+            else:
+                loss = (1.0 - F.cosine_similarity(out, labels.float(), dim=-1)).mean()
+            metrics[f"loss_{i}"] = loss.detach()
+            total = total + loss
+        if target == "features":
+            with torch.no_grad():
+                metrics["target_cos"] = torch.cosine_similarity(logits[0].float(), labels.float(), dim=-1).mean()
+        return total, metrics
 
     def backbone_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights without the pre-training-only parts (mask token, MIM head, aggregation blocks)."""

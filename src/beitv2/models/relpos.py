@@ -175,9 +175,8 @@ def rel_pos_bias(table: torch.Tensor, index: torch.Tensor, tokens: int) -> torch
 
     An opaque op, so that torch.compile keeps the gather as one small kernel per forward: Inductor otherwise inlines
     the cheap-looking gather into every block's softmax, where it becomes a scalar indirect load per element, batch
-    item and head, repeated in the softmax's passes and again in the backward recomputation (ViT 256 x 12 at 8 x 8
-    patches, bf16 on a CPU: that softmax kernel ran 3x slower, about 5% of the step). Its backward scatters the bias
-    gradient into the table rows with `index_add_`."""
+    item and head, repeated in the softmax's passes and again in the backward recomputation (docs/training.md
+    measures the cost). Its backward scatters the bias gradient into the table rows with `index_add_`."""
     return table[index.reshape(-1)].view(tokens, tokens, -1).permute(2, 0, 1).contiguous()
 
 

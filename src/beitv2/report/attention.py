@@ -64,7 +64,7 @@ def attention_figure(model, images: torch.Tensor, out_png: str | Path, layer: in
     heads = min(max_heads, attn.shape[1])
     heads_up = [up(per_head[:, h]) for h in range(heads)]
     shown = _display(display_images if display_images is not None else images)
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Rectangle  # matplotlib loads only when a figure is drawn (utils.figures does too)
 
     B = images.shape[0]
     cols = 2 + heads

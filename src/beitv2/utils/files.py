@@ -15,6 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+class WriteError(RuntimeError):
+    """A checkpoint, model or log file could not be written (a full disk, an unwritable folder); the message says why
+    and what was kept. Nothing half-written is left behind."""
+
+
 def current_umask() -> int:
     """The process's umask, read without changing it where the system tells it (Linux ``/proc``); elsewhere it is
     set and restored at once."""
