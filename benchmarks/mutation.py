@@ -51,13 +51,15 @@ TARGETS: dict[str, list[str]] = {
     "engine/optim.py": ["tests/test_optim_effective.py", "tests/test_engine.py"],
     "engine/schedule.py": ["tests/test_optim_effective.py", "tests/test_engine.py"],
     # second round: segmentation, teachers, codebook EMA / restart, interop exports
-    "models/segmenter.py": ["tests/test_segmentation.py"],
+    "models/segmenter.py": ["tests/test_segmentation.py", "tests/test_seg_interop.py"],
     "data/segmentation.py": ["tests/test_segmentation.py"],
+    "data/segmentation_transforms.py": ["tests/test_segmentation.py"],
     "eval/segmentation.py": ["tests/test_seg_metrics.py", "tests/test_segmentation.py"],
-    "teachers.py": ["tests/test_teachers.py"],
+    "teachers/base.py": ["tests/test_teachers.py"],
+    "teachers/build.py": ["tests/test_teachers.py", "tests/test_user_errors.py"],
     "interop/timm_export.py": ["tests/test_interop.py", "tests/test_hub_export.py"],
     "interop/hf_export.py": ["tests/test_interop.py", "tests/test_hub_export.py"],
-    "interop/hf_segmentation.py": ["tests/test_segmentation.py", "tests/test_hub_export.py"],
+    "interop/hf_segmentation.py": ["tests/test_seg_interop.py", "tests/test_segmentation.py"],
 }
 
 CMP_SWAP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq, ast.NotEq: ast.Eq,

@@ -2,9 +2,11 @@ import pytest
 import torch
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_thread():
-    """Tiny models run fastest on one intra-op thread; OpenMP spinning on a loaded 2-core runner costs several x."""
+    """Every test runs on one intra-op thread: tiny models run fastest so, and OpenMP spinning on a loaded 2-core
+    runner costs several times the work. Processes a test starts set their own (OMP_NUM_THREADS or
+    torch.set_num_threads in the worker); a test that changes the setting puts it back."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -25,10 +27,17 @@ SLOW_TESTS: dict[str, tuple[str, ...] | None] = {
     "test_fidelity.py": ("bitwise",),
     "test_segmentation.py": ("bitwise",),
     "test_wandb.py": ("resume",),
+    "test_readme.py": ("command_line_runs_as_written",),  # every command line of the README, in order
+    "test_ablations.py": ("reproduce_script",),  # benchmarks/reproduce_fmnist.py: several rows, each a chain of runs
     # a `pip install` of the built wheel into a fresh environment
     "test_packaging.py": None,
 }
-SLOW_FIXTURES = {"fast_run"}  # test_quickstart.py: the whole demo pipeline, shared by the tests reading its outputs
+# Fixtures that run a whole pipeline or several processes once for the tests that read their outputs:
+SLOW_FIXTURES = {
+    "fast_run",  # test_quickstart.py: the whole demo pipeline
+    "outcomes",  # test_failures.py: five training processes with loader workers at once, each made to fail
+    "run_dir",  # test_user_errors.py: a training run in a subprocess, then reruns into its folder
+}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import tiny_mim, tiny_vit, tiny_vqkd
 from safetensors import safe_open
 from torch import nn
 
@@ -19,7 +20,6 @@ from beitv2.models.backbone import BEiTViT, ViTConfig
 from beitv2.models.dvae import DiscreteVAE, dvae_tiny
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
 from beitv2.models.presets import PRESETS, build_model, get_preset
-from beitv2.models.quantizer import QuantizerConfig
 from beitv2.models.registry import (
     ModelKind,
     backbone_config,
@@ -29,25 +29,16 @@ from beitv2.models.registry import (
     kinds,
     register,
 )
-from beitv2.models.vqkd import VQKD, VQKDConfig, vqkd_encoder_config
 from beitv2.tasks import TrainTask
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 SRC = Path(__file__).resolve().parents[1] / "src" / "beitv2"
-
-
-def tiny_vit(**kw) -> ViTConfig:
-    return ViTConfig(**{"img_size": (16,), "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2, **kw})
 
 
 def tiny_models() -> dict[str, nn.Module]:
     return {
         "vit": BEiTViT(tiny_vit(num_classes=3)),
-        "mim": BEiTv2ForMIM(MIMConfig(backbone=tiny_vit(), vocab_size=16, early_layers=1, head_layers=1)),
-        "vqkd": VQKD(VQKDConfig(encoder=vqkd_encoder_config(img_size=(16,), patch_size=4, embed_dim=32, depth=2,
-                                                            num_heads=2), decoder_depth=1,
-                                quantizer=QuantizerConfig(num_codes=8, code_dim=4), teacher_dim=8)),
+        "mim": tiny_mim(),
+        "vqkd": tiny_vqkd(encoder={"depth": 2}, num_codes=8),
         "dvae": DiscreteVAE(dvae_tiny(img_size=16, in_chans=1)),
     }
 
@@ -117,7 +108,7 @@ class Toy(nn.Module):
 
 
 def test_a_new_kind_is_one_register_call(tmp_path):
-    register(ModelKind("toy_test_kind", ToyConfig, Toy, backbone=lambda c: c.backbone, backbone_prefix="backbone."))
+    register(ModelKind("toy_test_kind", ToyConfig, Toy, backbone="backbone", backbone_prefix="backbone."))
     assert "toy_test_kind" in kinds()
     toy = Toy(ToyConfig(classes=7))
     loaded, kind, cfg = load_model(save_model(tmp_path / "toy.safetensors", toy))
@@ -330,6 +321,20 @@ def test_read_model_file_gives_kind_typed_config_and_weights(tmp_path):
     torch.save({"w": torch.zeros(1)}, tmp_path / "official.pth")
     with pytest.raises(ValueError, match="not a beitv2 model file"):
         read_model_file(tmp_path / "official.pth")
+
+
+@pytest.mark.parametrize("kind", ["vit", "mim", "vqkd"])
+def test_read_model_file_backbone_reads_only_the_vit_of_any_kind(tmp_path, kind):
+    from beitv2.checkpoint import read_model_file
+
+    model = tiny_models()[kind]
+    f = read_model_file(save_model(tmp_path / "m.safetensors", model), backbone=True)
+    want = backbone_state_dict(model)
+    assert f.kind == kind and f.config == backbone_config(model) and f.state.keys() == want.keys()
+    assert all(torch.equal(f.state[k], v) for k, v in want.items())
+    BEiTViT(f.config).load_state_dict(f.state, strict=True)
+    with pytest.raises(ValueError, match="expected one with a ViT backbone"):
+        read_model_file(save_model(tmp_path / "d.safetensors", tiny_models()["dvae"]), backbone=True)
 
 
 def test_config_from_builds_what_the_command_line_builds_from_the_same_yaml(tmp_path):

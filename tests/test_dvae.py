@@ -21,8 +21,6 @@ from beitv2.models.dvae import (
     kl_to_uniform,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
 
 def tiny_cfg(**kw) -> DVAEConfig:
     base = dict(img_size=16, in_chans=1, downsample=4, vocab_size=64, code_dim=16, hidden_dim=8,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import tiny_mim, tiny_vit
 from torch.utils.data import Dataset, IterableDataset
 
 from beitv2.config import ConfigError, build_config
@@ -30,16 +31,8 @@ from beitv2.engine import (
 )
 from beitv2.engine import state as S
 from beitv2.engine.schedule import poly_schedule
-from beitv2.models.backbone import BEiTViT, ViTConfig
-from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
+from beitv2.models.backbone import BEiTViT
 from beitv2.tasks import TrainTask
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-def tiny_vit(**kw) -> ViTConfig:
-    return ViTConfig(**{"img_size": (16,), "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2,
-                        "init_values": 0.1, **kw})
 
 
 class Blobs(Dataset):
@@ -89,8 +82,7 @@ def _decay_of(groups: list[dict]) -> dict[str, bool]:
 
 
 def test_no_decay_groups_default_and_official():
-    model = BEiTv2ForMIM(MIMConfig(backbone=tiny_vit(use_abs_pos_emb=True), vocab_size=64, early_layers=1,
-                                   head_layers=1))
+    model = tiny_mim(vit={"use_abs_pos_emb": True}, vocab_size=64)
     decay = _decay_of(param_groups(model, OptimConfig()))
     for name in ("mask_token", "cls_token", "pos_embed", "rel_pos_bias.relative_position_bias_table",
                  "blocks.0.attn.q_bias", "blocks.0.gamma_1", "norm.weight", "lm_head.bias"):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import tiny_mim, tiny_vit, tiny_vqkd
 from PIL import Image
 
 from beitv2.checkpoint import load_model, save_model
@@ -32,22 +33,10 @@ from beitv2.eval.linprobe import ProbeConfig, ProbeSettings, fit_probe
 from beitv2.eval.normalization import auto_normalize
 from beitv2.eval.splits import SplitFeatures
 from beitv2.models.backbone import BEiTViT, ViTConfig
-from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
-from beitv2.models.quantizer import QuantizerConfig
-from beitv2.models.vqkd import VQKD, VQKDConfig, vqkd_encoder_config
 
 COLOURS = {"blue": (30, 60, 220), "green": (40, 200, 70), "red": (220, 40, 30)}
 COMMON = ["--train.device", "cpu", "--train.progress", "false", "--train.tensorboard", "false",
           "--data.num_workers", "0"]
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-def tiny_vit(**kw) -> ViTConfig:
-    base = dict(img_size=(16,), patch_size=4, embed_dim=32, depth=2, num_heads=2, init_values=0.1)
-    base.update(kw)
-    return ViTConfig(**base)
 
 
 def cpu() -> DistInfo:
@@ -93,10 +82,8 @@ def idx_folder(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def mim_ckpt(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    cfg = MIMConfig(backbone=tiny_vit(), vocab_size=16, early_layers=1, head_layers=1)
     path = tmp_path_factory.mktemp("mim") / "mim.safetensors"
-    save_model(path, BEiTv2ForMIM(cfg))
+    save_model(path, tiny_mim(seed=0))
     return path
 
 
@@ -193,9 +180,7 @@ def test_linprobe_random_init_baseline_on_fashion_mnist_idx(idx_folder, tmp_path
 
 def test_features_from_vqkd_encoder_and_layers(mim_ckpt, tmp_path):
     torch.manual_seed(0)
-    vq = VQKD(VQKDConfig(encoder=vqkd_encoder_config(img_size=(16,), patch_size=4, embed_dim=32, depth=2,
-                                                     num_heads=2), decoder_depth=1,
-                         quantizer=QuantizerConfig(num_codes=16, code_dim=8), teacher_dim=16))
+    vq = tiny_vqkd(encoder={"depth": 2}, code_dim=8, teacher_dim=16)
     path = save_model(tmp_path / "vq.safetensors", vq)
     enc, desc = load_backbone(ModelSource(checkpoint=str(path), filter="encoder"))
     assert "vqkd" in desc

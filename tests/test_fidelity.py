@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import tiny_mim, tiny_vit
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -17,18 +18,10 @@ from beitv2.cli import main
 from beitv2.data import collate_skip_bad
 from beitv2.data.samples import TransformDataset
 from beitv2.engine.sampler import ResumableSampler
-from beitv2.models.backbone import BEiTViT, ViTConfig
+from beitv2.models.backbone import BEiTViT
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
 COMMON = ["--train.device", "cpu", "--train.progress", "false", "--train.tensorboard", "false"]
-
-
-def tiny_vit(**kw) -> ViTConfig:
-    base = dict(img_size=(16,), patch_size=4, embed_dim=32, depth=2, num_heads=2, init_values=0.1)
-    base.update(kw)
-    return ViTConfig(**base)
 
 
 class Constant:
@@ -105,8 +98,7 @@ def test_finetune_resumes_bitwise_with_randaugment_and_mixup(tmp_path):
     """An interrupted fine-tuning run (RandAugment, random erasing, Mixup/CutMix, drop path, two data-loader
     workers) resumed from its mid-epoch checkpoint ends with the uninterrupted run's weights, bit for bit."""
     torch.manual_seed(0)
-    ckpt = save_model(tmp_path / "mim.safetensors", BEiTv2ForMIM(MIMConfig(backbone=tiny_vit(), vocab_size=16,
-                                                                            early_layers=1, head_layers=1)))
+    ckpt = save_model(tmp_path / "mim.safetensors", tiny_mim())
     data = _folder(tmp_path / "imgs")
     full, cut = tmp_path / "full", tmp_path / "cut"
 

@@ -1,26 +1,20 @@
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
+from builders import tiny_mim, tiny_vqkd
 
 from beitv2.checkpoint import load_model, save_model
 from beitv2.config import ConfigError
 from beitv2.masking import BlockwiseMaskGenerator
-from beitv2.models.backbone import ViTConfig
-from beitv2.models.mim import BEiTv2ForMIM, MIMConfig, patchify, pixel_targets
+from beitv2.models.mim import BEiTv2ForMIM, patchify, pixel_targets
 from beitv2.models.presets import build_model, count_learnable, get_preset, list_presets
-from beitv2.models.quantizer import QuantizerConfig
-from beitv2.models.vqkd import VQKD, VQKDConfig, vqkd_encoder_config
+from beitv2.models.vqkd import VQKD
 
-
-def tiny_vqkd(**kw) -> VQKD:
-    cfg = VQKDConfig(encoder=vqkd_encoder_config(img_size=(16,), patch_size=4, embed_dim=32, depth=2, num_heads=2),
-                     decoder_depth=1, quantizer=QuantizerConfig(num_codes=64, code_dim=8), teacher_dim=24, **kw)
-    return VQKD(cfg)
-
-
-def tiny_mim(**kw) -> BEiTv2ForMIM:
-    b = ViTConfig(img_size=(16,), patch_size=4, embed_dim=32, depth=3, num_heads=2)
-    return BEiTv2ForMIM(MIMConfig(backbone=b, vocab_size=64, **{"early_layers": 2, "head_layers": 2, **kw}))
+# three blocks (room to move early_layers) and 64 codes; keywords still override
+mim_model = partial(tiny_mim, vit={"depth": 3}, vocab_size=64, early_layers=2, head_layers=2)
+vqkd_model = partial(tiny_vqkd, encoder={"depth": 2}, num_codes=64, code_dim=8, teacher_dim=24)
 
 
 def masks(n, grid=4, k=6, seed=0):
@@ -72,7 +66,7 @@ def test_every_preset_builds_and_runs_at_a_small_size(name):
 
 def test_vqkd_forward_tokenize_and_official_keys():
     torch.manual_seed(0)
-    m = tiny_vqkd()
+    m = vqkd_model()
     g = torch.Generator().manual_seed(0)
     x = torch.rand(3, 3, 16, 16, generator=g)
     loss, metrics = m.train()(x, torch.randn(3, 16, 24, generator=g))
@@ -98,13 +92,13 @@ def test_vqkd_forward_tokenize_and_official_keys():
 
 
 def test_vqkd_input_convention_is_zero_one_mapped_to_minus_one_one():
-    m = tiny_vqkd()
+    m = vqkd_model()
     x = torch.rand(1, 3, 16, 16)
     assert torch.allclose(m.pre_process(x), x * 2 - 1)
 
 
 def test_mim_heads_losses_and_keys():
-    m = tiny_mim()
+    m = mim_model()
     x = torch.randn(2, 3, 16, 16)
     mask = masks(2)
     outs = m(x, mask)
@@ -119,15 +113,15 @@ def test_mim_heads_losses_and_keys():
     assert {"mask_token", "lm_head.weight", "cls_pt_layers.1.attn.qkv.weight", "norm.weight",
             "rel_pos_bias.relative_position_bias_table"} <= keys
     assert not any(k.startswith("cls_pt_norm") for k in keys)
-    sep = tiny_mim(shared_lm_head=False)
+    sep = mim_model(shared_lm_head=False)
     assert {"cls_pt_norm.weight", "cls_pt_lm_head.weight"} <= set(sep.state_dict())
-    v1 = tiny_mim(patch_aggregation=False)
+    v1 = mim_model(patch_aggregation=False)
     assert len(v1(x, mask)) == 1 and not any(k.startswith("cls_pt") for k in v1.state_dict())
     assert not any(k.startswith(("lm_head", "mask_token", "cls_pt")) for k in m.backbone_state_dict())
 
 
 def test_patch_aggregation_reads_layer_l_patches_and_last_cls():
-    m = tiny_mim().eval()
+    m = mim_model().eval()
     x = torch.randn(2, 3, 16, 16)
     mask = masks(2)
     with torch.no_grad():
@@ -137,10 +131,10 @@ def test_patch_aggregation_reads_layer_l_patches_and_last_cls():
         after = m(x, mask)
     assert not torch.allclose(before[0], after[0])
     assert not torch.allclose(before[1], after[1])
-    m2 = tiny_mim(early_layers=3)
+    m2 = mim_model(early_layers=3)
     assert m2.mim_cfg.early_layers == 3
     with pytest.raises(ConfigError, match="early_layers"):
-        tiny_mim(early_layers=4)
+        mim_model(early_layers=4)
 
 
 def test_regression_targets():
@@ -150,10 +144,10 @@ def test_regression_targets():
     assert torch.equal(p[0, 1, :3], imgs[0, :, 0, 4])  # patch (0,1), first pixel, all channels
     t = pixel_targets(imgs, 4, normalize=True)
     assert torch.allclose(t.mean(-1), torch.zeros(2, 4), atol=1e-5)
-    m = tiny_mim(target="pixels")
+    m = mim_model(target="pixels")
     outs = m(torch.randn(2, 3, 16, 16), masks(2))
     assert outs[0].shape == (12, 48)
-    m = tiny_mim(target="features", target_dim=24)
+    m = mim_model(target="features", target_dim=24)
     mask, feats = masks(2), torch.randn(2, 16, 24)
     outs = m(torch.randn(2, 3, 16, 16), mask)
     loss, met = m.loss(outs, feats, mask)
@@ -176,12 +170,12 @@ def _steps(fn, params, n=15, lr=5e-3):
 
 def test_optimizer_steps_lower_both_losses():
     torch.manual_seed(0)
-    vq = tiny_vqkd().train()
+    vq = vqkd_model().train()
     x = torch.rand(8, 3, 16, 16)
     teacher = torch.randn(8, 16, 24)
     losses = _steps(lambda: vq(x, teacher)[0], [p for p in vq.parameters() if p.requires_grad])
     assert losses[-1] < losses[0] - 0.1
-    mim = tiny_mim().train()
+    mim = mim_model().train()
     mask = masks(8)
     codes = torch.randint(0, 64, (8, 16))
     losses = _steps(lambda: mim.loss(mim(x, mask), codes, mask)[0], mim.parameters())
@@ -189,7 +183,7 @@ def test_optimizer_steps_lower_both_losses():
 
 
 def test_bf16_autocast_on_cpu_end_to_end():
-    vq, mim = tiny_vqkd().train(), tiny_mim().train()
+    vq, mim = vqkd_model().train(), mim_model().train()
     x = torch.rand(4, 3, 16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss, _ = vq(x, torch.randn(4, 16, 24))
@@ -204,14 +198,14 @@ def test_bf16_autocast_on_cpu_end_to_end():
 
 
 def test_model_file_round_trip(tmp_path):
-    m = tiny_mim()
+    m = mim_model()
     save_model(tmp_path / "m.safetensors", m)
     m2, kind, cfg = load_model(tmp_path / "m.safetensors")
     assert kind == "mim" and cfg["early_layers"] == 2
     x, mask = torch.randn(2, 3, 16, 16), masks(2)
     with torch.no_grad():
         assert torch.equal(m.eval()(x, mask)[1], m2(x, mask)[1])
-    vq = tiny_vqkd()
+    vq = vqkd_model()
     vq.train()(torch.rand(2, 3, 16, 16), torch.randn(2, 16, 24))
     save_model(tmp_path / "t.safetensors", vq)
     vq2, kind, _ = load_model(tmp_path / "t.safetensors")

@@ -17,14 +17,12 @@ from functools import partial
 
 import pytest
 import torch
+from builders import tiny_mim, tiny_vit
 from torch.utils.data import Dataset
 
 from beitv2.engine import OptimConfig, TrainConfig, Trainer, build_optimizer, init_distributed
-from beitv2.models.backbone import BEiTViT, ViTConfig
-from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
+from beitv2.models.backbone import BEiTViT
 from beitv2.tasks import TrainTask
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 EPS = 1e-8
 
@@ -94,8 +92,7 @@ def check_updates(task: LinearLoss, lrs: list[float], wds: list[float], decayed,
                                        msg=lambda m, n=n, t=t: f"{n} at step {t}: {m}")
 
 
-def tiny(**kw) -> ViTConfig:
-    return ViTConfig(img_size=(8,), patch_size=4, embed_dim=8, depth=2, num_heads=2, **kw)
+SMALL = {"img_size": (8,), "embed_dim": 8}  # a 2 x 2 grid, 8 wide: few parameters to follow by hand
 
 
 def default_decayed(name: str, p_ndim: int) -> bool:
@@ -108,7 +105,7 @@ def default_decayed(name: str, p_ndim: int) -> bool:
 
 @pytest.mark.parametrize("official", [False, True])
 def test_pretraining_update_per_group_with_lr_and_wd_schedules(tmp_path, official):
-    model = BEiTv2ForMIM(MIMConfig(backbone=tiny(use_abs_pos_emb=True), vocab_size=8, early_layers=1, head_layers=1))
+    model = tiny_mim(vit={**SMALL, "use_abs_pos_emb": True}, vocab_size=8)
     ocfg = OptimConfig(lr=0.04, min_lr=1e-3, lr_reference_batch=8, weight_decay=0.3, weight_decay_end=0.05,
                        warmup_steps=3, official_no_decay=official)
     task = run(tmp_path, model, ocfg, batch=2, accum=2, epochs=4)  # 2 steps per epoch, total batch 4
@@ -129,7 +126,7 @@ def test_pretraining_update_per_group_with_lr_and_wd_schedules(tmp_path, officia
 
 
 def test_constant_weight_decay_without_end_and_no_lr_scaling(tmp_path):
-    model = BEiTViT(tiny(num_classes=3))
+    model = BEiTViT(tiny_vit(**SMALL, num_classes=3))
     ocfg = OptimConfig(lr=0.01, min_lr=0.002, weight_decay=0.2, warmup_steps=0, warmup_epochs=0)
     task = run(tmp_path, model, ocfg, batch=4, accum=1, epochs=2)  # 4 steps, total batch 4, no reference batch
     ndim = {n: p.ndim for n, p in model.named_parameters()}
@@ -141,7 +138,7 @@ def test_finetune_layer_decay_lr_scale_per_group(tmp_path):
     from beitv2.eval.finetune import layer_id_fn
 
     depth, decay = 2, 0.5
-    model = BEiTViT(tiny(num_classes=3, use_rel_pos_bias=True, use_shared_rel_pos_bias=False))
+    model = BEiTViT(tiny_vit(**SMALL, num_classes=3, use_rel_pos_bias=True, use_shared_rel_pos_bias=False))
     ocfg = OptimConfig(lr=0.02, min_lr=0.001, weight_decay=0.1, warmup_steps=1, layer_decay=decay)
     task = run(tmp_path, model, ocfg, batch=4, accum=1, epochs=2,
                optimizer=partial(build_optimizer, layer_id_fn=layer_id_fn(depth), num_layers=depth + 2))

@@ -25,8 +25,6 @@ from beitv2.eval.linprobe import ProbeConfig, ProbeSettings, fit_probe
 from beitv2.eval.splits import SplitFeatures
 from beitv2.models.backbone import BEiTViT, ViTConfig
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
 ARCH = dict(img_size=(8,), patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2, use_abs_pos_emb=True)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from _helpers import load_benchmark
+from builders import tiny_backbone
 from idx_files import write_idx_split
 from PIL import Image
 
@@ -43,8 +44,12 @@ def fast_run(tmp_path_factory) -> tuple[int, Path]:
         _write_idx(Path(data), "train", 3000, rng)
         _write_idx(Path(data), "t10k", 600, rng)
     threads = torch.get_num_threads()
-    rc = main(["quickstart", "--fast", "--out", str(out / "report"), "--data-path", data, "--threads", "1"])
-    assert torch.get_num_threads() == threads  # the command restores the caller's setting
+    torch.set_num_threads(threads + 1)  # a caller's setting other than --threads, so that restoring it shows
+    try:
+        rc = main(["quickstart", "--fast", "--out", str(out / "report"), "--data-path", data, "--threads", "1"])
+        assert torch.get_num_threads() == threads + 1  # the command restores the caller's setting
+    finally:
+        torch.set_num_threads(threads)
     return rc, out / "report"
 
 
@@ -152,13 +157,8 @@ def test_missing_data_says_how_to_get_it(tmp_path, capsys):
 
 # ------------------------------------------------------------------------------- report functions on their own
 
-def _tiny_vit() -> BEiTViT:
-    torch.manual_seed(0)
-    return BEiTViT(ViTConfig(img_size=(16,), patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)).eval()
-
-
 def test_attention_figure_rows_sum_to_one_and_queries_validated(tmp_path):
-    model = _tiny_vit()
+    model = tiny_backbone(seed=0, in_chans=1).eval()
     x = torch.rand(3, 1, 16, 16)
     info = attention_figure(model, x, tmp_path / "a.png", layer=0, query=(1, 2))
     assert (tmp_path / "a.png").stat().st_size > 5000
@@ -222,7 +222,7 @@ def test_a_user_given_teacher_is_used_as_is_and_not_trained(tmp_path):
 def test_grid_features_keep_where_the_patches_are():
     from beitv2.eval.features import feature_dim, layer_features
 
-    model = _tiny_vit()  # 16 px, patch 4: a 4 x 4 grid, width 32
+    model = tiny_backbone(seed=0, in_chans=1).eval()  # 16 px, patch 4: a 4 x 4 grid, width 32
     x = torch.rand(3, 1, 16, 16)
     f = layer_features(model, x, [1, 2], "cls+grid2")
     assert f[2].shape == (3, feature_dim(model, "cls+grid2")) == (3, 32 * 5)

@@ -67,7 +67,7 @@ def run_cli(argv: list[str]) -> int:
         return int(e.code or 0)
 
 
-def test_readme_command_line_runs_as_written(tmp_path, monkeypatch, one_thread, capsys):
+def test_readme_command_line_runs_as_written(tmp_path, monkeypatch, capsys):
     from beitv2.data import FASHION_MNIST_ROOT
     from beitv2.data.fmnist import find_idx
 
@@ -167,7 +167,7 @@ def test_quickstart_takes_the_dotted_names_and_the_old_spellings(capsys):
     assert new["plan"]["teacher_arch"] == "vit" and new["plan"]["probe_feature"] == "cls+mean"
 
 
-def test_linprobe_and_knn_read_a_segmenter_without_a_final_norm(tmp_path, one_thread, capsys):
+def test_linprobe_and_knn_read_a_segmenter_without_a_final_norm(tmp_path, capsys):
     from beitv2.checkpoint import save_model
     from beitv2.eval.backbones import ModelSource, load_backbone
     from beitv2.eval.features import layer_features

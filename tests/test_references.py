@@ -8,24 +8,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import tiny_mim, tiny_vqkd
 from scipy.interpolate import RectBivariateSpline
 from timm.layers import resample_abs_pos_embed
 
 from beitv2.mim_targets import TokenTarget
 from beitv2.models.backbone import BEiTViT, ViTConfig
-from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
-from beitv2.models.quantizer import QuantizerConfig
-from beitv2.models.vqkd import VQKD, VQKDConfig, vqkd_encoder_config
+from beitv2.models.mim import BEiTv2ForMIM
 from beitv2.tasks import MIMTask
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
-
-def tiny_mim(depth: int = 4, early: int = 2, head: int = 2, **kw) -> BEiTv2ForMIM:
-    torch.manual_seed(0)
-    b = ViTConfig(img_size=(16,), patch_size=4, embed_dim=32, depth=depth, num_heads=2, init_values=0.5,
-                  init_std=0.3)  # large weights, so CLS and every block visibly change the outputs
-    return BEiTv2ForMIM(MIMConfig(backbone=b, vocab_size=64, early_layers=early, head_layers=head, **kw)).eval()
+def large_mim(depth: int = 4, early: int = 2, head: int = 2, **kw) -> BEiTv2ForMIM:
+    """Large weights, so CLS and every block visibly change the outputs."""
+    vit = {"depth": depth, "init_values": 0.5, "init_std": 0.3}
+    return tiny_mim(seed=0, vit=vit, vocab_size=64, early_layers=early, head_layers=head, **kw).eval()
 
 
 def by_hand_mim(m: BEiTv2ForMIM, x: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
@@ -66,7 +62,7 @@ def fixed_mask(B: int = 2) -> torch.Tensor:
 
 @pytest.mark.parametrize("early,shared", [(1, True), (2, True), (3, False)])
 def test_aggregation_head_reads_last_cls_and_block_l_patches_by_hand(early, shared):
-    m = tiny_mim(depth=4, early=early, head=2, shared_lm_head=shared)
+    m = large_mim(depth=4, early=early, head=2, shared_lm_head=shared)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 16, 16, generator=g)
     mask = fixed_mask()
@@ -100,7 +96,7 @@ def by_hand_mim_variant(m, x, mask, which: str) -> torch.Tensor:
 
 
 def test_mim_without_aggregation_is_one_head_on_the_last_block_by_hand():
-    m = tiny_mim(depth=3, patch_aggregation=False)
+    m = large_mim(depth=3, patch_aggregation=False)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         got = m(x, fixed_mask())
@@ -112,7 +108,7 @@ def test_mim_without_aggregation_is_one_head_on_the_last_block_by_hand():
 def test_masks_of_different_counts_per_image_give_the_boolean_indexing_outputs_and_loss():
     """BEiT v1's masking without top-up masks a different count per image: the forward pads the shorter rows and
     drops the padding, giving the by-hand outputs (boolean indexing after whole blocks) and their cross-entropy."""
-    m = tiny_mim(depth=3, early=2, head=2)
+    m = large_mim(depth=3, early=2, head=2)
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(5))
     mask = fixed_mask()
     mask[1, 0, 0] = True  # 4 and 5 masked patches
@@ -138,15 +134,9 @@ def _with_heads(m):
 
 # --------------------------------------------------------------------------------------------------- MIM labels
 
-def tiny_tokenizer() -> VQKD:
-    torch.manual_seed(3)
-    cfg = VQKDConfig(encoder=vqkd_encoder_config(img_size=(16,), patch_size=4, embed_dim=32, depth=1, num_heads=2),
-                     decoder_depth=1, quantizer=QuantizerConfig(num_codes=64, code_dim=8), teacher_dim=24)
-    return VQKD(cfg).eval()
-
-
 def test_mim_task_labels_are_tokenizer_view_codes_at_masked_positions_row_major():
-    tok, model = tiny_tokenizer(), tiny_mim(depth=2, early=1, head=1)
+    tok = tiny_vqkd(seed=3, num_codes=64, code_dim=8, teacher_dim=24).eval()
+    model = large_mim(depth=2, early=1, head=1)
     task = MIMTask(model, TokenTarget(tok))
     g = torch.Generator().manual_seed(4)
     batch = {"image": torch.randn(2, 3, 16, 16, generator=g), "tokenizer_image": torch.rand(2, 3, 16, 16, generator=g),

@@ -11,13 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import tiny_segmenter
 from PIL import Image
 
 from beitv2.checkpoint import save_model
-from beitv2.models.backbone import ViTConfig
 from beitv2.models.segmenter import Segmenter, SegmenterConfig
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 NAMES = ["sky", "road", "tree", "car", "person"]
 
@@ -111,10 +109,7 @@ def test_import_published_layout_gives_transformers_logits(tmp_path, hf_indices,
 
 
 def _ours(out_indices: tuple[int, ...], depth: int = 4) -> Segmenter:
-    torch.manual_seed(0)
-    bb = ViTConfig(img_size=(32,), patch_size=8, embed_dim=16, depth=depth, num_heads=2, use_rel_pos_bias=True,
-                   use_shared_rel_pos_bias=False, use_mean_pooling=True, init_values=0.1)
-    m = Segmenter(SegmenterConfig(backbone=bb, num_classes=5, auxiliary_channels=8, out_indices=out_indices))
+    m = tiny_segmenter(seed=0, vit={"depth": depth}, out_indices=out_indices)
     _trained_scale_(m)
     with torch.no_grad():
         for n, p in m.backbone.named_parameters():
@@ -207,10 +202,7 @@ def test_pipeline_on_a_one_channel_segmenter_reads_the_luma(tmp_path, mode):
     from beitv2.interop.hf_segmentation import export_hf_segmentation
     from beitv2.interop.preprocessing import LUMA
 
-    torch.manual_seed(0)
-    bb = ViTConfig(img_size=(32,), patch_size=8, in_chans=1, embed_dim=16, depth=4, num_heads=2,
-                   use_rel_pos_bias=True, use_shared_rel_pos_bias=False, use_mean_pooling=True, init_values=0.1)
-    m = Segmenter(SegmenterConfig(backbone=bb, num_classes=5, auxiliary_channels=8, out_indices=(0, 1, 2, 3)))
+    m = tiny_segmenter(seed=0, vit={"in_chans": 1}, out_indices=(0, 1, 2, 3))
     _trained_scale_(m)
     m.eval()
     folder = export_hf_segmentation(m, tmp_path / "hf", NAMES, normalize="inception")

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from builders import tiny_seg_vit, tiny_segmenter
 from PIL import Image
 
 from beitv2.checkpoint import save_model
@@ -13,41 +14,25 @@ from beitv2.cli import main as cli_main
 from beitv2.data.segmentation import (
     ADE20K_CLASSES,
     IGNORE_INDEX,
-    CatMaxRatioCrop,
     FashionMNISTSegmentation,
     IterationEpochs,
-    SegAugConfig,
     SegmentationFolder,
     SegmentationSamples,
-    SegTrainTransform,
     collate_segmentation,
     reduce_zero_label,
 )
+from beitv2.data.segmentation_transforms import CatMaxRatioCrop, SegAugConfig, SegTrainTransform
 from beitv2.engine.schedule import poly_schedule
 from beitv2.eval.seg_finetune import SegModelConfig, build_segmenter
 from beitv2.eval.segmentation import confusion_matrix, metrics_from_confusion, slide_inference, whole_inference
 from beitv2.models.backbone import BEiTViT, ViTConfig
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
 from beitv2.models.relpos import resize_rel_pos_table
-from beitv2.models.segmenter import Segmenter, SegmenterConfig, layer_id_for_segmenter
-
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _vit(**kw) -> ViTConfig:
-    base = dict(img_size=(32,), patch_size=8, embed_dim=16, depth=4, num_heads=2, use_rel_pos_bias=True,
-                use_shared_rel_pos_bias=False, use_mean_pooling=True)
-    base.update(kw)
-    return ViTConfig(**base)
-
-
-def _seg(**kw) -> Segmenter:
-    torch.manual_seed(0)
-    return Segmenter(SegmenterConfig(backbone=_vit(), num_classes=5, auxiliary_channels=8, **kw))
+from beitv2.models.segmenter import SegmenterConfig, layer_id_for_segmenter
 
 
 def test_pyramid_shapes_and_logits():
-    m = _seg().eval()
+    m = tiny_segmenter(seed=0).eval()
     x = torch.randn(2, 3, 32, 32)
     feats = m.features(x)
     assert [tuple(f.shape) for f in feats] == [(2, 16, 16, 16), (2, 16, 8, 8), (2, 16, 4, 4), (2, 16, 2, 2)]
@@ -64,19 +49,19 @@ def test_pyramid_shapes_and_logits():
 def test_official_out_indices_and_config_errors():
     from beitv2.config import ConfigError
 
-    assert SegmenterConfig(backbone=_vit(depth=12)).indices == (4, 6, 8, 12)
-    assert SegmenterConfig(backbone=_vit(depth=24)).indices == (8, 12, 16, 24)
+    assert SegmenterConfig(backbone=tiny_seg_vit(depth=12)).indices == (4, 6, 8, 12)
+    assert SegmenterConfig(backbone=tiny_seg_vit(depth=24)).indices == (8, 12, 16, 24)
     with pytest.raises(ConfigError, match="out_indices"):
-        SegmenterConfig(backbone=_vit(), out_indices=(1, 2, 3)).validate()
+        SegmenterConfig(backbone=tiny_seg_vit(), out_indices=(1, 2, 3)).validate()
     with pytest.raises(ConfigError, match=r"0\.\.4"):
-        SegmenterConfig(backbone=_vit(), out_indices=(1, 2, 3, 5)).validate()
+        SegmenterConfig(backbone=tiny_seg_vit(), out_indices=(1, 2, 3, 5)).validate()
     with pytest.raises(ConfigError, match="non-decreasing"):
-        SegmenterConfig(backbone=_vit(), out_indices=(3, 2, 1, 0)).validate()
-    SegmenterConfig(backbone=_vit(), out_indices=(0, 1, 2, 2)).validate()  # the patch embedding, a repeat
+        SegmenterConfig(backbone=tiny_seg_vit(), out_indices=(3, 2, 1, 0)).validate()
+    SegmenterConfig(backbone=tiny_seg_vit(), out_indices=(0, 1, 2, 2)).validate()  # the patch embedding, a repeat
 
 
 def test_taps_short_of_the_last_block_leave_later_blocks_unrun():
-    m = _seg(out_indices=(0, 1, 2, 2)).eval()
+    m = tiny_segmenter(seed=0, out_indices=(0, 1, 2, 2)).eval()
     x = torch.randn(1, 3, 32, 32)
     calls = []
     for i, blk in enumerate(m.backbone.blocks):
@@ -91,7 +76,7 @@ def test_taps_short_of_the_last_block_leave_later_blocks_unrun():
 
 
 def test_layer_decay_ids():
-    m = _seg()
+    m = tiny_segmenter(seed=0)
     ids = {n: layer_id_for_segmenter(n, 4) for n, _ in m.named_parameters()}
     assert ids["backbone.cls_token"] == 0 and ids["backbone.patch_embed.proj.weight"] == 0
     assert ids["backbone.blocks.0.attn.qkv.weight"] == 1 and ids["backbone.blocks.3.mlp.fc2.bias"] == 4
@@ -148,7 +133,7 @@ def test_sliding_window_equals_whole_image():
         whole = whole_inference(conv, x)
         slid = slide_inference(conv, x, 4, (16, 24), (11, 13))
     torch.testing.assert_close(slid, whole)
-    m = _seg().eval()  # one window covering the image: the real segmenter agrees exactly
+    m = tiny_segmenter(seed=0).eval()  # one window covering the image: the real segmenter agrees exactly
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(slide_inference(m, x, 5, (32, 32), (21, 21)), whole_inference(m, x, (32, 32)))
@@ -157,7 +142,7 @@ def test_sliding_window_equals_whole_image():
 def test_a_few_steps_lower_the_loss():
     from beitv2.engine import OptimConfig, build_optimizer, set_schedule
 
-    m = _seg()
+    m = tiny_segmenter(seed=0)
     m.train()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 3, 32, 32, generator=g)
@@ -261,11 +246,11 @@ def test_hf_export_refuses_what_transformers_cannot_hold(tmp_path):
     from beitv2.interop.hf_segmentation import export_hf_segmentation
 
     with pytest.raises(ValueError, match="channels"):
-        export_hf_segmentation(_seg(channels=8, out_indices=(0, 1, 2, 3)), tmp_path / "hf2")
+        export_hf_segmentation(tiny_segmenter(seed=0, channels=8, out_indices=(0, 1, 2, 3)), tmp_path / "hf2")
     with pytest.raises(ValueError, match=r"cannot read the last block \(4\)"):
-        export_hf_segmentation(_seg(), tmp_path / "hf3")  # official taps 1 2 3 4
+        export_hf_segmentation(tiny_segmenter(seed=0), tmp_path / "hf3")  # official taps 1 2 3 4
     with pytest.raises(ValueError, match="3 class names"):
-        export_hf_segmentation(_seg(out_indices=(0, 1, 2, 3)), tmp_path / "hf4", ["a", "b", "c"])
+        export_hf_segmentation(tiny_segmenter(seed=0, out_indices=(0, 1, 2, 3)), tmp_path / "hf4", ["a", "b", "c"])
     assert not any(tmp_path.iterdir())
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from builders import tiny_mim, tiny_vit, tiny_vqkd
 from torch.utils.data import Dataset
 
 from beitv2.engine import OptimConfig, TrainConfig, Trainer, build_optimizer, init_distributed, seed_everything
@@ -20,22 +21,16 @@ from beitv2.engine.trainer import COMPILE_AUTO_MIN_STEPS, NonFiniteLossError, re
 from beitv2.masking import build_mask_generator
 from beitv2.mim_targets import TokenTarget
 from beitv2.models.backbone import ViTConfig, make_block, select_rows
-from beitv2.models.mim import BEiTv2ForMIM, MaskedPatches, MIMConfig
+from beitv2.models.mim import BEiTv2ForMIM, MaskedPatches
 from beitv2.models.quantizer import NormEMAQuantizer, QuantizerConfig
-from beitv2.models.vqkd import VQKD, VQKDConfig, vqkd_encoder_config
+from beitv2.models.vqkd import VQKD
 from beitv2.tasks import MIMTask
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def tiny_parts(seed: int = 0) -> tuple[BEiTv2ForMIM, VQKD]:
-    torch.manual_seed(seed)
-    vit = ViTConfig(img_size=(16,), patch_size=4, embed_dim=32, depth=2, num_heads=2)
-    mim = BEiTv2ForMIM(MIMConfig(backbone=vit, vocab_size=16, early_layers=1, head_layers=1))
-    enc = vqkd_encoder_config(img_size=(16,), patch_size=4, embed_dim=32, depth=1, num_heads=2)
-    vq = VQKD(VQKDConfig(encoder=enc, decoder_depth=1, teacher_dim=8,
-                         quantizer=QuantizerConfig(num_codes=16, code_dim=4, kmeans_init=False)))
-    return mim, vq.eval()
+    """A MIM model and its tokenizer, drawn one after the other from one seed."""
+    mim = tiny_mim(seed=seed)
+    return mim, tiny_vqkd(kmeans_init=False).eval()
 
 
 def mim_batch(n: int = 4, seed: int = 0) -> dict:
@@ -97,8 +92,7 @@ def test_block_limited_to_rows_equals_the_whole_block_at_those_rows(qkv_bias, ow
     """Outputs and gradients of a block limited to ``rows`` are the whole block's at those rows, whatever the bias
     layout (shared table, per-layer table, no q/v bias) and attention form; stochastic depth draws the same masks."""
     torch.manual_seed(0)
-    cfg = ViTConfig(img_size=(16,), patch_size=4, embed_dim=32, depth=1, num_heads=2, qkv_bias=qkv_bias,
-                    drop_path_rate=0.0)
+    cfg = tiny_vit(depth=1, qkv_bias=qkv_bias, drop_path_rate=0.0)
     blk = make_block(cfg, drop_path=0.3, window_size=(4, 4) if own_table else None).train()
     blk.attn.fused_attn = fused
     if own_table:
@@ -146,10 +140,8 @@ def test_trimmed_last_blocks_give_the_whole_blocks_loss_and_grads(kw):
     boolean mask. early_layers = depth feeds the whole last block to the aggregation head, so the backbone is not
     trimmed."""
     kw = dict(kw)
-    torch.manual_seed(0)
-    vit = ViTConfig(img_size=(16,), patch_size=4, embed_dim=32, depth=2, num_heads=2,
-                    drop_path_rate=kw.pop("drop_path", 0.0), grad_checkpointing=kw.pop("grad_checkpointing", False))
-    mim = BEiTv2ForMIM(MIMConfig(backbone=vit, vocab_size=16, **{"early_layers": 1, "head_layers": 2, **kw}))
+    vit = {"drop_path_rate": kw.pop("drop_path", 0.0), "grad_checkpointing": kw.pop("grad_checkpointing", False)}
+    mim = tiny_mim(seed=0, vit=vit, **{"head_layers": 2, **kw})
     _, vq = tiny_parts()
     task = MIMTask(mim, TokenTarget(vq)).train()
     batch = mim_batch()

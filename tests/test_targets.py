@@ -10,42 +10,29 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import tiny_mim, tiny_vit, tiny_vqkd
 
 from beitv2.checkpoint import save_model
 from beitv2.commands.pretrain import PretrainConfig
 from beitv2.config import ConfigError, from_dict
 from beitv2.masking import build_mask_generator
 from beitv2.mim_targets import FeatureTarget, PixelTarget, TokenTarget, build_target
-from beitv2.models.backbone import BEiTViT, ViTConfig
-from beitv2.models.mim import BEiTv2ForMIM, MaskedPatches, MIMConfig
-from beitv2.models.quantizer import QuantizerConfig
-from beitv2.models.vqkd import VQKD, VQKDConfig, vqkd_encoder_config
+from beitv2.models.backbone import BEiTViT
+from beitv2.models.mim import MaskedPatches
 from beitv2.tasks import MIMTask
 from beitv2.teachers import TeacherConfig, build_teacher
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 P = 4  # patch size; 16 px images -> a 4 x 4 grid
 
 
-def tiny_mim(target: str, aggregation: bool) -> BEiTv2ForMIM:
-    torch.manual_seed(1)
-    vit = ViTConfig(img_size=(16,), patch_size=P, embed_dim=32, depth=2, num_heads=2)
-    return BEiTv2ForMIM(MIMConfig(backbone=vit, vocab_size=16, early_layers=1, head_layers=1, target=target,
-                                  target_dim=24, patch_aggregation=aggregation))
-
-
-def tiny_tokenizer() -> VQKD:
-    torch.manual_seed(2)
-    enc = vqkd_encoder_config(img_size=(16,), patch_size=P, embed_dim=32, depth=1, num_heads=2)
-    return VQKD(VQKDConfig(encoder=enc, decoder_depth=1, teacher_dim=8,
-                           quantizer=QuantizerConfig(num_codes=16, code_dim=4, kmeans_init=False))).eval()
+MIM = {"seed": 1, "target_dim": 24}  # the same draws whatever the target; feature targets are the teacher's 24 dims
+TOKENIZER = {"seed": 2, "kmeans_init": False}
 
 
 @pytest.fixture(scope="module")
 def teacher_file(tmp_path_factory):
     torch.manual_seed(0)
-    cfg = ViTConfig(img_size=(16,), patch_size=P, embed_dim=24, depth=1, num_heads=2, use_mean_pooling=True)
+    cfg = tiny_vit(embed_dim=24, depth=1, use_mean_pooling=True)
     path = tmp_path_factory.mktemp("teacher") / "teacher.safetensors"
     save_model(path, BEiTViT(cfg), "vit", cfg)
     return path
@@ -116,7 +103,7 @@ def assert_same(task_run, hand_run):
 @pytest.mark.parametrize("aggregation", [True, False])
 @pytest.mark.parametrize("with_index", [True, False])
 def test_token_target_equals_cross_entropy_on_hand_labels(aggregation, with_index):
-    model, tok = tiny_mim("tokens", aggregation), tiny_tokenizer()
+    model, tok = tiny_mim(target="tokens", patch_aggregation=aggregation, **MIM), tiny_vqkd(**TOKENIZER).eval()
     task = MIMTask(model, TokenTarget(tok)).train()
     b = batch(with_index)
     with torch.no_grad():
@@ -134,7 +121,7 @@ def test_token_target_equals_cross_entropy_on_hand_labels(aggregation, with_inde
 @pytest.mark.parametrize("with_index", [True, False])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_pixel_target_equals_mse_on_hand_cut_patches(aggregation, with_index, normalize):
-    model = tiny_mim("pixels", aggregation)
+    model = tiny_mim(target="pixels", patch_aggregation=aggregation, **MIM)
     model.config.norm_pix_loss = normalize
     task = MIMTask(model, PixelTarget(model.config)).train()
     b = batch(with_index)
@@ -149,7 +136,8 @@ def test_pixel_target_equals_mse_on_hand_cut_patches(aggregation, with_index, no
 @pytest.mark.parametrize("aggregation", [True, False])
 @pytest.mark.parametrize("with_index", [True, False])
 def test_feature_target_equals_one_minus_cosine_on_hand_labels(teacher_file, aggregation, with_index):
-    model, teacher = tiny_mim("features", aggregation), tiny_teacher(teacher_file)
+    model = tiny_mim(target="features", patch_aggregation=aggregation, **MIM)
+    teacher = tiny_teacher(teacher_file)
     task = MIMTask(model, FeatureTarget(teacher)).train()
     b = batch(with_index)
     with torch.no_grad():
@@ -166,12 +154,12 @@ def test_feature_target_equals_one_minus_cosine_on_hand_labels(teacher_file, agg
 
 
 def test_frozen_part_is_compiled_beside_the_model_and_stays_out_of_the_checkpoint(teacher_file):
-    tok = tiny_tokenizer()
-    token_task = MIMTask(tiny_mim("tokens", True), TokenTarget(tok))
+    tok = tiny_vqkd(**TOKENIZER).eval()
+    token_task = MIMTask(tiny_mim(target="tokens", **MIM), TokenTarget(tok))
     assert set(token_task.helper_fns()) == {"target"}  # what `compile_task` compiles
-    feature_task = MIMTask(tiny_mim("features", True), FeatureTarget(tiny_teacher(teacher_file)))
+    feature_task = MIMTask(tiny_mim(target="features", **MIM), FeatureTarget(tiny_teacher(teacher_file)))
     assert set(feature_task.helper_fns()) == {"target"}
-    pixel_model = tiny_mim("pixels", True)
+    pixel_model = tiny_mim(target="pixels", **MIM)
     assert MIMTask(pixel_model, PixelTarget(pixel_model.config)).helper_fns() == {}  # no frozen network
     # the compiled call is the one the task uses
     calls = []
@@ -191,7 +179,7 @@ def pretrain_config(**model) -> PretrainConfig:
 
 def test_build_target_from_the_pretrain_config(tmp_path, teacher_file):
     tok_path = tmp_path / "tok.safetensors"
-    save_model(tok_path, tiny_tokenizer())
+    save_model(tok_path, tiny_vqkd(**TOKENIZER).eval())
     cfg = pretrain_config(vocab_size=16)
     cfg.tokenizer.checkpoint = str(tok_path)
     t = build_target(cfg)

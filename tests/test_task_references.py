@@ -24,8 +24,6 @@ from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
 from beitv2.tasks import MIMTask
 from beitv2.teachers import TeacherConfig
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
 # ------------------------------------------------------------------------------------------------ pixel target
 
 P = 4

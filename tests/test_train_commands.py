@@ -34,9 +34,6 @@ FAST = {"num_workers": 0}
 TRAIN = {"epochs": 2, "batch_size": 8, "log_every_steps": 1, "progress": False, "tensorboard": False}
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path

@@ -122,9 +122,6 @@ def folder(tmp_path_factory) -> Path:
     return make_folder(tmp_path_factory.mktemp("imgs"), n_per_class=8)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
 def test_offline_run_logs_metrics_config_and_resumes_same_run(tmp_path, folder, offline):
     out = tmp_path / "run"
     cfg = write_yaml(tmp_path / "tok.yaml", {

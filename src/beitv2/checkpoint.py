@@ -4,13 +4,16 @@ No pickle is involved, so loading a file never runs code. Files are written atom
 folder, flushed and fsync'ed, then renamed over the target, so a crash never leaves a half-written checkpoint.
 
 `read_model_file` is the one reader of these files: every loader (`load_model`, the evaluation backbones,
-fine-tuning, the tokenizer reference) starts from the `ModelFile` it returns. A path is a file, a checkpoint or run
-folder, or a hub reference ``hf-hub:ORG/NAME[@REVISION]`` (`resolve_weights`).
+fine-tuning, the tokenizer reference) starts from the `ModelFile` it returns; with ``backbone=True`` it holds the ViT
+backbone of any kind that has one (where it sits is data in the kind's registry entry), so evaluation and fine-tuning
+read a backbone in one call. A path is a file, a checkpoint or run folder, or a hub reference
+``hf-hub:ORG/NAME[@REVISION]`` (`resolve_weights`).
 """
 
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +21,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from .config import from_dict, to_dict
-from .models.registry import ModelKind, get_kind, kind_of, kinds
+from .models.backbone import ViTConfig
+from .models.registry import KINDS, ModelKind, kind_of
 from .utils.files import atomic_write
 
 FORMAT = "beitv2"
@@ -98,11 +102,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file, or of a torch file loaded with ``weights_only=True``."""
     p = resolve_weights(path)
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(p))
-    import pickle
-
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -112,27 +112,28 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 @dataclass
 class ModelFile:
-    """What a beitv2 model file holds: its kind, its typed config and (unless read without) its weights."""
+    """What a beitv2 model file holds: its kind, its typed config and (unless read without) its weights; read with
+    ``backbone=True``, the config and weights of its ViT backbone (a `ViTConfig`, keys relative to the backbone)."""
 
     path: Path  # the resolved file
-    kind: str
-    config: Any  # the kind's config dataclass
-    config_dict: dict  # the config as written in the file
+    kind: str  # the file's kind, also when only its backbone was read
+    config: Any  # the kind's config dataclass, or the backbone's ViTConfig
+    config_dict: dict  # that config as written in the file
+    description: str  # "<kind> checkpoint <path>", for logs and reports
     state: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def spec(self) -> ModelKind:
-        return get_kind(self.kind)
-
-    def describe(self) -> str:
-        return f"{self.kind} checkpoint {self.path}"
+        return KINDS[self.kind]
 
 
-def read_model_file(path: str | Path, weights: bool = True) -> ModelFile:
+def read_model_file(path: str | Path, weights: bool = True, backbone: bool = False) -> ModelFile:
     """The one reader of beitv2 model files: the path resolved once, then kind, config and (``weights``) tensors.
 
-    A file without beitv2 metadata (an official ``.pth``, a foreign safetensors file) or of a kind not registered
-    raises ValueError naming the file."""
+    ``backbone``: only the ViT backbone, as the kind's registry entry places it (the field of the config, the key
+    prefix; the pre-training-only keys left out), and only its tensors are read. A file without beitv2 metadata (an
+    official ``.pth``, a foreign safetensors file), of a kind not registered, or (``backbone``) of a kind without a
+    ViT raises ValueError naming the file."""
     p = resolve_weights(path)
     if p.suffix != ".safetensors":
         raise ValueError(f"{p} is not a beitv2 model file (not safetensors); official .pth files are read by "
@@ -143,11 +144,23 @@ def read_model_file(path: str | Path, weights: bool = True) -> ModelFile:
             raise ValueError(f"{p} is not a beitv2 model file (no beitv2 metadata); official .pth files are read by "
                              "`beitv2 convert` / beitv2.interop")
         kind = meta["kind"]
-        if kind not in kinds():
-            raise ValueError(f"{p}: unknown model kind {kind!r} (known: {', '.join(kinds())})")
-        state = {k: f.get_tensor(k) for k in f.keys()} if weights else {}
+        spec = KINDS.get(kind)
+        if spec is None:
+            raise ValueError(f"{p}: unknown model kind {kind!r} (known: {', '.join(KINDS)})")
+        prefix, names = "", list(f.keys())
+        if backbone:
+            if spec.backbone is None:
+                known = ", ".join(k for k, s in KINDS.items() if s.backbone is not None)
+                raise ValueError(f"{p} is a {kind!r} model; expected one with a ViT backbone ({known})")
+            # the rule of `ModelKind.backbone_state`, applied to the file's keys so that only these tensors are read
+            prefix, drop = spec.backbone_prefix, spec.pretrain_only_keys
+            names = [k for k in names if k.startswith(prefix) and not k[len(prefix):].startswith(drop)]
+        state = {k[len(prefix):]: f.get_tensor(k) for k in names} if weights else {}
     cfg_dict = json.loads(meta["config"])
-    return ModelFile(p, kind, from_dict(get_kind(kind).config_class, cfg_dict), cfg_dict, state)
+    cls = spec.config_class
+    if backbone:
+        cls, cfg_dict = ViTConfig, cfg_dict[spec.backbone] if spec.backbone else cfg_dict
+    return ModelFile(p, kind, from_dict(cls, cfg_dict), cfg_dict, f"{kind} checkpoint {p}", state)
 
 
 def load_model(path: str | Path, strict: bool = True) -> tuple[nn.Module, str, dict]:
@@ -159,4 +172,3 @@ def load_model(path: str | Path, strict: bool = True) -> tuple[nn.Module, str, d
         raise ValueError(f"{f.path}: weights do not match a {f.kind} model built from its config: "
                          f"missing {missing[:8]}, unexpected {unexpected[:8]}")
     return model.eval(), f.kind, f.config_dict
-

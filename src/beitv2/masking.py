@@ -43,6 +43,11 @@ class _MaskGeneratorBase:
             self._pid = os.getpid()
         return self._rng
 
+    @property
+    def exact_count(self) -> bool:
+        """Whether every mask holds exactly ``num_masking_patches`` patches (so a batch of masked positions stacks)."""
+        return True
+
     def __call__(self, rng: np.random.Generator | None = None) -> np.ndarray:
         return self.generate(rng if rng is not None else self._own_rng())
 
@@ -104,6 +109,10 @@ class BlockwiseMaskGenerator(_MaskGeneratorBase):
                     window[...] = True
                     return new
         return 0
+
+    @property
+    def exact_count(self) -> bool:
+        return self.top_up
 
     def generate(self, rng: np.random.Generator) -> np.ndarray:
         mask = np.zeros((self.height, self.width), dtype=bool)

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Literal
 
 from ..config import check, opt
-from ..data.segmentation import SegAugConfig, SegDataConfig
+from ..data.segmentation import SegDataConfig
+from ..data.segmentation_transforms import SegAugConfig
 from ..engine import OptimConfig, TrainConfig
 from ..eval.seg_finetune import SegModelConfig
 from ._training import configure_parser, quiet_other_ranks, resolve_config
@@ -127,13 +128,12 @@ def _run(cfg: SegmentConfig, dist) -> int:
 
     from ..data.segmentation import (
         IterationEpochs,
-        SegEvalTransform,
         SegmentationSamples,
-        SegTrainTransform,
         build_segmentation_source,
         class_names,
         collate_segmentation,
     )
+    from ..data.segmentation_transforms import SegEvalTransform, SegTrainTransform
     from ..engine import Trainer, build_optimizer, seed_everything
     from ..eval.normalization import resolve_normalize
     from ..eval.seg_finetune import SegInference, SegmentationTask, build_segmenter
@@ -223,7 +223,7 @@ def _write_outputs(out: Path, task, classes: list[str], norm: str, report: dict,
     import json
 
     from ..checkpoint import save_model
-    from ..data.segmentation import norm_stats
+    from ..data.segmentation_transforms import norm_stats
     from ..eval.metrics import write_metrics
     from ..eval.segmentation import save_prediction_figure, write_table
 

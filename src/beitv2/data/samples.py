@@ -171,7 +171,9 @@ class SeededDataset(TrainingSource, Dataset):
 
 class MIMDataset(SeededDataset):
     """``{'image', 'tokenizer_image', 'mask' (bool [N]), 'mask_index' (long [M]), 'label', 'index'}`` for masked
-    image modeling; every mask of a generator has the same count M (see `beitv2.masking`)."""
+    image modeling. ``mask_index`` only when the generator's masks all hold the same count M (`exact_count`; BEiT
+    v1's blockwise generator without the top-up does not): positions of different counts cannot be stacked into a
+    batch, and the model then takes the boolean masks."""
 
     view_keys = ("image", "tokenizer_image")
 
@@ -180,13 +182,16 @@ class MIMDataset(SeededDataset):
         super().__init__(base, seed)
         self.transform = transform
         self.mask_generator = mask_generator
+        self.with_index = bool(getattr(mask_generator, "exact_count", True))
 
     def make(self, img: Any, label: int, index: int, rng: np.random.Generator) -> dict[str, Any]:
         image, tok = self.transform(img)
         mask = np.ascontiguousarray(self.mask_generator(rng)).reshape(-1).astype(bool)
         # the masked positions too (ascending): a batch of them gathers the masked tokens with a static shape
-        return {"image": image, "tokenizer_image": tok, "mask": torch.from_numpy(mask),
-                "mask_index": torch.from_numpy(np.flatnonzero(mask))}
+        sample = {"image": image, "tokenizer_image": tok, "mask": torch.from_numpy(mask)}
+        if self.with_index:
+            sample["mask_index"] = torch.from_numpy(np.flatnonzero(mask))
+        return sample
 
 
 class TokenizerTrainDataset(SeededDataset):

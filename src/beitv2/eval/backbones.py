@@ -1,22 +1,25 @@
 """Frozen ViT backbones for evaluation: from a checkpoint of this project (`mim` pre-training -> its ViT without the
 MIM head, `vit`, `vqkd` -> its encoder, as the official ``--model_filter_name encoder``, `segmenter` -> its ViT
-without a final norm; any registered kind with a ViT backbone) or from an untrained preset (a baseline).
+without a final norm; any registered kind with a ViT backbone) or from an untrained preset (a baseline). Fine-tuning
+reads its source here too (`read_source` with ``official=True`` also takes microsoft/unilm ``.pth`` files).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from ..checkpoint import ModelFile, read_model_file
+from ..checkpoint import read_model_file, resolve_weights
 from ..config import ConfigError, check, opt, reading
+from ..interop.official import infer_vit_fields, read_official_state_dict
 from ..models.backbone import BEiTViT, ViTConfig
 from ..models.presets import get_preset, list_presets
-from ..models.registry import ModelKind, get_kind, kinds
+from ..models.registry import KINDS
 
 
 @dataclass
@@ -51,36 +54,42 @@ class Backbone(NamedTuple):
     config: ViTConfig
     state: dict[str, torch.Tensor] | None  # None: random init
     description: str
-    kind: str  # the file's kind ('' for a random init)
+    kind: str  # the file's kind ('' for a random init, 'official' for a microsoft/unilm file)
 
 
-def with_vit_backbone(kind: str, field: str, where: str) -> ModelKind:
-    """The registered kind ``kind`` if it has a ViT backbone, else a ConfigError naming ``field``."""
-    spec = get_kind(kind) if kind in kinds() else None
-    if spec is None or spec.backbone is None:
-        known = ", ".join(k for k in kinds() if get_kind(k).backbone is not None)
-        raise ConfigError(f"{field}: {where} is a {kind!r} model; expected one with a ViT backbone ({known})")
-    return spec
-
-
-def backbone_of_file(f: ModelFile, filt: str = "") -> Backbone:
-    """The ViT config and weights inside a beitv2 model file of any kind with a ViT backbone (the registry says
-    where it sits: a VQ-KD's encoder, a MIM model without its pre-training head, ...)."""
-    if filt == "encoder" and f.kind != "vqkd":
-        raise ConfigError(f"model.filter: 'encoder' needs a vqkd checkpoint, {f.path} is a {f.kind!r} model")
-    spec = with_vit_backbone(f.kind, "model.checkpoint", str(f.path))
-    return Backbone(spec.backbone_config(f.config), spec.backbone_state(f.state), f.describe(), f.kind)
-
-
-def read_source(src: ModelSource) -> Backbone:
-    """The backbone ``src`` names, read without building it: a random init of a preset, or a beitv2 model file."""
+def read_source(src: ModelSource, official: bool = False) -> Backbone:
+    """The backbone ``src`` names, read without building it: a random init of a preset, a beitv2 model file of any
+    kind with a ViT backbone (`read_model_file` finds it), or (``official``: fine-tuning) a microsoft/unilm file."""
     if src.random_init:
         kind, cfg = get_preset(src.preset)
-        cfg = with_vit_backbone(kind, "model.preset", f"preset {src.preset!r}").backbone_config(cfg)
-        return Backbone(cfg, None, f"random init of preset {src.preset}", "")
+        if KINDS[kind].backbone is None:
+            known = ", ".join(k for k, s in KINDS.items() if s.backbone is not None)
+            raise ConfigError(f"model.preset: preset {src.preset!r} is a {kind!r} model; expected one with a ViT "
+                              f"backbone ({known})")
+        return Backbone(KINDS[kind].backbone_config(cfg), None, f"random init of preset {src.preset}", "")
     with reading("model.checkpoint"):
-        f = read_model_file(src.checkpoint)
-    return backbone_of_file(f, src.filter)
+        if official:
+            path = resolve_weights(src.checkpoint)
+            if path.suffix != ".safetensors":
+                return _read_official(src, path)
+        f = read_model_file(src.checkpoint, backbone=True)
+    if src.filter == "encoder" and f.kind != "vqkd":
+        raise ConfigError(f"model.filter: 'encoder' needs a vqkd checkpoint, {f.path} is a {f.kind!r} model")
+    return Backbone(f.config, f.state, f.description, f.kind)
+
+
+def _read_official(src: ModelSource, path: Path) -> Backbone:
+    """An official microsoft/unilm .pth file (pre-training, classifier, or with filter 'encoder' a VQ-KD tokenizer),
+    read and described by the interop helper (`beitv2.interop.official`)."""
+    state = read_official_state_dict(path)
+    what = f"official checkpoint {src.checkpoint}"
+    if src.filter == "encoder":  # official --model_filter_name encoder
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        if not state:
+            raise ConfigError(f"model.filter: {src.checkpoint} has no 'encoder.' keys")
+    state = {k: v for k, v in state.items() if not k.endswith("relative_position_index")}
+    fields, _ = infer_vit_fields(state, what)
+    return Backbone(ViTConfig(**fields), state, what, "official")
 
 
 # kinds whose backbone has no final LayerNorm (a segmenter reads the raw block outputs, as the official UperNet does):

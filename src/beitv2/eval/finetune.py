@@ -19,17 +19,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch import nn
 
-from ..checkpoint import read_model_file, resolve_weights, save_model
+from ..checkpoint import save_model
 from ..config import ConfigError, check, opt, reading
 from ..engine import distributed as D
-from ..interop.official import infer_vit_fields, read_official_state_dict
 from ..models.backbone import BEiTViT, ViTConfig, to_2tuple
-from ..models.registry import ModelKind, get_kind, register
+from ..models.registry import KINDS, ModelKind, register
 from ..models.relpos import resize_state_dict, shared_table_to_per_layer
 from ..tasks import TrainTask
-from .backbones import Backbone, ModelSource, backbone_of_file, read_source
+from .backbones import Backbone, ModelSource, read_source
 from .metrics import confusion_matrix, topk_correct, write_metrics
 
 log = logging.getLogger("beitv2.eval")
@@ -99,31 +99,10 @@ def layer_id_fn(depth: int, prefix: str = "") -> Callable[[str], int]:
 
 # ------------------------------------------------------------------------------------------ model preparation
 
-def _read_official(mcfg: FinetuneModelConfig, path: Path) -> Backbone:
-    """An official microsoft/unilm .pth file (pre-training, classifier, or with filter 'encoder' a VQ-KD tokenizer),
-    read and described by the interop helper (`beitv2.interop.official`)."""
-    state = read_official_state_dict(path)
-    what = f"official checkpoint {mcfg.checkpoint}"
-    if mcfg.filter == "encoder":  # official --model_filter_name encoder
-        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-        if not state:
-            raise ConfigError(f"model.filter: {mcfg.checkpoint} has no 'encoder.' keys")
-    state = {k: v for k, v in state.items() if not k.endswith("relative_position_index")}
-    fields, _ = infer_vit_fields(state, what)
-    return Backbone(ViTConfig(**fields), state, what, "official")
-
-
 def read_finetune_source(mcfg: FinetuneModelConfig) -> Backbone:
     """The backbone to fine-tune: a beitv2 model file of any kind with a ViT backbone, an official .pth file, or a
     random init of a preset."""
-    if mcfg.random_init:
-        return read_source(mcfg)
-    with reading("model.checkpoint"):
-        path = resolve_weights(mcfg.checkpoint)
-        if path.suffix != ".safetensors":
-            return _read_official(mcfg, path)
-        f = read_model_file(path)
-    return backbone_of_file(f, mcfg.filter)
+    return read_source(mcfg, official=True)
 
 
 def finetune_config(src: ViTConfig, mcfg: FinetuneModelConfig, num_classes: int) -> ViTConfig:
@@ -139,7 +118,7 @@ def finetune_config(src: ViTConfig, mcfg: FinetuneModelConfig, num_classes: int)
 
 def remap_state_dict(state: dict[str, torch.Tensor], src: ViTConfig, dst: ViTConfig) -> dict[str, torch.Tensor]:
     """Official remapping of a pre-training / other-resolution state dict onto the classifier ``dst``."""
-    drop = get_kind("mim").pretrain_only_keys  # a pre-training state dict may still hold the MIM head
+    drop = KINDS["mim"].pretrain_only_keys  # an official pre-training state dict still holds the MIM head
     out = {k: v for k, v in state.items() if not k.startswith(drop) and not k.endswith("relative_position_index")}
     if dst.use_rel_pos_bias:
         out = shared_table_to_per_layer(out, dst.depth)
@@ -163,13 +142,14 @@ def build_finetune_model(mcfg: FinetuneModelConfig, num_classes: int, source: Ba
     """The classifier and a report (source, missing/unexpected keys, resolution change)."""
     src_cfg, state, desc, _ = source if source is not None else read_finetune_source(mcfg)
     cfg = finetune_config(src_cfg, mcfg, num_classes)
-    model = BEiTViT(cfg)
     report: dict[str, Any] = {"source": desc, "src_img_size": list(src_cfg.img_hw), "img_size": list(cfg.img_hw)}
     if state is None:
         report.update(missing=[], unexpected=[])
-        return model, report
+        return BEiTViT(cfg), report
     with reading("model.checkpoint"):
         remapped = remap_state_dict(state, src_cfg, cfg)
+    model = BEiTViT(cfg)
+    with reading("model.checkpoint"):
         missing, unexpected = model.load_state_dict(remapped, strict=False)
     fresh = ("head.", "fc_norm.", "norm.")
     bad_missing = [k for k in missing if not k.startswith(fresh)]
@@ -192,8 +172,6 @@ class WithEMA(nn.Module):
 
     def __init__(self, net: nn.Module, decay: float = 0.9999):
         super().__init__()
-        from timm.utils import ModelEmaV3
-
         self.net = net
         self.config = net.config
         self.ema = ModelEmaV3(net, decay=decay)
@@ -211,8 +189,8 @@ class WithEMA(nn.Module):
 
 
 # kind of the engine's checkpoints of a fine-tuning run with EMA (the final files are plain `vit` ones)
-register(ModelKind("vit_with_ema", ViTConfig, WithEMA, constructor=lambda c: WithEMA(BEiTViT(c)),
-                   backbone=lambda c: c, backbone_prefix="net."))
+register(ModelKind("vit_with_ema", ViTConfig, WithEMA, constructor=lambda c: WithEMA(BEiTViT(c)), backbone="",
+                   backbone_prefix="net."))
 
 
 def classifier_of(model: nn.Module) -> nn.Module:

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import load_model, read_metadata, resolve_weights
-from ..config import ConfigError, check, opt
+from ..checkpoint import load_model, read_model_file, resolve_weights
+from ..config import ConfigError, check, opt, reading
+from ..interop.hf_segmentation import import_hf_segmentation
 from ..models.backbone import ViTConfig
 from ..models.segmenter import Segmenter, SegmenterConfig
 from ..tasks import TrainTask
@@ -117,16 +118,17 @@ def _load_whole(path: str) -> tuple[Segmenter, str] | None:
     p = Path(path)
     if p.is_dir() and (p / "config.json").is_file() and "BeitForSemanticSegmentation" in \
             json.loads((p / "config.json").read_text()).get("architectures", []):
-        from ..interop.hf_segmentation import import_hf_segmentation
-
         model, _ = import_hf_segmentation(p)
         return model, f"transformers BeitForSemanticSegmentation {p}"
     try:
         w = resolve_weights(p)
     except FileNotFoundError:
         return None
-    if w.suffix != ".safetensors" or read_metadata(w).get("kind") != "segmenter":
+    if w.suffix != ".safetensors":
         return None
+    with reading("model.checkpoint"):
+        if read_model_file(w, weights=False).kind != "segmenter":
+            return None
     model, _, _ = load_model(w)
     return model, f"segmenter {w}"
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..checkpoint import load_model, read_model_file
 from ..config import ConfigError, check, opt, reading
 from ..data import DataConfig, EvalTransform, build_dataset, collate_skip_bad, for_loader, prepare_batch
-from ..models.registry import get_kind, kinds
+from ..models.registry import KINDS
 from .dalle import dalle_config, is_dalle_file, load_dalle, read_dalle
 
 log = logging.getLogger("beitv2.tokenizer")
@@ -51,7 +51,7 @@ class TokenizerRef:
             return self._describe_dalle()
         with reading("tokenizer.checkpoint"):
             f = read_model_file(self.checkpoint, weights=False)
-        tokenizers = [k for k in kinds() if get_kind(k).tokens is not None]
+        tokenizers = [k for k, s in KINDS.items() if s.tokens is not None]
         check(f.spec.tokens is not None, "tokenizer.checkpoint",
               f"{self.checkpoint} holds a {f.kind} model, not a tokenizer ({' or '.join(tokenizers)})")
         return (f.kind, *f.spec.tokens(f.config))
@@ -68,7 +68,7 @@ class TokenizerRef:
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError(f"tokenizer.checkpoint: {e}") from e
-        return ("dvae", *get_kind("dvae").tokens(c))
+        return ("dvae", *KINDS["dvae"].tokens(c))
 
 
 def load_tokenizer(ref: TokenizerRef, device: torch.device, data: DataConfig | None = None) -> tuple[Any, str]:

@@ -3,24 +3,26 @@
 A *kind* is the name a model file carries in its metadata (``kind`` beside ``config``). Each kind declares once:
 
 * ``config_class`` and ``model_class`` (how a file is rebuilt: ``model_class(config_class(**config))``);
-* ``backbone``: how to get its ViT backbone config from its config, and ``backbone_prefix``, where the backbone's
-  weights sit in its state dict (``encoder.`` for VQ-KD); ``None`` for kinds without a ViT (dVAE);
+* ``backbone``: the field of its config that holds its ViT backbone's config (``""``: the config is itself a
+  `ViTConfig`; ``None``: no ViT, e.g. the dVAE), and ``backbone_prefix``, where the backbone's weights sit in its
+  state dict (``encoder.`` for VQ-KD). Both are plain data, so a file's backbone is read without building its model
+  (`beitv2.checkpoint.read_model_file` with ``backbone=True``);
 * ``pretrain_only_keys``: state-dict prefixes that exist only for pre-training (the MIM head) and are dropped when the
   backbone is reused for evaluation, fine-tuning or export;
 * ``tokens``: for tokenizers (VQ-KD, dVAE), the `TokenGrid` their codes form, read from the config alone.
 
 Every model exposes ``model.config``: the config of its own kind (`MIMConfig` for `BEiTv2ForMIM`, whose ``cfg`` is its
-ViT backbone's). Checkpoint files, presets, evaluation, fine-tuning, interop and the trainer read from here, so a new
-kind (e.g. a segmenter) is one `register` call::
+ViT backbone's). Checkpoint files, presets, evaluation, fine-tuning, interop and the trainer read from here (`KINDS`
+is the table itself, read-only), so a new kind (e.g. a segmenter) is one `register` call::
 
-    register(ModelKind("segmenter", SegmenterConfig, Segmenter, backbone=lambda c: c.backbone,
-                       backbone_prefix="backbone."))
+    register(ModelKind("segmenter", SegmenterConfig, Segmenter, backbone="backbone", backbone_prefix="backbone."))
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
@@ -50,7 +52,7 @@ class ModelKind:
     config_class: type
     model_class: type[nn.Module]
     constructor: Callable[[Any], nn.Module] | None = None  # config -> model (default: model_class(config))
-    backbone: Callable[[Any], ViTConfig] | None = None  # config -> its ViT backbone's config
+    backbone: str | None = None  # the config field holding the ViT backbone's config ("": the config itself)
     backbone_prefix: str = ""  # where the backbone's weights sit in the state dict
     pretrain_only_keys: tuple[str, ...] = ()  # state-dict prefixes dropped when reusing the backbone
     tokens: Callable[[Any], TokenGrid] | None = None  # tokenizers: config -> the grid of codes they make
@@ -61,7 +63,7 @@ class ModelKind:
     def backbone_config(self, config: Any) -> ViTConfig:
         if self.backbone is None:
             raise ValueError(f"a {self.name} model has no ViT backbone")
-        return self.backbone(config)
+        return getattr(config, self.backbone) if self.backbone else config
 
     def backbone_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The backbone's weights out of a full state dict of this kind: under ``backbone_prefix`` (stripped),
@@ -72,6 +74,7 @@ class ModelKind:
 
 
 _KINDS: dict[str, ModelKind] = {}
+KINDS: Mapping[str, ModelKind] = MappingProxyType(_KINDS)  # every registered kind by name (read-only)
 
 
 def register(kind: ModelKind) -> ModelKind:
@@ -114,14 +117,13 @@ def backbone_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return kind_of(model).backbone_state(model.state_dict())
 
 
-register(ModelKind("vit", ViTConfig, BEiTViT, backbone=lambda c: c))
-register(ModelKind("mim", MIMConfig, BEiTv2ForMIM, backbone=lambda c: c.backbone,
+register(ModelKind("vit", ViTConfig, BEiTViT, backbone=""))
+register(ModelKind("mim", MIMConfig, BEiTv2ForMIM, backbone="backbone",
                    pretrain_only_keys=BEiTv2ForMIM.pretrain_only_keys))
-register(ModelKind("vqkd", VQKDConfig, VQKD, backbone=lambda c: c.encoder, backbone_prefix="encoder.",
+register(ModelKind("vqkd", VQKDConfig, VQKD, backbone="encoder", backbone_prefix="encoder.",
                    tokens=lambda c: TokenGrid(c.encoder.grid_size, c.quantizer.num_codes, c.encoder.img_hw,
                                               c.encoder.in_chans)))
 register(ModelKind("dvae", DVAEConfig, DiscreteVAE,
                    tokens=lambda c: TokenGrid(c.grid_size, c.vocab_size, (c.img_size, c.img_size), c.in_chans)))
-register(ModelKind("segmenter", SegmenterConfig, Segmenter, backbone=lambda c: c.backbone,
-                   backbone_prefix="backbone."))
+register(ModelKind("segmenter", SegmenterConfig, Segmenter, backbone="backbone", backbone_prefix="backbone."))
 register(ModelKind("timm", TimmNetConfig, TimmNet))  # no ViT backbone: a stand-in teacher (models/timm_net.py)
