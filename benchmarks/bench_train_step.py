@@ -43,9 +43,9 @@ from beitv2.engine.precision import autocast, grad_scaler, resolve_precision
 from beitv2.engine.trainer import COMPILE_AUTO_MIN_STEPS, compile_task, resolve_compile
 from beitv2.masking import build_mask_generator
 from beitv2.mim_targets import TokenTarget
+from beitv2.models.architectures import get_architecture
 from beitv2.models.backbone import unfuse_short_cpu_attention
 from beitv2.models.mim import BEiTv2ForMIM, MaskedPatches
-from beitv2.models.presets import get_preset
 from beitv2.models.vqkd import VQKD
 from beitv2.tasks import MIMTask, TokenizerTask
 from beitv2.teachers import TimmTeacher
@@ -65,8 +65,8 @@ SIZES = {
 
 def build(size: str, device: torch.device) -> dict:
     mim_name, vq_name, tkw, n_mask, _, _ = SIZES[size]
-    _, mim_cfg = get_preset(mim_name)
-    _, vq_cfg = get_preset(vq_name)
+    _, mim_cfg = get_architecture(mim_name)
+    _, vq_cfg = get_architecture(vq_name)
     grid = vq_cfg.encoder.grid_size
     teacher = TimmTeacher("vit_base_patch16_224", grid, model_kwargs=tkw, pretrained=False)  # FLOPs, not quality
     vq_cfg = dataclasses.replace(vq_cfg, teacher_dim=teacher.feature_dim,
@@ -90,7 +90,7 @@ def batch_for(parts: dict, bs: int, device: torch.device) -> dict:
 class WholeBlocksMIM(torch.nn.Module):
     """``model``'s pre-training forward with every block whole, the masked tokens picked after the blocks: by boolean
     indexing for a boolean mask (the form of the official code), by an index gather for an index. The same logits as
-    `BEiTv2ForMIM.forward` up to rounding (tests/test_speed.py checks a copy of this reference)."""
+    `BEiTv2ForMIM.forward` up to rounding (tests/test_speed.py checks it)."""
 
     def __init__(self, model: BEiTv2ForMIM):
         super().__init__()

@@ -36,14 +36,14 @@ Reading = Callable[[VQKD, torch.Tensor], torch.Tensor]  # (tokenizer, codes [B, 
 READINGS: dict[str, Reading] = {
     "code vectors": lambda tok, codes: tok.quantize.lookup(codes).flatten(1),
     "decoded, mean-pooled": lambda tok, codes: tok.decode_codes(codes).float().mean(1),
-    "code histogram": lambda tok, codes: F.one_hot(codes, tok.cfg.quantizer.num_codes).float().mean(1),
+    "code histogram": lambda tok, codes: F.one_hot(codes, tok.config.quantizer.num_codes).float().mean(1),
 }
 
 
 def code_encoder(tok: VQKD, reading: Reading, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """``encode(images01 [B, C, H, W]) -> [B, F]``: tokenize (resized to the tokenizer's input when needed), then
     read."""
-    size = tuple(tok.cfg.encoder.img_hw)
+    size = tuple(tok.config.encoder.img_hw)
 
     @torch.no_grad()
     def encode(images01: torch.Tensor) -> torch.Tensor:

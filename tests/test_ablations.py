@@ -106,7 +106,7 @@ def test_pixel_task_regresses_the_masked_patches_of_the_model_view():
     want = ((out - pixel_targets(images, 4, True)[mask]) ** 2).mean()
     assert torch.allclose(loss, want, atol=1e-5)
     # the un-normalised variant regresses the raw values
-    model.mim_cfg.norm_pix_loss = False
+    model.config.norm_pix_loss = False
     loss_raw, _ = task({"image": images, "mask": mask})
     assert torch.allclose(loss_raw, ((out - pixel_targets(images, 4, False)[mask]) ** 2).mean(), atol=1e-5)
 

@@ -16,10 +16,10 @@ from torch import nn
 from beitv2.checkpoint import load_model, save_model
 from beitv2.config import opt
 from beitv2.engine import OptimConfig, TrainConfig, Trainer, init_distributed, seed_everything
+from beitv2.models.architectures import ARCHITECTURES, build_model, get_architecture
 from beitv2.models.backbone import BEiTViT, ViTConfig
 from beitv2.models.dvae import DiscreteVAE, dvae_tiny
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
-from beitv2.models.presets import PRESETS, build_model, get_preset
 from beitv2.models.registry import (
     ModelKind,
     backbone_config,
@@ -60,10 +60,10 @@ def test_every_kind_saves_and_loads_through_the_registry(tmp_path, kind):
         assert torch.equal(loaded.state_dict()[k], v), k
 
 
-def test_mim_model_config_is_the_mim_config_and_cfg_its_backbone():
+def test_mim_model_config_is_the_mim_config_and_vit_config_its_backbone():
     mim = tiny_models()["mim"]
-    assert isinstance(mim.config, MIMConfig) and mim.cfg is mim.config.backbone
-    assert mim.mim_cfg is mim.config  # the former name still reads
+    assert isinstance(mim.config, MIMConfig) and mim.vit_config is mim.config.backbone
+    assert not hasattr(mim, "cfg") and not hasattr(mim, "mim_cfg")  # one name for each config
 
 
 @pytest.mark.parametrize("kind", ["vit", "mim", "vqkd"])
@@ -73,7 +73,7 @@ def test_backbone_of_every_kind_loads_strictly_into_a_vit(kind):
     state = backbone_state_dict(model)
     assert not any(k.startswith(BEiTv2ForMIM.pretrain_only_keys) for k in state)
     vit.load_state_dict(state, strict=True)
-    x = torch.rand(2, vit.cfg.in_chans, 16, 16)
+    x = torch.rand(2, vit.vit_config.in_chans, 16, 16)
     src = model.encoder if kind == "vqkd" else model
     with torch.no_grad():
         assert torch.allclose(vit.forward_features(x)[0], src.forward_features(x)[0])
@@ -85,10 +85,10 @@ def test_dvae_has_no_backbone():
 
 
 def test_one_preset_table_holds_every_kind():
-    assert {get_preset(n)[0] for n in PRESETS} == {"vit", "mim", "vqkd", "dvae"}
+    assert {get_architecture(n)[0] for n in ARCHITECTURES} == {"vit", "mim", "vqkd", "dvae"}
     assert kind_of(build_model("dvae_tiny")).name == "dvae"
-    with pytest.raises(KeyError, match="unknown preset"):
-        get_preset("no_such_preset")
+    with pytest.raises(KeyError, match="unknown architecture"):
+        get_architecture("no_such_preset")
 
 
 @dataclass
@@ -345,7 +345,7 @@ def test_config_from_builds_what_the_command_line_builds_from_the_same_yaml(tmp_
 
     from beitv2.cli import build_parser
     from beitv2.commands._training import config_from, resolve_config
-    from beitv2.commands.segment import SegmentConfig
+    from beitv2.commands.segment import SegmentationConfig
     from beitv2.commands.train_tokenizer import TrainTokenizerConfig
 
     ckpt = save_model(tmp_path / "vit.safetensors", tiny_models()["vit"])
@@ -353,7 +353,7 @@ def test_config_from_builds_what_the_command_line_builds_from_the_same_yaml(tmp_
     cases = [("train-tokenizer", TrainTokenizerConfig, None,
               {"data": {"kind": "fmnist", "path": str(root), "channels": 1, "subset": 4},
                "optim": {"lr": 2e-3, "betas": [0.9, 0.99]}, "train": {"output_dir": str(tmp_path / "t")}}),
-             ("segment", SegmentConfig, "seg_fmnist_cpu",
+             ("segment", SegmentationConfig, "seg_fmnist_cpu",
               {"model": {"checkpoint": str(ckpt)}, "schedule": {"iters": 4}, "train": {"output_dir": str(tmp_path)}})]
     for command, cls, preset, data in cases:
         path = tmp_path / f"{command}.yaml"

@@ -40,7 +40,7 @@ def test_state_dict_moves_both_ways_with_identical_outputs(case):
     ours, theirs = _pair(case)
     assert set(ours.state_dict()) == set(theirs.state_dict())
     theirs.load_state_dict(ours.state_dict(), strict=True)
-    x = torch.randn(2, ours.cfg.in_chans, *ours.cfg.img_hw)
+    x = torch.randn(2, ours.vit_config.in_chans, *ours.vit_config.img_hw)
     with torch.no_grad():
         assert torch.allclose(ours(x), theirs(x), atol=1e-5)
     # and back: timm's random init into ours

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from beitv2.checkpoint import save_model
 from beitv2.cli import COMMANDS, main
-from beitv2.models.presets import build_model
+from beitv2.models.architectures import build_model
 
 # the smallest arguments each command needs to resolve its configuration
 MINIMAL = {

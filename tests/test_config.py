@@ -36,7 +36,7 @@ def test_layers_defaults_preset_yaml_cli(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("optim:\n  lr: 0.5\n  betas: [0.9, 0.98]\nepochs: 7\n")
     _, args = parse(["--optim.lr", "0.25", "--model.img_size", "32", "48", "--name", "x"])
-    cfg = build_config(Run, args, preset={"epochs": 5, "model": {"depth": 2}}, yaml_path=y)
+    cfg = build_config(Run, args, recipe={"epochs": 5, "model": {"depth": 2}}, yaml_path=y)
     assert cfg.optim.lr == 0.25 and cfg.optim.betas == (0.9, 0.98) and cfg.epochs == 7
     assert cfg.model.depth == 2 and cfg.model.img_size == (32, 48) and cfg.name == "x"
     save_yaml(cfg, tmp_path / "out.yaml")

@@ -11,12 +11,12 @@ from safetensors.torch import load_file, save_file
 
 from beitv2.config import ConfigError, build_config
 from beitv2.models.dvae import (
-    DVAE_PRESET_FIELDS,
-    DVAE_PRESETS,
+    DVAE_ARCHITECTURE_FIELDS,
+    DVAE_ARCHITECTURES,
     DiscreteVAE,
     DVAEConfig,
+    dvae_architecture,
     dvae_dalle,
-    dvae_preset,
     dvae_tiny,
     kl_to_uniform,
 )
@@ -214,29 +214,30 @@ def test_config_validation_names_the_field():
     # through the CLI/YAML machinery the message carries the dotted path as given
     with pytest.raises(ConfigError, match=r"^img_size: "):
         build_config(DVAEConfig, overrides={"img_size": 30, "downsample": 4})
-    cfg = build_config(DVAEConfig, preset=DVAE_PRESET_FIELDS["dvae_tiny"], overrides={"in_chans": 1, "img_size": 28})
+    fields = DVAE_ARCHITECTURE_FIELDS["dvae_tiny"]
+    cfg = build_config(DVAEConfig, recipe=fields, overrides={"in_chans": 1, "img_size": 28})
     assert cfg.grid_size == (7, 7) and cfg.vocab_size == 512
 
 
 def test_presets():
-    assert set(DVAE_PRESETS) == set(DVAE_PRESET_FIELDS) == {"dvae_tiny", "dvae_small", "dvae_dalle"}
-    assert all(isinstance(f(), DVAEConfig) for f in DVAE_PRESETS.values())
+    assert set(DVAE_ARCHITECTURES) == set(DVAE_ARCHITECTURE_FIELDS) == {"dvae_tiny", "dvae_small", "dvae_dalle"}
+    assert all(isinstance(f(), DVAEConfig) for f in DVAE_ARCHITECTURES.values())
     # registered with the library-wide presets
-    from beitv2.models.presets import get_preset
+    from beitv2.models.architectures import get_architecture
 
-    kind, cfg = get_preset("dvae_tiny")
+    kind, cfg = get_architecture("dvae_tiny")
     assert kind == "dvae" and cfg == dvae_tiny()
     d = dvae_dalle()
     assert (d.img_size, d.downsample, d.vocab_size, d.grid_size) == (112, 8, 8192, (14, 14))
     assert d == DVAEConfig()  # the defaults are the BEiT v1 / DALL-E shape
-    s = dvae_preset("dvae_small")
+    s = dvae_architecture("dvae_small")
     assert s.img_size % s.downsample == 0
     t = dvae_tiny(in_chans=1, img_size=28)
     m = DiscreteVAE(t)
     assert m.grid_size == (7, 7) and m.vocab_size == 512 and m.channels == 1
     assert m.tokenize(torch.rand(2, 1, 28, 28)).shape == (2, 49)
     with pytest.raises(KeyError, match="dvae_huge"):
-        dvae_preset("dvae_huge")
+        dvae_architecture("dvae_huge")
     with pytest.raises(ConfigError, match="img_size"):
         dvae_tiny(img_size=30)
 

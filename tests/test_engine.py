@@ -97,7 +97,7 @@ def test_no_decay_groups_default_and_official():
 
 def test_layer_decay_scales():
     model = BEiTViT(tiny_vit(num_classes=4))
-    depth = model.cfg.depth
+    depth = model.vit_config.depth
 
     def layer_id(name: str) -> int:
         if name.startswith(("cls_token", "pos_embed", "patch_embed")):

@@ -269,7 +269,8 @@ def test_layer_decay_groups_match_the_official_table():
 def test_finetune_model_from_pretraining_checkpoint(mim_ckpt):
     mim, _, _ = load_model(mim_ckpt)
     model, report = build_finetune_model(FinetuneModelConfig(checkpoint=str(mim_ckpt)), num_classes=7)
-    assert model.cfg.use_rel_pos_bias and not model.cfg.use_shared_rel_pos_bias and model.rel_pos_bias is None
+    vit = model.vit_config
+    assert vit.use_rel_pos_bias and not vit.use_shared_rel_pos_bias and model.rel_pos_bias is None
     shared = mim.rel_pos_bias.relative_position_bias_table
     for blk in model.blocks:  # the shared table copied into every block
         torch.testing.assert_close(blk.attn.relative_position_bias_table, shared)
@@ -314,7 +315,7 @@ def test_finetune_command_at_another_resolution_with_ema(colour_folder, mim_ckpt
     assert len(m["history"]) == 3 and m["model"]["img_size"] == [24, 24]
     assert (out / "confusion_matrix.png").is_file()
     model, kind, cfg = load_model(out / "model.safetensors")
-    assert kind == "vit" and model.cfg.img_hw == (24, 24) and model.cfg.num_classes == 3
+    assert kind == "vit" and model.vit_config.img_hw == (24, 24) and model.vit_config.num_classes == 3
     best, kind, _ = load_model(out / "best" / "model.safetensors")
     assert kind == "vit" and best(torch.randn(1, 3, 24, 24)).shape == (1, 3)
     assert _read(out / "best" / "metrics.json")["acc1"] == m["best"]["acc1"]
@@ -380,8 +381,8 @@ def test_randaugment_posterize_to_zero_bits_does_not_crash():
 def test_small_cpu_presets_parse(name, module, cls):
     import importlib
 
-    from beitv2.commands._training import load_preset
+    from beitv2.commands._training import load_recipe
     from beitv2.config import from_dict
 
-    cfg = from_dict(getattr(importlib.import_module(f"beitv2.commands.{module}"), cls), load_preset(name))
+    cfg = from_dict(getattr(importlib.import_module(f"beitv2.commands.{module}"), cls), load_recipe(name))
     assert cfg.data.num_workers == 2

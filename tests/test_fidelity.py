@@ -156,8 +156,9 @@ def test_dalle_files_load_without_dall_e_and_give_identical_codes(tmp_path):
 
     enc_path, dec_path, enc, dec = _dalle_files(tmp_path)
     model = load_dalle(enc_path, dec_path, img_size=32)
-    assert model.cfg.pixel_map == "dall-e" and model.cfg.logit_laplace_eps == 0.1
-    assert (model.cfg.hidden_dim, model.cfg.code_dim, model.cfg.vocab_size, model.grid_size) == (64, 32, 512, (4, 4))
+    c = model.config
+    assert c.pixel_map == "dall-e" and c.logit_laplace_eps == 0.1
+    assert (c.hidden_dim, c.code_dim, c.vocab_size, model.grid_size) == (64, 32, 512, (4, 4))
     x = _cells(6)
     with torch.no_grad():
         ref = enc(map_pixels(x)).argmax(1).flatten(1)
@@ -254,7 +255,7 @@ def _decayed(groups: list[dict]) -> dict[str, bool]:
 def test_official_presets_reproduce_the_official_weight_decay_groups(preset):
     """Pre-training decays mask_token and the shared relative position table; fine-tuning decays the per-block
     tables; VQ-KD exempts only 1-d params, biases and the encoder's/decoder's cls_token and pos_embed."""
-    from beitv2.commands._training import load_preset
+    from beitv2.commands._training import load_recipe
     from beitv2.commands.finetune import FinetuneConfig
     from beitv2.commands.pretrain import PretrainConfig
     from beitv2.commands.train_tokenizer import TrainTokenizerConfig
@@ -265,7 +266,7 @@ def test_official_presets_reproduce_the_official_weight_decay_groups(preset):
 
     with torch.device("meta"):
         if preset.startswith("vqkd"):
-            cfg = from_dict(TrainTokenizerConfig, load_preset(preset))
+            cfg = from_dict(TrainTokenizerConfig, load_recipe(preset))
             model = VQKD(cfg.tokenizer.vqkd)
             skip = {f"{p}.{n}" for p in ("encoder", "decoder") for n in ("cls_token", "pos_embed")}
             groups = param_groups(model, cfg.optim)
@@ -277,7 +278,7 @@ def test_official_presets_reproduce_the_official_weight_decay_groups(preset):
             groups = param_groups(model, cfg.optim, layer_id_fn(model.depth), model.depth + 2)
             assert _decayed(groups)["blocks.0.attn.relative_position_bias_table"]
         else:
-            cfg = PretrainConfig() if preset.startswith("(") else from_dict(PretrainConfig, load_preset(preset))
+            cfg = PretrainConfig() if preset.startswith("(") else from_dict(PretrainConfig, load_recipe(preset))
             model = BEiTv2ForMIM(cfg.model)
             skip = {"pos_embed", "cls_token"}
             groups = param_groups(model, cfg.optim)
@@ -361,11 +362,11 @@ OFFICIAL_FINETUNE = {  # preset: (lr, epochs, layer decay, drop path, warmup epo
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_PRETRAIN))
 def test_pretrain_presets_match_the_official_commands(name):
-    from beitv2.commands._training import load_preset
+    from beitv2.commands._training import load_recipe
     from beitv2.commands.pretrain import PretrainConfig
     from beitv2.config import from_dict
 
-    c = from_dict(PretrainConfig, load_preset(name))
+    c = from_dict(PretrainConfig, load_recipe(name))
     lr, warm, ep, betas, clip, dp, ls, early, bs = OFFICIAL_PRETRAIN[name]
     assert (c.optim.lr, c.optim.warmup_epochs, c.train.epochs, tuple(c.optim.betas), c.optim.clip_grad) == \
         (lr, warm, ep, betas, clip)
@@ -384,11 +385,11 @@ def test_pretrain_presets_match_the_official_commands(name):
 
 @pytest.mark.parametrize("name", sorted(OFFICIAL_FINETUNE))
 def test_finetune_presets_match_the_official_commands(name):
-    from beitv2.commands._training import load_preset
+    from beitv2.commands._training import load_recipe
     from beitv2.commands.finetune import FinetuneConfig
     from beitv2.config import from_dict
 
-    c = from_dict(FinetuneConfig, load_preset(name))
+    c = from_dict(FinetuneConfig, load_recipe(name))
     assert (c.optim.lr, c.train.epochs, c.optim.layer_decay, c.model.drop_path, c.optim.warmup_epochs) == \
         OFFICIAL_FINETUNE[name]
     assert (c.aug.mixup, c.aug.cutmix, c.aug.smoothing, c.aug.rand_aug, c.aug.reprob) == \
@@ -400,11 +401,11 @@ def test_finetune_presets_match_the_official_commands(name):
 
 
 def test_vqkd_preset_matches_the_official_command():
-    from beitv2.commands._training import load_preset
+    from beitv2.commands._training import load_recipe
     from beitv2.commands.train_tokenizer import TrainTokenizerConfig
     from beitv2.config import from_dict
 
-    c = from_dict(TrainTokenizerConfig, load_preset("vqkd_base_clip_in1k"))
+    c = from_dict(TrainTokenizerConfig, load_recipe("vqkd_base_clip_in1k"))
     q = c.tokenizer.vqkd.quantizer
     assert (q.num_codes, q.code_dim, q.decay, q.kmeans_init, c.tokenizer.vqkd.decoder_depth) == \
         (8192, 32, 0.99, True, 3)

@@ -19,7 +19,7 @@ from beitv2.checkpoint import save_model
 from beitv2.cli import main
 from beitv2.data.images import load_image
 from beitv2.data.transforms import EvalTransform
-from beitv2.models.presets import build_model
+from beitv2.models.architectures import build_model
 
 NAMES = ["cat", "dog", "bird"]
 ROOT = Path(__file__).resolve().parents[1]

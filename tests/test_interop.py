@@ -192,7 +192,7 @@ def test_vqkd_import_tokens_match_official(tmp_path):
     sd = official_vqkd()
     path = save_official(tmp_path / "vqkd.pth", sd, "model", prefix="module.")
     model = load_official_vqkd(path, num_heads=HEADS)
-    cfg = model.cfg
+    cfg = model.config
     assert (cfg.encoder.embed_dim, cfg.encoder.depth, cfg.decoder_depth, cfg.teacher_dim) == (D, DEPTH, 2, TEACHER)
     assert (cfg.quantizer.num_codes, cfg.quantizer.code_dim, model.img_size) == (VOCAB, CODE, (IMG, IMG))
     assert bool(model.quantize.embedding.initted) and not model.training
@@ -214,7 +214,7 @@ def test_vqkd_import_tokens_match_official(tmp_path):
 def test_vqkd_wrong_preset_names_keys(tmp_path):
     path = save_official(tmp_path / "vqkd.pth", official_vqkd())
     with pytest.raises(CheckpointMismatchError) as e:
-        load_official_vqkd(path, preset="vqkd_tiny")
+        load_official_vqkd(path, architecture="vqkd_tiny")
     msg = str(e.value)
     assert "shape mismatches" in msg and "encoder.cls_token" in msg and "missing" in msg  # depth 4 vs 3
 
@@ -224,7 +224,7 @@ def test_pretrain_import_mim_matches_same_weights(tmp_path):
     sd = official_pretrain(shared_lm_head=False)
     path = save_official(tmp_path / "pt.pth", sd)
     model = load_official_pretrain(path, target="mim", early_layers=2)
-    c = model.mim_cfg
+    c = model.config
     assert (c.vocab_size, c.head_layers, c.early_layers, c.shared_lm_head) == (VOCAB, 2, 2, False)
     assert c.backbone.use_shared_rel_pos_bias and not c.backbone.use_mean_pooling and c.backbone.num_heads == HEADS
     x = images()
@@ -255,7 +255,7 @@ def test_pretrain_import_as_finetune_backbone(tmp_path):
     sd = official_pretrain()
     path = save_official(tmp_path / "pt.pth", sd, "module", prefix="module.")
     model = load_official_pretrain(path, target="finetune", num_classes=5)
-    cfg = model.cfg
+    cfg = model.vit_config
     assert cfg.use_rel_pos_bias and not cfg.use_shared_rel_pos_bias and cfg.use_mean_pooling
     shared = sd["rel_pos_bias.relative_position_bias_table"]
     for blk in model.blocks:
@@ -276,7 +276,7 @@ def test_classifier_import_logits_match_timm(tmp_path):
     sd = official_classifier()
     path = save_official(tmp_path / "ft.pth", sd, "module")
     model = load_official_classifier(path)
-    assert model.cfg.num_classes == 7 and model.cfg.use_rel_pos_bias and model.cfg.use_mean_pooling
+    assert model.vit_config.num_classes == 7 and model.vit_config.use_rel_pos_bias and model.vit_config.use_mean_pooling
     tm = Beit(img_size=IMG, patch_size=PATCH, num_classes=7, global_pool="avg", embed_dim=D, depth=DEPTH,
               num_heads=HEADS, init_values=0.1, use_abs_pos_emb=False, use_rel_pos_bias=True).eval()
     tm.load_state_dict(backbone_keys(sd), strict=True)
@@ -410,7 +410,7 @@ def randomize(m):
 def our_outputs(m, x):
     with torch.no_grad():
         tokens, _ = m.forward_features(x)
-        return m.forward_head(tokens), (m.norm(tokens) if not m.cfg.use_mean_pooling else None)
+        return m.forward_head(tokens), (m.norm(tokens) if not m.vit_config.use_mean_pooling else None)
 
 
 @pytest.mark.parametrize("kind", ["pretrained", "finetuned"])
@@ -503,7 +503,7 @@ def test_vqkd_encoder_exports_to_timm(tmp_path):
 
 
 def test_timm_args_describe_model():
-    cfg = tiny_finetuned().cfg
+    cfg = tiny_finetuned().vit_config
     args = timm_model_args(cfg)
     assert args["global_pool"] == "avg" and args["num_classes"] == 6 and args["init_values"] == 0.1
     cfg2 = ViTConfig(img_size=(IMG,), patch_size=PATCH, embed_dim=D, depth=2, num_heads=HEADS, init_values=0.0)

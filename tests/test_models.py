@@ -8,8 +8,8 @@ from builders import tiny_mim, tiny_vqkd
 from beitv2.checkpoint import load_model, save_model
 from beitv2.config import ConfigError
 from beitv2.masking import BlockwiseMaskGenerator
+from beitv2.models.architectures import build_model, count_learnable, get_architecture, list_architectures
 from beitv2.models.mim import BEiTv2ForMIM, patchify, pixel_targets
-from beitv2.models.presets import build_model, count_learnable, get_preset, list_presets
 from beitv2.models.vqkd import VQKD
 
 # three blocks (room to move early_layers) and 64 codes; keywords still override
@@ -32,9 +32,9 @@ def test_paper_presets_have_the_official_learnable_parameter_counts():
         assert count_learnable(build_model("beitv2_base_patch16_224_ft")) == 86_530_984
 
 
-@pytest.mark.parametrize("name", [n for n in list_presets() if get_preset(n)[0] != "dvae"])
+@pytest.mark.parametrize("name", [n for n in list_architectures() if get_architecture(n)[0] != "dvae"])
 def test_every_preset_builds_and_runs_at_a_small_size(name):
-    kind, cfg = get_preset(name)
+    kind, cfg = get_architecture(name)
     if kind == "vqkd":
         cfg.encoder.img_size, cfg.encoder.depth, cfg.decoder_depth = (2 * cfg.encoder.patch_size,), 1, 1
     elif kind in ("mim", "vit"):
@@ -132,7 +132,7 @@ def test_patch_aggregation_reads_layer_l_patches_and_last_cls():
     assert not torch.allclose(before[0], after[0])
     assert not torch.allclose(before[1], after[1])
     m2 = mim_model(early_layers=3)
-    assert m2.mim_cfg.early_layers == 3
+    assert m2.config.early_layers == 3
     with pytest.raises(ConfigError, match="early_layers"):
         mim_model(early_layers=4)
 

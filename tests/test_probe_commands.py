@@ -63,7 +63,7 @@ def position_task(tmp_path_factory) -> Path:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    net.head, net.cfg.num_classes = torch.nn.Identity(), 0
+    net.head, net.vit_config.num_classes = torch.nn.Identity(), 0
     save_model(root / "trained.safetensors", net)
     return root
 

@@ -286,8 +286,8 @@ def test_tokenizer_information_reads_the_codes_alone(fast_run, tmp_path, capsys)
     vectors = mod.code_encoder(tok, mod.READINGS["code vectors"], 4)(images)
     assert torch.equal(vectors, tok.quantize.lookup(codes).flatten(1).float())
     hist = mod.code_encoder(tok, mod.READINGS["code histogram"], 4)(images)
-    assert hist.shape == (6, tok.cfg.quantizer.num_codes) and torch.allclose(hist.sum(1), torch.ones(6))
-    counts = torch.nn.functional.one_hot(codes, tok.cfg.quantizer.num_codes).sum(1)
+    assert hist.shape == (6, tok.config.quantizer.num_codes) and torch.allclose(hist.sum(1), torch.ones(6))
+    counts = torch.nn.functional.one_hot(codes, tok.config.quantizer.num_codes).sum(1)
     assert torch.equal((hist * codes.shape[1]).round().long(), counts)  # how often each code occurs, not where
     root = yaml.safe_load((out / "configs" / "linprobe.beitv2.yaml").read_text())["data"]["path"]
     res = tmp_path / "info.json"

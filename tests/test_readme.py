@@ -113,7 +113,7 @@ def check_tokenize_ids(path: Path, extra_data: list[str]) -> None:
     from safetensors.torch import load_file
 
     from beitv2.data import EvalTransform, FashionMNIST
-    from beitv2.models.presets import build_model  # noqa: F401 - registers the kinds load_model reads
+    from beitv2.models.architectures import build_model  # noqa: F401 - registers the kinds load_model reads
 
     t = load_file(str(path))
     with safe_open(str(path), "pt") as f:

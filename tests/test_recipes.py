@@ -73,9 +73,9 @@ def printed_config(name: str, inputs: list[str], capsys) -> dict:
 
 
 def test_every_imagenet_finetuning_preset_is_covered():
-    from beitv2.commands._training import list_presets
+    from beitv2.commands._training import list_recipes
 
-    shipped = {n for n in list_presets() if n.startswith(("beitv2_base_ft", "beitv2_large_ft"))}
+    shipped = {n for n in list_recipes() if n.startswith(("beitv2_base_ft", "beitv2_large_ft"))}
     assert shipped == set(OFFICIAL)
 
 
@@ -124,7 +124,7 @@ def test_21k_to_1k_preset_keeps_the_intermediate_classifier_except_its_head(tmp_
     'module' key): the 1k recipe keeps everything but the head, which is re-initialised at scale 0.001."""
     import torch
 
-    from beitv2.commands._training import load_preset
+    from beitv2.commands._training import load_recipe
     from beitv2.commands.finetune import FinetuneConfig
     from beitv2.config import build_config
     from beitv2.eval.finetune import build_finetune_model
@@ -137,7 +137,7 @@ def test_21k_to_1k_preset_keeps_the_intermediate_classifier_except_its_head(tmp_
     sd = {k: torch.randn_like(v) if v.is_floating_point() else v for k, v in src.state_dict().items()}
     torch.save({"module": sd}, tmp_path / "ft21k.pth")
     image_folder(tmp_path / "train")
-    cfg = build_config(FinetuneConfig, preset=load_preset("beitv2_base_ft21kto1k"),
+    cfg = build_config(FinetuneConfig, recipe=load_recipe("beitv2_base_ft21kto1k"),
                        overrides={"model": {"checkpoint": str(tmp_path / "ft21k.pth"), "img_size": [32]},
                                   "data": {"path": str(tmp_path / "train")}})
     net, report = build_finetune_model(cfg.model, 4)

@@ -29,7 +29,7 @@ def by_hand_mim(m: BEiTv2ForMIM, x: torch.Tensor, mask: torch.Tensor) -> list[to
     run one by one; head 1 reads the last block; the aggregation head reads [CLS after the LAST block, patch tokens
     after block l]. Only timm's block / bias modules and torch ops are used."""
     B = x.shape[0]
-    p = m.cfg.patch_size
+    p = m.vit_config.patch_size
     tokens = F.conv2d(x, m.patch_embed.proj.weight, m.patch_embed.proj.bias, stride=p).flatten(2).transpose(1, 2)
     w = mask.reshape(B, -1, 1).float()
     tokens = tokens * (1 - w) + m.mask_token * w
@@ -42,10 +42,10 @@ def by_hand_mim(m: BEiTv2ForMIM, x: torch.Tensor, mask: torch.Tensor) -> list[to
     last = after[-1]
     sel = mask.reshape(B, -1).bool()
     out1 = m.lm_head(m.norm(last)[:, 1:][sel])
-    g = torch.cat([last[:, :1], after[m.mim_cfg.early_layers - 1][:, 1:]], dim=1)
+    g = torch.cat([last[:, :1], after[m.config.early_layers - 1][:, 1:]], dim=1)
     for blk in m.cls_pt_layers:
         g = blk(g, shared_rel_pos_bias=bias)
-    norm, head = (m.norm, m.lm_head) if m.mim_cfg.shared_lm_head else (m.cls_pt_norm, m.cls_pt_lm_head)
+    norm, head = (m.norm, m.lm_head) if m.config.shared_lm_head else (m.cls_pt_norm, m.cls_pt_lm_head)
     out2 = head(norm(g)[:, 1:][sel])
     return [out1, out2]
 
@@ -87,11 +87,11 @@ def by_hand_mim_variant(m, x, mask, which: str) -> torch.Tensor:
     for blk in m.blocks:
         h = blk(h, shared_rel_pos_bias=bias)
         after.append(h)
-    early = after[m.mim_cfg.early_layers - 1]
+    early = after[m.config.early_layers - 1]
     g = torch.cat([h[:, :1], h[:, 1:]], 1) if which == "last_patches" else torch.cat([early[:, :1], early[:, 1:]], 1)
     for blk in m.cls_pt_layers:
         g = blk(g, shared_rel_pos_bias=bias)
-    norm, head = (m.norm, m.lm_head) if m.mim_cfg.shared_lm_head else (m.cls_pt_norm, m.cls_pt_lm_head)
+    norm, head = (m.norm, m.lm_head) if m.config.shared_lm_head else (m.cls_pt_norm, m.cls_pt_lm_head)
     return head(norm(g)[:, 1:][mask.reshape(B, -1)])
 
 

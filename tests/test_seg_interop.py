@@ -98,11 +98,11 @@ def test_import_published_layout_gives_transformers_logits(tmp_path, hf_indices,
         mine, mine_aux = ours(x, return_aux=True)
     _close(mine, logits)
     _close(mine_aux, aux)
-    assert ours.cfg.indices == blocks and names == NAMES
+    assert ours.config.indices == blocks and names == NAMES
     # the same weights tapping the blocks named by transformers' indices taken as block numbers (the reading before
     # the conventions were told apart) give other logits: the comparison above can tell the two readings apart
     shifted = [min(i, 6) for i in hf_indices]
-    wrong = Segmenter(SegmenterConfig(**{**ours.cfg.__dict__, "out_indices": tuple(shifted)})).eval()
+    wrong = Segmenter(SegmenterConfig(**{**ours.config.__dict__, "out_indices": tuple(shifted)})).eval()
     wrong.load_state_dict(ours.state_dict())
     with torch.no_grad():
         assert (wrong(x) - logits).abs().max() > 100 * 1e-4 * logits.abs().max()
@@ -149,14 +149,14 @@ def test_export_gives_our_logits_with_labels_preprocessor_and_card(tmp_path):
     card = (tmp_path / "hf" / "README.md").read_text()
     assert "pipeline_tag: image-segmentation" in card and "car" in card and "[0, 1, 2, 3]" in card
     back, names = import_hf_segmentation(tmp_path / "hf")
-    assert names == NAMES and back.cfg.indices == (0, 1, 2, 3)
+    assert names == NAMES and back.config.indices == (0, 1, 2, 3)
     for k, v in m.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
 
 
 def test_export_of_official_taps_is_refused_in_one_line(tmp_path):
     m = _ours(())  # official layout: the last tap is the last block (1 2 3 4 for depth 4)
-    assert m.cfg.indices[-1] == 4
+    assert m.config.indices[-1] == 4
     path = save_model(tmp_path / "model.safetensors", m, "segmenter")
     r = _convert(path, tmp_path / "hf")
     assert r.returncode == 2 and not (tmp_path / "hf").exists()
@@ -221,3 +221,37 @@ def test_pipeline_on_a_one_channel_segmenter_reads_the_luma(tmp_path, mode):
     assert sorted(r["label"] for r in regions) == sorted(NAMES[c] for c in np.unique(pred))
     for r in regions:
         np.testing.assert_array_equal(np.asarray(r["mask"]) > 0, pred == NAMES.index(r["label"]))
+
+
+def test_processor_pixels_are_the_images_normalised_as_in_training(tmp_path):
+    """The exported processor rescales by 1/255 and normalises with the recorded statistics: on an image already at
+    the model's size (no resampling) its pixels are ((x / 255) - mean) / std exactly."""
+    from transformers import AutoImageProcessor
+
+    from beitv2.interop.hf_segmentation import export_hf_segmentation
+
+    folder = export_hf_segmentation(_ours((0, 1, 2, 3)), tmp_path / "hf", NAMES, normalize="imagenet")
+    rgb = np.random.default_rng(2).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    pixels = AutoImageProcessor.from_pretrained(str(folder))(Image.fromarray(rgb), return_tensors="pt")["pixel_values"]
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    expected = ((rgb / 255.0 - mean) / std).transpose(2, 0, 1)[None]
+    np.testing.assert_allclose(pixels.numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [40, 41])
+def test_model_card_lists_up_to_forty_classes(n):
+    from beitv2.interop.hf_segmentation import _model_card, hf_segmentation_config
+
+    m = tiny_segmenter(seed=0, num_classes=n, out_indices=(0, 1, 2, 3))
+    names = [f"class{i}" for i in range(n)]
+    card = _model_card(hf_segmentation_config(m.config, names), names, "imagenet", False, m.config)
+    assert ("class39" in card) and (("class40" in card) is False)
+    assert (f"... ({n} in all)" in card) == (n > 40)
+
+
+def test_head_classifiers_start_at_the_official_init():
+    """The decode and auxiliary classifiers: weights N(0, 0.01), biases 0 (mmseg's init of conv_seg)."""
+    m = tiny_segmenter(seed=0, num_classes=150, out_indices=(0, 1, 2, 3))
+    for head in (m.decode_head, m.auxiliary_head):
+        assert torch.equal(head.classifier.bias, torch.zeros_like(head.classifier.bias))
+        assert abs(float(head.classifier.weight.detach().std()) - 0.01) < 0.002

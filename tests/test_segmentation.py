@@ -21,10 +21,10 @@ from beitv2.data.segmentation import (
     collate_segmentation,
     reduce_zero_label,
 )
-from beitv2.data.segmentation_transforms import CatMaxRatioCrop, SegAugConfig, SegTrainTransform
+from beitv2.data.segmentation_transforms import CatMaxRatioCrop, SegmentationAugConfig, SegmentationTrainTransform
 from beitv2.engine.schedule import poly_schedule
-from beitv2.eval.seg_finetune import SegModelConfig, build_segmenter
 from beitv2.eval.segmentation import confusion_matrix, metrics_from_confusion, slide_inference, whole_inference
+from beitv2.eval.segmentation_training import SegmentationModelConfig, build_segmenter
 from beitv2.models.backbone import BEiTViT, ViTConfig
 from beitv2.models.mim import BEiTv2ForMIM, MIMConfig
 from beitv2.models.relpos import resize_rel_pos_table
@@ -36,7 +36,7 @@ def test_pyramid_shapes_and_logits():
     x = torch.randn(2, 3, 32, 32)
     feats = m.features(x)
     assert [tuple(f.shape) for f in feats] == [(2, 16, 16, 16), (2, 16, 8, 8), (2, 16, 4, 4), (2, 16, 2, 2)]
-    assert m.cfg.indices == (1, 2, 3, 4)
+    assert m.config.indices == (1, 2, 3, 4)
     logits, aux = m(x, return_aux=True)
     assert logits.shape == (2, 5, 16, 16) and aux.shape == (2, 5, 4, 4)  # stride p/4 and the third level (p)
     # the pyramid taps block outputs without the final norm: level 3 is block 3's patch tokens as a map
@@ -97,7 +97,8 @@ def test_shared_table_becomes_resized_per_block_tables(tmp_path):
     with torch.no_grad():
         mim.rel_pos_bias.relative_position_bias_table.normal_()
     path = save_model(tmp_path / "mim.safetensors", mim, "mim")
-    model, report = build_segmenter(SegModelConfig(checkpoint=str(path), img_size=(32,), auxiliary_channels=8), 3)
+    spec = SegmentationModelConfig(checkpoint=str(path), img_size=(32,), auxiliary_channels=8)
+    model, report = build_segmenter(spec, 3)
     shared = mim.rel_pos_bias.relative_position_bias_table.detach()
     expected = resize_rel_pos_table(shared, (2, 2), (4, 4))  # the official geometric remap, 2x2 -> 4x4 grid
     assert model.backbone.rel_pos_bias is None
@@ -185,8 +186,8 @@ def test_fmnist_composition_is_seeded_and_labelled():
 
 def test_joint_augmentation_keeps_labels_aligned():
     ds = FashionMNISTSegmentation(train=False, size=8, canvas=56, seed=0)
-    a = SegAugConfig(scale=(112, 56), test_scale=(112, 56), photometric=False)
-    samples = SegmentationSamples(ds, SegTrainTransform(a, (56, 56), 1, "none"), seed=1)
+    a = SegmentationAugConfig(scale=(112, 56), test_scale=(112, 56), photometric=False)
+    samples = SegmentationSamples(ds, SegmentationTrainTransform(a, (56, 56), 1, "none"), seed=1)
     for i in range(4):
         s = samples[i]
         assert s["image"].shape == (1, 56, 56) and s["mask"].shape == (56, 56)
@@ -290,3 +291,21 @@ def test_segment_command_trains_resumes_bitwise_and_evaluates(tmp_path):
     assert cli_main(common + ["--model.checkpoint", str(full / "model.safetensors"), "--evaluate_only", "true",
                               "--train.output_dir", str(ev)]) == 0
     assert json.loads((ev / "metrics.json").read_text())["confusion_matrix"] == metrics["confusion_matrix"]
+
+
+def test_folder_data_config_names_each_missing_or_absent_folder(tmp_path):
+    from beitv2.config import ConfigError
+    from beitv2.data.segmentation import SegmentationDataConfig
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    ok = dict(kind="folder", path=str(tmp_path / "img"), mask_path=str(tmp_path / "msk"), num_classes=3)
+    SegmentationDataConfig(**ok).validate()
+    with pytest.raises(ConfigError, match=r"^data\.mask_path: required with data\.kind folder"):
+        SegmentationDataConfig(**{**ok, "mask_path": ""}).validate()
+    gone = str(tmp_path / "nowhere")
+    for field in ("path", "mask_path"):
+        with pytest.raises(ConfigError, match=rf"^data\.{field}: folder not found: {gone}"):
+            SegmentationDataConfig(**{**ok, field: gone}).validate()
+    with pytest.raises(ConfigError, match=r"^data\.val_path: folder not found"):
+        SegmentationDataConfig(**ok, val_path=gone, val_mask_path=str(tmp_path / "msk")).validate()

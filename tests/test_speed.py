@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _helpers import load_benchmark
 from builders import tiny_mim, tiny_vit, tiny_vqkd
 from torch.utils.data import Dataset
 
@@ -115,21 +116,9 @@ def test_block_limited_to_rows_equals_the_whole_block_at_those_rows(qkv_bias, ow
 
 def whole_blocks_mim(m: BEiTv2ForMIM, images: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
     """The MIM forward with every block whole and the masked tokens picked by boolean indexing after the final norm
-    (the form of the official code), written from the model's public parts: the reference for the library's forward,
-    whose last backbone and aggregation blocks compute only the rows the loss reads."""
-    cfg = m.config
-    mask = mask.reshape(images.shape[0], -1)
-    layers = (cfg.early_layers,) if cfg.patch_aggregation else ()
-    x, saved = m.forward_features(images, mask, m.mask_token, return_layers=layers)
-    outs = [m.lm_head(m.norm(x)[:, 1:][mask])]
-    if cfg.patch_aggregation:
-        h = torch.cat([x[:, :1], saved[cfg.early_layers][:, 1:]], dim=1)
-        bias = m.rel_pos_bias_for_blocks()
-        for blk in m.cls_pt_layers:
-            h = m.run_block(blk, h, bias)
-        norm, head = (m.norm, m.lm_head) if cfg.shared_lm_head else (m.cls_pt_norm, m.cls_pt_lm_head)
-        outs.append(head(norm(h)[:, 1:][mask]))
-    return outs
+    (the form of the official code): the benchmark's reference path (`bench_train_step.WholeBlocksMIM`), checked here
+    so that the benchmark's baseline is the library's forward computed the long way."""
+    return load_benchmark("bench_train_step").WholeBlocksMIM(m)(images, mask.reshape(images.shape[0], -1))
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(patch_aggregation=False), dict(early_layers=2),

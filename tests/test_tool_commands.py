@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from beitv2.checkpoint import save_model
 from beitv2.cli import main
 from beitv2.data import EvalTransform, FashionMNIST
-from beitv2.models.presets import build_model
+from beitv2.models.architectures import build_model
 
 
 @pytest.fixture(scope="module")

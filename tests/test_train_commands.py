@@ -303,7 +303,7 @@ def test_bad_config_rejected_before_compute(tmp_path, tokenizer, folder, capsys)
     assert main(["train-tokenizer", "--preset", "vqkd_tiny_fmnist", "--train.batch_size", "0"]) == 2
     assert "train.batch_size: must be >= 1" in capsys.readouterr().err
     assert main(["train-tokenizer", "--preset", "no_such_preset"]) == 2
-    assert "preset: unknown preset" in capsys.readouterr().err
+    assert "preset: unknown recipe" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -321,13 +321,13 @@ def test_help_lists_every_option_with_default(capsys):
                                   "beitv2_base_pt1k_300e", "beitv2_large_pt1k", "beitv2_tiny_fmnist"])
 def test_presets_parse(name):
     """Every YAML preset maps onto its command's config (paths left for the user are the only errors)."""
-    from beitv2.commands._training import load_preset
+    from beitv2.commands._training import load_recipe
     from beitv2.commands.pretrain import PretrainConfig
     from beitv2.commands.train_tokenizer import TrainTokenizerConfig
     from beitv2.config import from_dict
 
     cls = TrainTokenizerConfig if name.startswith("vqkd") else PretrainConfig
-    cfg = from_dict(cls, load_preset(name))
+    cfg = from_dict(cls, load_recipe(name))
     if cls is PretrainConfig:
         assert cfg.model.vocab_size in (512, 8192) and cfg.optim.lr == 1.5e-3
     else:

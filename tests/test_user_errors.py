@@ -20,7 +20,7 @@ from PIL import Image
 
 from beitv2.checkpoint import read_metadata, save_model
 from beitv2.cli import main
-from beitv2.models.presets import build_model
+from beitv2.models.architectures import build_model
 
 PY = [sys.executable, "-m", "beitv2"]
 QUIET = ["--data.num_workers", "0", "--train.precision", "fp32", "--no-train.tensorboard"]

@@ -20,26 +20,24 @@ __all__ = ["__version__", "create_model", "load_model"]
 
 
 def _tag(model: nn.Module, kind: str) -> nn.Module:
-    """Make ``kind`` and ``config`` reachable from the model (kept when the model class already defines them)."""
+    """Make ``kind`` reachable from the model (every registered model class defines ``config`` itself)."""
     if not hasattr(model, "kind"):
         model.kind = kind
-    if not hasattr(model, "config"):  # every registered model class defines ``config``; kept for safety
-        model.config = getattr(model, "mim_cfg", None) or model.cfg
     return model
 
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
-    """An untrained model of a named architecture (`beitv2.models.presets`), config fields replaced by
+    """An untrained model of a named architecture (`beitv2.models.architectures`), config fields replaced by
     ``overrides`` (nested sections as mappings): ``create_model("beitv2_tiny", vocab_size=512)``."""
-    from .models.presets import build_model, get_preset
+    from .models.architectures import build_model, get_architecture  # deferred: `import beitv2` loads no torch
 
-    return _tag(build_model(name, **overrides), get_preset(name)[0])
+    return _tag(build_model(name, **overrides), get_architecture(name)[0])
 
 
 def load_model(path: str | Path) -> nn.Module:
     """A model saved by this library (a ``.safetensors`` file, a checkpoint or run folder, or ``hf-hub:ORG/NAME``),
     in eval mode."""
-    from .checkpoint import load_model as _load
+    from .checkpoint import load_model as _load  # deferred: `import beitv2` loads no torch
 
     model, kind, _ = _load(path)
     return _tag(model, kind)

@@ -11,6 +11,7 @@ import importlib
 import logging
 import sys
 
+from . import __version__
 from .config import ConfigError, ConfigPrinted
 
 COMMANDS = {
@@ -49,8 +50,6 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                     "convert checkpoints.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from . import __version__
-
     parser.add_argument("--version", action="version", version=f"beitv2 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in COMMANDS.items():
@@ -98,8 +97,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if a in COMMANDS), None)
     if chosen is None and "--version" in argv:  # answered before any command module (and torch) is imported
-        from . import __version__
-
         print(f"beitv2 {__version__}")
         return 0
     if argv and not argv[0].startswith("-") and chosen is None:
@@ -135,7 +132,7 @@ def _fail(command: str, exc: BaseException) -> None:
     error, a bug), then an immediate exit that kills any data-loader worker still alive, so nothing left behind (a
     worker, a thread, an atexit handler) can keep the process from ending. ``BEITV2_TRACEBACK=1`` also prints the
     traceback."""
-    from .engine.distributed import exit_now, failure_line
+    from .engine.distributed import exit_now, failure_line  # deferred: torch, which `--version` never loads
 
     line, code = failure_line(exc)
     exit_now(f"beitv2 {command}: {line}", code, exc)

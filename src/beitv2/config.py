@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses that flow from YAML files and the command line to the code.
 
 Every command's options are one (possibly nested) dataclass. `add_arguments` turns it into argparse options named
-by dotted paths (``--optim.lr 1e-3``), `build_config` layers defaults < preset < YAML file < command line, and
+by dotted paths (``--optim.lr 1e-3``), `build_config` layers defaults < recipe < YAML file < command line, and
 `validate_config` walks the result calling each dataclass's ``validate()`` so that a bad value fails before any
 compute with a message naming the field.
 """
@@ -293,14 +293,14 @@ def _leaf_names(d: dict, prefix: str = "") -> set[str]:
     return out
 
 
-def layered(cls: type, args: argparse.Namespace | None = None, preset: dict | None = None,
+def layered(cls: type, args: argparse.Namespace | None = None, recipe: dict | None = None,
             yaml_path: str | Path | None = None) -> tuple[dict, set[str]]:
-    """The merged mapping defaults < preset < YAML file < command line, and the dotted names the user set himself
-    (in the YAML file or on the command line, not through the preset)."""
+    """The merged mapping defaults < recipe < YAML file < command line, and the dotted names the user set himself
+    (in the YAML file or on the command line, not through the recipe)."""
     data: dict = {}
     given: set[str] = set()
-    if preset:
-        data = merge(data, preset)
+    if recipe:
+        data = merge(data, recipe)
     if yaml_path:
         own = load_yaml(yaml_path)
         data = merge(data, own)
@@ -316,10 +316,10 @@ def layered(cls: type, args: argparse.Namespace | None = None, preset: dict | No
     return data, given
 
 
-def build_config(cls: type[T], args: argparse.Namespace | None = None, preset: dict | None = None,
+def build_config(cls: type[T], args: argparse.Namespace | None = None, recipe: dict | None = None,
                  yaml_path: str | Path | None = None, overrides: dict | None = None) -> T:
-    """defaults < preset < YAML file < command line (< explicit overrides), then validated."""
-    data, _ = layered(cls, args, preset, yaml_path)
+    """defaults < recipe < YAML file < command line (< explicit overrides), then validated."""
+    data, _ = layered(cls, args, recipe, yaml_path)
     if overrides:
         data = merge(data, overrides)
     cfg = from_dict(cls, data)

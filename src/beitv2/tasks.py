@@ -16,6 +16,7 @@ from torch import nn
 
 from .engine import distributed as D
 from .mim_targets import MIMTarget
+from .utils.distributed import all_reduce_sum
 
 
 class TrainTask(nn.Module):
@@ -102,7 +103,7 @@ def _mean_over_ranks(sums: dict[str, float], n: int, device: torch.device) -> di
     """Sums / image count over all ranks, plus ``images``; a rank that saw no batch still takes part."""
     keys = sorted(set().union(*D.all_gather_object(sorted(sums))))
     t = torch.tensor([sums.get(k, 0.0) for k in keys] + [n], dtype=torch.float64, device=device)
-    t = D.all_reduce_sum(t).tolist()
+    t = all_reduce_sum(t).tolist()
     return {**{k: v / max(t[-1], 1) for k, v in zip(keys, t)}, "images": int(t[-1])}
 
 
@@ -152,7 +153,7 @@ class TokenizerTask(TrainTask):
             sums["loss"] = sums.get("loss", 0.0) + float(loss) * b
             n += b
         out = _mean_over_ranks(sums, n, device)
-        D.all_reduce_sum(q.usage_counts)
+        all_reduce_sum(q.usage_counts)
         out.update({f"codebook_{k}": v for k, v in q.usage_stats().items()})
         q.usage_counts.copy_(saved)
         return out

@@ -1,4 +1,4 @@
-"""What the training commands share: ``--config``/``--preset`` handling, YAML presets, process set-up."""
+"""What the training commands share: ``--config``/``--preset`` handling, YAML recipes, process set-up."""
 
 from __future__ import annotations
 
@@ -28,12 +28,13 @@ from ..config import (
     to_dict,
     validate_config,
 )
+from ..engine.state import find_resume
 
 T = TypeVar("T")
 
 log = logging.getLogger("beitv2")
 
-def _preset_files() -> dict[str, Any]:
+def _recipe_files() -> dict[str, Any]:
     """name -> resource of every recipe shipped in the package (``beitv2/configs/*.yaml``, also inside a wheel)."""
     root = importlib.resources.files("beitv2") / "configs"
     if not root.is_dir():
@@ -41,21 +42,21 @@ def _preset_files() -> dict[str, Any]:
     return {p.name[: -len(".yaml")]: p for p in root.iterdir() if p.name.endswith(".yaml")}
 
 
-def list_presets() -> list[str]:
-    return sorted(_preset_files())
+def list_recipes() -> list[str]:
+    return sorted(_recipe_files())
 
 
-def preset_text(name: str) -> str:
-    files = _preset_files()
+def recipe_text(name: str) -> str:
+    files = _recipe_files()
     if name not in files:
-        raise ConfigError(f"preset: unknown preset {name!r} (known: {', '.join(sorted(files)) or 'none found'})")
+        raise ConfigError(f"preset: unknown recipe {name!r} (known: {', '.join(sorted(files)) or 'none found'})")
     return files[name].read_text()
 
 
-def load_preset(name: str) -> dict:
+def load_recipe(name: str) -> dict:
     try:
-        data = yaml.safe_load(preset_text(name)) or {}
-    except yaml.YAMLError as e:  # pragma: no cover - shipped presets are tested
+        data = yaml.safe_load(recipe_text(name)) or {}
+    except yaml.YAMLError as e:  # pragma: no cover - shipped recipes are tested
         raise ConfigError(f"preset: {name} is not valid YAML ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset: {name} must hold a mapping")
@@ -64,16 +65,16 @@ def load_preset(name: str) -> dict:
 
 def configure_parser(parser: argparse.ArgumentParser, cfg_cls: type) -> None:
     parser.add_argument("--config", metavar="FILE.yaml", default=None,
-                        help="YAML file of options (overrides the preset; command-line options override it)")
+                        help="YAML file of options (overrides the recipe; command-line options override it)")
     parser.add_argument("--preset", metavar="NAME", default=None,
-                        help=f"a recipe shipped with the package, in src/beitv2/configs/ ({', '.join(list_presets())})")
+                        help=f"a recipe shipped with the package, in src/beitv2/configs/ ({', '.join(list_recipes())})")
     add_print_config(parser)
     add_arguments(parser, cfg_cls)
 
 
 def add_print_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved configuration (defaults < preset < --config < options) as YAML "
+                        help="print the resolved configuration (defaults < recipe < --config < options) as YAML "
                              "and exit")
 
 
@@ -110,7 +111,7 @@ def _set(data: dict, dotted: str, value: Any) -> None:
 
 def follow_channels(data: dict, given: set[str], fields: Sequence[str]) -> None:
     """One channel count for the data and every model input: when the user set ``data.channels`` or one of the
-    models' ``fields`` (in_chans) himself and all he set agree, every other one takes that value (a preset's
+    models' ``fields`` (in_chans) himself and all he set agree, every other one takes that value (a recipe's
     grayscale defaults then follow ``--data.channels 3``). Values he set that disagree are left for validation to
     name."""
     names = ("data.channels", *fields)
@@ -122,11 +123,11 @@ def follow_channels(data: dict, given: set[str], fields: Sequence[str]) -> None:
 
 
 def resolve_config(cfg_cls: type[T], args: argparse.Namespace) -> T:
-    """defaults < preset < --config YAML < command line; validated (ConfigError names the field).
+    """defaults < recipe < --config YAML < command line; validated (ConfigError names the field).
 
     A config class may list its models' input-channel fields in ``CHANNEL_FIELDS`` (see `follow_channels`)."""
-    preset: dict[str, Any] | None = load_preset(args.preset) if args.preset else None
-    data, given = layered(cfg_cls, args, preset=preset, yaml_path=args.config)
+    recipe: dict[str, Any] | None = load_recipe(args.preset) if args.preset else None
+    data, given = layered(cfg_cls, args, recipe=recipe, yaml_path=args.config)
     follow_channels(data, given, getattr(cfg_cls, "CHANNEL_FIELDS", ()))
     cfg = from_dict(cfg_cls, data)
     if getattr(args, "print_config", False):
@@ -135,11 +136,11 @@ def resolve_config(cfg_cls: type[T], args: argparse.Namespace) -> T:
     return cfg
 
 
-def config_from(cfg_cls: type[T], data: dict, preset: str | None = None) -> T:
+def config_from(cfg_cls: type[T], data: dict, recipe: str | None = None) -> T:
     """The config ``beitv2 <command> [--preset NAME] --config FILE`` builds when FILE holds ``data``: defaults <
-    preset < ``data``, channel fields followed, validated. Programs that compose commands (the demo) build their
+    recipe < ``data``, channel fields followed, validated. Programs that compose commands (the demo) build their
     configs with it and call the command's ``execute`` directly."""
-    merged = merge(load_preset(preset), copy.deepcopy(data)) if preset else copy.deepcopy(data)
+    merged = merge(load_recipe(recipe), copy.deepcopy(data)) if recipe else copy.deepcopy(data)
     given = set(_flat(data))
     follow_channels(merged, given, getattr(cfg_cls, "CHANNEL_FIELDS", ()))
     cfg = from_dict(cfg_cls, merged)
@@ -182,8 +183,6 @@ def check_rerun(cfg: Any, arch: Sequence[str]) -> None:
     with (up to `RESUMABLE`), else exit 2 naming what differs; an explicit ``--train.resume CHECKPOINT`` continues
     it with new settings (listed in a warning) but the same architecture (the sections ``arch``, whose values shape
     the weights)."""
-    from ..engine.state import find_resume
-
     t = cfg.train
     check_output_dir(t.output_dir, "train.output_dir")
     if t.resume == "none":

@@ -16,8 +16,9 @@ from typing import Literal
 import torch
 
 from ..config import check, opt
-from ..data import DataConfig
+from ..data import FASHION_MNIST_CLASSES, DataConfig
 from ..interop.tokenizer_ref import TokenizerRef, image_batches, load_tokenizer
+from ..report.atlas import codebook_atlas
 from ._training import configure_parser, resolve_config
 
 HELP = "draw the codebook atlas (patches per code) of a tokenizer on a data set"
@@ -57,8 +58,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..report.atlas import codebook_atlas
-
     cfg = resolve_config(AtlasConfig, args)
     a = cfg.atlas
     cpu = torch.device("cpu")
@@ -74,8 +73,6 @@ def run(args: argparse.Namespace) -> int:
     x, y = torch.cat(images)[: a.max_images], torch.cat(labels)[: a.max_images]
     classes = []
     if cfg.data.kind == "fmnist":
-        from ..data import FASHION_MNIST_CLASSES
-
         classes = list(FASHION_MNIST_CLASSES)
     labelled = bool((y >= 0).all()) and (cfg.data.kind == "fmnist" or int(y.max()) > 0)
     info = codebook_atlas(tokenizer, x, a.out, top_k=a.top_k, per_code=a.per_code, labels=y if labelled else None,

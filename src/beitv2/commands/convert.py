@@ -8,7 +8,21 @@ import pickle
 import sys
 from pathlib import Path
 
+from ..checkpoint import load_model, read_metadata, save_model
 from ..config import ConfigError, check_output_dir, one_line, reading
+from ..interop import (
+    CheckpointMismatchError,
+    export_hf,
+    export_timm,
+    load_official_classifier,
+    load_official_pretrain,
+    load_official_vqkd,
+    resize_model,
+)
+from ..interop.dalle import load_dalle
+from ..interop.hf_segmentation import export_hf_segmentation, recorded_export_options
+from ..interop.hub import save_for_hub
+from ..interop.preprocessing import preprocessing_of, read_run_config
 from ._training import add_print_config, maybe_print_config
 
 HELP = "convert official BEiT v2 / VQ-KD checkpoints and our models to beitv2, timm or HF transformers"
@@ -66,7 +80,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model.early_layers", "--early-layers", dest="early_layers", type=int, default=None,
                         help="official-pretrain: block feeding the patch aggregation head (default depth - 3)")
     parser.add_argument("--model.preset", "--preset", dest="preset", default=None,
-                        help="official-vqkd: load into this model preset instead of inferring the architecture")
+                        help="official-vqkd: load into this named architecture instead of inferring it")
     parser.add_argument("--decoder", type=Path, default=None, help="dalle: DALL-E's decoder.pkl")
     parser.add_argument("--rel-pos", "--rel_pos", dest="rel_pos", choices=("per_layer", "shared"), default=None,
                         help="timm/hf: relative position layout (default: timm per_layer, hf as in the model)")
@@ -89,24 +103,19 @@ def _img_size(args: argparse.Namespace):
 
 
 def load_input(args: argparse.Namespace):
-    from ..checkpoint import load_model
-    from ..interop import load_official_classifier, load_official_pretrain, load_official_vqkd, resize_model
-
     img_size = _img_size(args)
     if args.num_classes is not None and not (args.source == "official-pretrain" and args.target == "finetune"):
         raise ConfigError("model.num_classes: applies to --from official-pretrain --target finetune only")
     if args.source == "official-vqkd":
         if img_size is not None:
             raise ConfigError("model.img_size: not supported for VQ-KD tokenizers")
-        return load_official_vqkd(args.input, preset=args.preset, num_heads=args.num_heads,
+        return load_official_vqkd(args.input, architecture=args.preset, num_heads=args.num_heads,
                                   decoder_num_heads=args.decoder_num_heads)
     if args.preset is not None:
         raise ConfigError("model.preset: applies to --from official-vqkd only")
     if args.decoder is not None and args.source != "dalle":
         raise ConfigError("decoder: applies to --from dalle only")
     if args.source == "dalle":
-        from ..interop.dalle import load_dalle
-
         if args.dest != "beitv2":
             raise ConfigError("to: --from dalle converts to --to beitv2 only (a dVAE has no timm / HF form)")
         if isinstance(img_size, tuple):
@@ -137,15 +146,11 @@ def _recorded(args: argparse.Namespace) -> dict[str, str]:
     """What a beitv2 model file records besides the weights (class names, normalisation); {} for other inputs."""
     if args.source != "beitv2":
         return {}
-    from ..checkpoint import read_metadata
-
     return read_metadata(args.input)
 
 
 def _preprocessing(args: argparse.Namespace, model, meta: dict):
     """The evaluation preprocessing the exports record: the file's normalisation and its run folder's config."""
-    from ..interop.preprocessing import preprocessing_of, read_run_config
-
     run = read_run_config(args.input) if args.source == "beitv2" else {}
     return preprocessing_of(model, meta.get("normalize"), run)
 
@@ -166,9 +171,6 @@ def kind_name(model) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import save_model
-    from ..interop import CheckpointMismatchError, export_hf, export_timm
-
     maybe_print_config(resolved_options(args), args)
     if not (args.input.exists() or str(args.input).startswith("hf-hub:")):
         raise ConfigError(f"input: not found: {args.input}")
@@ -179,20 +181,16 @@ def run(args: argparse.Namespace) -> int:
             model = load_input(args)
             meta = _recorded(args)
         names = json.loads(meta["class_names"]) if "class_names" in meta else None
-        if names is not None and len(names) != getattr(getattr(model, "cfg", None), "num_classes", -1):
+        if names is not None and len(names) != getattr(getattr(model, "config", None), "num_classes", -1):
             names = None  # recorded for another head (e.g. the backbone of a resized model)
         if args.dest == "beitv2":
             out = save_model(args.output, model, extra={"converted_from": f"{args.source}:{args.input.name}",
                                                         **{k: meta[k] for k in ("class_names", "normalize")
                                                            if k in meta}})
         elif args.dest == "hub":
-            from ..interop.hub import save_for_hub
-
             out = save_for_hub(model, args.output, {k: meta[k] for k in ("class_names", "normalize") if k in meta})
         elif kind_name(model) == "segmenter":
-            from ..interop.hf_segmentation import export_hf_segmentation, recorded_export_options
-
-            out = export_hf_segmentation(model, args.output, **recorded_export_options(args.input, meta))
+            out = export_hf_segmentation(model, args.output, **recorded_export_options(meta))
         elif args.dest == "timm":
             out = export_timm(model, args.output, rel_pos=args.rel_pos or "per_layer", class_names=names,
                               preprocessing=_preprocessing(args, model, meta))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from ..checkpoint import save_model
 from ..config import check, opt
 from ..data import DataConfig, collate_skip_bad
 from ..data.transforms import ERASE_MODES, EvalTransform, ImageSpec, RandomErasing, resolve_norm
@@ -37,6 +38,7 @@ from ..eval.finetune import (
     build_finetune_model,
     check_img_size,
     classifier_of,
+    ema_of,
     final_report,
     finetune_config,
     layer_id_fn,
@@ -44,6 +46,7 @@ from ..eval.finetune import (
 )
 from ..eval.metrics import write_metrics
 from ..eval.normalization import resolve_normalize
+from ..eval.plots import save_confusion_matrix
 from ..eval.splits import build_split, data_for_model, eval_transform
 from ._training import check_rerun, configure_parser, quiet_other_ranks, resolve_config
 
@@ -270,10 +273,6 @@ def execute(cfg: FinetuneConfig) -> int:
 
 def _write_outputs(out: Path, task: ClassificationTask, net, model, report: dict, classes: list[str],
                    num_classes: int, global_step: int, norm: str) -> None:
-    from ..checkpoint import save_model
-    from ..eval.finetune import ema_of
-    from ..eval.plots import save_confusion_matrix
-
     recorded = {"class_names": json.dumps(list(classes)), "normalize": norm}  # for the timm / HF exports
     save_model(out / "model.safetensors", classifier_of(model), extra=recorded)  # a plain `vit` file
     ema = ema_of(model)

@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import check_output_dir, opt
+from ..config import check, check_output_dir, opt, save_yaml
 from ..data import DataConfig
 from ..engine import cleanup, init_distributed, seed_everything
 from ..eval.backbones import ModelSource, load_backbone
@@ -39,8 +39,6 @@ class RunSection:
     dist_timeout_min: float = opt(30.0, "under torchrun/srun: how long a rank waits in a collective, in minutes")
 
     def validate(self, prefix: str = "run.") -> None:
-        from ..config import check
-
         check(self.precision in ("bf16", "fp16", "fp32"), prefix + "precision", f"bf16, fp16 or fp32, got "
                                                                                  f"{self.precision!r}")
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), prefix + "device",
@@ -74,7 +72,7 @@ def execute(cfg: KNNCommandConfig) -> int:
         seed_everything(cfg.run.seed)
         backbone, desc = load_backbone(cfg.model)
         layers = cfg.features.resolve_layers(backbone.depth)
-        data = data_for_model(cfg.data, backbone.cfg.in_chans)
+        data = data_for_model(cfg.data, backbone.vit_config.in_chans)
         norm = resolve_normalize(cfg.knn.normalize, cfg.model)
         feats = features_for_splits(cfg.model, cfg.features, data, backbone, layers, cfg.knn.crop_pct,
                                     norm, dist.device, cfg.run.precision, cfg.run.progress)
@@ -83,8 +81,6 @@ def execute(cfg: KNNCommandConfig) -> int:
             metrics.update(source=desc, feature=cfg.features.feature, normalize=norm)
             out = Path(cfg.run.output_dir)
             out.mkdir(parents=True, exist_ok=True)
-            from ..config import save_yaml
-
             save_yaml(cfg, out / "config.yaml")
             write_metrics(out / "metrics.json", metrics)
             for x, per_k in metrics["layers"].items():

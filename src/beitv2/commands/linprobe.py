@@ -81,7 +81,7 @@ def execute(cfg: LinProbeConfig) -> int:
         seed_everything(cfg.train.seed)  # the same random-init baseline on every rank
         backbone, desc = load_backbone(cfg.model)
         layers = cfg.features.resolve_layers(backbone.depth)
-        data = data_for_model(cfg.data, backbone.cfg.in_chans)
+        data = data_for_model(cfg.data, backbone.vit_config.in_chans)
         norm = resolve_normalize(cfg.probe.normalize, cfg.model)
         log.info("linear probe of %s, blocks %s, feature %s, normalisation %s", desc, list(layers),
                  cfg.features.feature, norm)
@@ -90,8 +90,8 @@ def execute(cfg: LinProbeConfig) -> int:
                                     splits=("val",) if cfg.probe.augment else ("train", "val"))
         in_loop = None
         if cfg.probe.augment:
-            tf = augment_transform(backbone.cfg.img_hw, cfg.probe.min_crop_scale, norm,
-                                   backbone.cfg.in_chans)
+            tf = augment_transform(backbone.vit_config.img_hw, cfg.probe.min_crop_scale, norm,
+                                   backbone.vit_config.in_chans)
             images, _ = build_split(data, "train", tf, feats.class_names)
             in_loop = InLoopFeatures(images, backbone, cfg.features.feature, cfg.features.final_norm,
                                      collate_fn=collate_skip_bad, num_workers=data.num_workers)

@@ -23,8 +23,8 @@ from ..engine import NonFiniteLossError, OptimConfig, TrainConfig, Trainer, clea
 from ..interop.tokenizer_ref import TokenizerRef
 from ..masking import build_mask_generator
 from ..mim_targets import build_target
+from ..models.architectures import get_architecture
 from ..models.mim import BEiTv2ForMIM, MIMConfig
-from ..models.presets import get_preset
 from ..tasks import MIMTask
 from ..teachers import TeacherConfig
 from ._training import check_rerun, configure_parser, quiet_other_ranks, resolve_config
@@ -71,7 +71,7 @@ class MaskConfig:
 
 
 def _model_defaults() -> MIMConfig:
-    return get_preset("beitv2_base_patch16_224")[1]
+    return get_architecture("beitv2_base_patch16_224")[1]
 
 
 def _optim_defaults() -> OptimConfig:

@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from ..config import ConfigError, reading
+from ..report.plots import plot_training_curves
 from ._training import add_print_config, maybe_print_config
 
 HELP = "draw the training curves of one or more runs from their metrics.jsonl"
@@ -36,8 +37,6 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"run_dir: no metrics.jsonl in {d}")
         label = path.parent.name or str(path.parent)
         runs[label if label not in runs else str(path.parent)] = path
-    from ..report.plots import plot_training_curves
-
     with reading("run_dir"):
         panels = plot_training_curves(runs, out, title=args.title)
     print(f"wrote {out}: {', '.join(panels)}")

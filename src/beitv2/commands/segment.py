@@ -3,7 +3,7 @@
 Defaults are the official BEiT v2 base recipe (ImageNet-1k pre-training -> ADE20K): 512 x 512 crops, out_indices
 4 6 8 12, UperNet 768 wide + FCN auxiliary head (0.4), AdamW (0.9, 0.999) lr 5e-5, weight decay 0.05, layer decay
 0.75, drop path 0.15, 160k iterations of batch 16 with poly decay (power 1) after 1,500 linear warmup iterations,
-evaluation every 16k iterations by sliding windows (512, stride 341). Presets: ``seg_base_ade20k``,
+evaluation every 16k iterations by sliding windows (512, stride 341). Recipes: ``seg_base_ade20k``,
 ``seg_base_ade20k_in21k``, ``seg_large_ade20k``, ``seg_large_ade20k_in21k`` and the CPU recipe
 ``seg_fmnist_cpu``. Writes metrics.jsonl / metrics.json, eval_table.md (per-class IoU), predictions.png and
 model.safetensors (kind ``segmenter``, with the class names, input normalisation and label offset that
@@ -19,11 +19,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..config import check, opt
-from ..data.segmentation import SegDataConfig
-from ..data.segmentation_transforms import SegAugConfig
-from ..engine import OptimConfig, TrainConfig
-from ..eval.seg_finetune import SegModelConfig
+from ..checkpoint import save_model
+from ..config import ConfigError, check, opt
+from ..data.segmentation import (
+    IterationEpochs,
+    SegmentationDataConfig,
+    SegmentationSamples,
+    build_segmentation_source,
+    class_names,
+    collate_segmentation,
+)
+from ..data.segmentation_transforms import (
+    SegmentationAugConfig,
+    SegmentationEvalTransform,
+    SegmentationTrainTransform,
+    norm_stats,
+)
+from ..engine import (
+    NonFiniteLossError,
+    OptimConfig,
+    TrainConfig,
+    Trainer,
+    build_optimizer,
+    cleanup,
+    init_distributed,
+    seed_everything,
+)
+from ..engine.precision import autocast, resolve_precision
+from ..eval.metrics import write_metrics
+from ..eval.normalization import resolve_normalize
+from ..eval.segmentation import save_prediction_figure, write_table
+from ..eval.segmentation_training import (
+    SegmentationInference,
+    SegmentationModelConfig,
+    SegmentationTask,
+    build_segmenter,
+)
+from ..models.segmenter import convert_sync_batchnorm, layer_id_for_segmenter
 from ._training import configure_parser, quiet_other_ranks, resolve_config
 
 HELP = "semantic segmentation with UperNet on a BEiT backbone (official ADE20K recipe)"
@@ -33,7 +65,7 @@ log = logging.getLogger("beitv2.segment")
 
 
 @dataclass
-class SegScheduleConfig:
+class SegmentationScheduleConfig:
     """Iteration-based schedule (``--schedule.*``): train.epochs is derived from these."""
 
     iters: int = opt(160000, "optimizer steps in total (official 160k)")
@@ -47,7 +79,7 @@ class SegScheduleConfig:
 
 
 @dataclass
-class SegEvalConfig:
+class SegmentationEvalConfig:
     """Inference for evaluation (``--eval.*``)."""
 
     mode: Literal["slide", "whole"] = opt("slide", "sliding windows (official) or the whole image resized to the "
@@ -64,28 +96,30 @@ class SegEvalConfig:
         check(self.figure_samples >= 0, prefix + "figure_samples", "must be >= 0")
 
 
-def seg_optim_defaults() -> OptimConfig:
+def segmentation_optim_defaults() -> OptimConfig:
     return OptimConfig(lr=5e-5, min_lr=0.0, weight_decay=0.05, warmup_steps=1500, warmup_epochs=0.0,
                        layer_decay=0.75, schedule="poly", poly_power=1.0, warmup_ratio=1e-6)
 
 
-def seg_train_defaults() -> TrainConfig:
+def segmentation_train_defaults() -> TrainConfig:
     return TrainConfig(output_dir="runs/segment", batch_size=16, epochs=1)
 
 
-def seg_data_defaults() -> SegDataConfig:
-    return SegDataConfig()
+def segmentation_data_defaults() -> SegmentationDataConfig:
+    return SegmentationDataConfig()
 
 
 @dataclass
-class SegmentConfig:
-    model: SegModelConfig = field(default_factory=SegModelConfig, metadata={"help": "model"})
-    data: SegDataConfig = field(default_factory=seg_data_defaults, metadata={"help": "labelled images"})
-    aug: SegAugConfig = field(default_factory=SegAugConfig, metadata={"help": "augmentation"})
-    schedule: SegScheduleConfig = field(default_factory=SegScheduleConfig, metadata={"help": "schedule"})
-    eval: SegEvalConfig = field(default_factory=SegEvalConfig, metadata={"help": "evaluation"})
-    optim: OptimConfig = field(default_factory=seg_optim_defaults, metadata={"help": "optimizer"})
-    train: TrainConfig = field(default_factory=seg_train_defaults, metadata={"help": "loop"})
+class SegmentationConfig:
+    model: SegmentationModelConfig = field(default_factory=SegmentationModelConfig, metadata={"help": "model"})
+    data: SegmentationDataConfig = field(default_factory=segmentation_data_defaults,
+                                         metadata={"help": "labelled images"})
+    aug: SegmentationAugConfig = field(default_factory=SegmentationAugConfig, metadata={"help": "augmentation"})
+    schedule: SegmentationScheduleConfig = field(default_factory=SegmentationScheduleConfig,
+                                                 metadata={"help": "schedule"})
+    eval: SegmentationEvalConfig = field(default_factory=SegmentationEvalConfig, metadata={"help": "evaluation"})
+    optim: OptimConfig = field(default_factory=segmentation_optim_defaults, metadata={"help": "optimizer"})
+    train: TrainConfig = field(default_factory=segmentation_train_defaults, metadata={"help": "loop"})
     evaluate_only: bool = opt(False, "evaluate model.checkpoint (a segmenter file or a transformers folder) "
                                      "on the validation split and stop")
 
@@ -95,7 +129,7 @@ class SegmentConfig:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    configure_parser(parser, SegmentConfig)
+    configure_parser(parser, SegmentationConfig)
 
 
 def _pair(v: tuple[int, ...], default: tuple[int, int]) -> tuple[int, int]:
@@ -105,13 +139,11 @@ def _pair(v: tuple[int, ...], default: tuple[int, int]) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    return execute(resolve_config(SegmentConfig, args))
+    return execute(resolve_config(SegmentationConfig, args))
 
 
-def execute(cfg: SegmentConfig) -> int:
+def execute(cfg: SegmentationConfig) -> int:
     """The command on a resolved, validated config (`run` from the command line; the demo's stages directly)."""
-    from ..engine import NonFiniteLossError, cleanup, init_distributed
-
     dist = init_distributed(cfg.train.device)
     quiet_other_ranks(dist.rank)
     try:
@@ -123,31 +155,18 @@ def execute(cfg: SegmentConfig) -> int:
         cleanup()
 
 
-def _run(cfg: SegmentConfig, dist) -> int:
+def _run(cfg: SegmentationConfig, dist) -> int:
     from functools import partial
-
-    from ..data.segmentation import (
-        IterationEpochs,
-        SegmentationSamples,
-        build_segmentation_source,
-        class_names,
-        collate_segmentation,
-    )
-    from ..data.segmentation_transforms import SegEvalTransform, SegTrainTransform
-    from ..engine import Trainer, build_optimizer, seed_everything
-    from ..eval.normalization import resolve_normalize
-    from ..eval.seg_finetune import SegInference, SegmentationTask, build_segmenter
-    from ..models.segmenter import convert_sync_batchnorm, layer_id_for_segmenter
 
     seed_everything(cfg.train.seed)  # the same head init on every rank
     classes = class_names(cfg.data)
     model, report = build_segmenter(cfg.model, len(classes))
-    bcfg = model.cfg.backbone
+    bcfg = model.config.backbone
     crop = bcfg.img_hw
     norm = resolve_normalize(cfg.aug.normalize, cfg.model) if cfg.aug.normalize == "auto" else cfg.aug.normalize
-    inference = SegInference(cfg.eval.mode, _pair(cfg.eval.window, crop), _pair(cfg.eval.stride, crop))
+    inference = SegmentationInference(cfg.eval.mode, _pair(cfg.eval.window, crop), _pair(cfg.eval.stride, crop))
     val_src = build_segmentation_source(cfg.data, "val", bcfg.in_chans, cfg.train.seed)
-    val_set = SegmentationSamples(val_src, SegEvalTransform(cfg.aug, bcfg.in_chans, norm)) if val_src else None
+    val_set = SegmentationSamples(val_src, SegmentationEvalTransform(cfg.aug, bcfg.in_chans, norm)) if val_src else None
     out = Path(cfg.train.output_dir)
     if model.last_tap < bcfg.depth and dist.enabled and not cfg.train.find_unused_parameters:
         # blocks after the deepest tap get no gradient, which DDP reports as an error unless told to expect it
@@ -163,7 +182,8 @@ def _run(cfg: SegmentConfig, dist) -> int:
         return _evaluate_only(cfg, task, val_set, dist, out, classes, norm, report)
 
     train_src = build_segmentation_source(cfg.data, "train", bcfg.in_chans, cfg.train.seed)
-    samples = SegmentationSamples(train_src, SegTrainTransform(cfg.aug, crop, bcfg.in_chans, norm), cfg.train.seed)
+    transform = SegmentationTrainTransform(cfg.aug, crop, bcfg.in_chans, norm)
+    samples = SegmentationSamples(train_src, transform, cfg.train.seed)
     steps_per_epoch = cfg.schedule.eval_every_iters or cfg.schedule.iters
     cfg.train.epochs = cfg.schedule.iters // steps_per_epoch
     per_step = cfg.train.batch_size * cfg.train.accum_steps * dist.world_size
@@ -189,16 +209,12 @@ def _run(cfg: SegmentConfig, dist) -> int:
     return 0
 
 
-def _reduces_zero_label(cfg: SegmentConfig) -> bool:
+def _reduces_zero_label(cfg: SegmentationConfig) -> bool:
     return cfg.data.kind == "ade20k" or (cfg.data.kind == "folder" and cfg.data.reduce_zero_label)
 
 
-def _evaluate_only(cfg: SegmentConfig, task, val_set, dist, out: Path, classes, norm, report) -> int:
+def _evaluate_only(cfg: SegmentationConfig, task, val_set, dist, out: Path, classes, norm, report) -> int:
     import torch
-
-    from ..config import ConfigError
-    from ..data.segmentation import collate_segmentation
-    from ..engine.precision import autocast, resolve_precision
 
     if val_set is None:
         raise ConfigError("data.val_path: evaluate_only needs a validation split")
@@ -213,7 +229,7 @@ def _evaluate_only(cfg: SegmentConfig, task, val_set, dist, out: Path, classes, 
         task.evaluate(loader, dist.device, lambda: autocast(dist.device, precision))
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        _write_outputs(out, task, classes, norm, report, 0, task.model.cfg.backbone.in_chans, save=False,
+        _write_outputs(out, task, classes, norm, report, 0, task.model.config.backbone.in_chans, save=False,
                        reduce_zero_label=_reduces_zero_label(cfg))
     return 0
 
@@ -222,13 +238,8 @@ def _write_outputs(out: Path, task, classes: list[str], norm: str, report: dict,
                    save: bool = True, reduce_zero_label: bool = False) -> None:
     import json
 
-    from ..checkpoint import save_model
-    from ..data.segmentation_transforms import norm_stats
-    from ..eval.metrics import write_metrics
-    from ..eval.segmentation import save_prediction_figure, write_table
-
     if save:  # what an export needs travels in the model file (class names, input statistics, label offset)
-        save_model(out / "model.safetensors", task.model, "segmenter", task.model.cfg,
+        save_model(out / "model.safetensors", task.model, "segmenter", task.model.config,
                    extra={"class_names": json.dumps(classes), "normalize": norm,
                           "reduce_zero_label": json.dumps(reduce_zero_label)})
     ev = task.last_eval

@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 import torch
 
+from ..checkpoint import atomic_write
 from ..config import check, check_output_dir, opt
 from ..data import DataConfig
 from ..engine.precision import bf16_autocast
@@ -109,8 +110,6 @@ def run(args: argparse.Namespace) -> int:
                             ids=np.array([str(i) for i in all_ids]))
     else:
         from safetensors.torch import save_file
-
-        from ..checkpoint import atomic_write
 
         meta = {"format": "beitv2-codes", "ids": json.dumps(all_ids), "grid": json.dumps(list(grid)),
                 "tokenizer": cfg.tokenizer.checkpoint, "kind": kind}

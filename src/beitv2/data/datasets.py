@@ -18,6 +18,7 @@ from ..config import ConfigError, check, opt
 from .fmnist import FASHION_MNIST_ROOT, FashionMNIST, find_idx, stratified_subset
 from .folders import ImageFolderDataset, has_images
 from .images import IMG_EXTENSIONS
+from .samples import TransformDataset
 from .shards import WebDatasetShards, count_samples, expand_shards
 
 
@@ -129,6 +130,4 @@ def build_dataset(cfg: DataConfig, split: Literal["train", "val"], transform: Ca
             base = base.subset(stratified_subset(base.labels, subset, cfg.seed + 1))
     if transform is None:
         return base
-    from .samples import TransformDataset
-
     return TransformDataset(base, transform, seed=cfg.seed)

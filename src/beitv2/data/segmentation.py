@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 
 from ..config import check, opt
 from .fmnist import FASHION_MNIST_CLASSES, FashionMNIST
+from .folders import scan_images
 from .images import BadFileLog, BadImageError, load_image
 from .samples import TrainingData, TrainingSource, sample_seed
 from .segmentation_transforms import IGNORE_INDEX
@@ -99,8 +100,6 @@ class SegmentationFolder(BadFileLog, Dataset):
 
     def __init__(self, image_dir: str, mask_dir: str, classes: Sequence[str], channels: int = 3,
                  reduce_zero: bool = False, mask_suffix: str = ".png"):
-        from .folders import scan_images
-
         for d in (image_dir, mask_dir):
             if not os.path.isdir(d):
                 raise FileNotFoundError(f"folder not found: {d}")
@@ -278,7 +277,7 @@ def collate_segmentation(batch: list[dict | None]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------- config
 
 @dataclasses.dataclass
-class SegDataConfig:
+class SegmentationDataConfig:
     """Labelled segmentation data (``--data.*``)."""
 
     kind: Literal["ade20k", "folder", "fmnist"] = opt("ade20k", "ADE20K layout, an image folder + mask folder, or "
@@ -321,7 +320,7 @@ class SegDataConfig:
         check(self.num_workers >= 0, prefix + "num_workers", "must be >= 0")
 
 
-def class_names(cfg: SegDataConfig) -> list[str]:
+def class_names(cfg: SegmentationDataConfig) -> list[str]:
     if cfg.kind == "ade20k":
         return list(ADE20K_CLASSES)
     if cfg.kind == "fmnist":
@@ -332,7 +331,7 @@ def class_names(cfg: SegDataConfig) -> list[str]:
     return [str(i) for i in range(cfg.num_classes)]
 
 
-def build_segmentation_source(cfg: SegDataConfig, split: Literal["train", "val"], channels: int,
+def build_segmentation_source(cfg: SegmentationDataConfig, split: Literal["train", "val"], channels: int,
                               seed: int = 0) -> Dataset | None:
     """The (image, label map) source of a split; None when the data has no such split."""
     if cfg.kind == "ade20k":

@@ -15,6 +15,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ..config import check, opt
+from .transforms import resolve_norm
 
 IGNORE_INDEX = 255  # label of pixels no loss or metric counts (mmseg's, and ADE20K's "other" after reduction)
 
@@ -122,7 +123,7 @@ class PhotoMetricDistortion(v2.Transform):
 
 
 @dataclasses.dataclass
-class SegAugConfig:
+class SegmentationAugConfig:
     """Joint image/label augmentation (``--aug.*``); defaults: mmseg's ADE20K pipeline."""
 
     scale: tuple[int, int] = opt((2048, 512), "resize scale (long, short) before the ratio")
@@ -147,16 +148,14 @@ class SegAugConfig:
 
 
 def norm_stats(norm: str, channels: int) -> tuple[list[float], list[float]]:
-    from .transforms import resolve_norm
-
     ms = resolve_norm(norm, channels) or ((0.0,) * channels, (1.0,) * channels)
     return list(ms[0]), list(ms[1])
 
 
-class SegTrainTransform:
+class SegmentationTrainTransform:
     """(PIL image, label map) -> (float image [C, S, S], long labels [S, S]); see the module docstring."""
 
-    def __init__(self, a: SegAugConfig, crop: tuple[int, int], channels: int, norm: str):
+    def __init__(self, a: SegmentationAugConfig, crop: tuple[int, int], channels: int, norm: str):
         self.crop = crop
         steps: list[Any] = [RatioResize(a.scale, a.ratio_range), CatMaxRatioCrop(crop, a.cat_max_ratio),
                             v2.RandomHorizontalFlip(a.hflip)]
@@ -177,10 +176,10 @@ class SegTrainTransform:
         return image, label
 
 
-class SegEvalTransform:
+class SegmentationEvalTransform:
     """Image resized to the test scale (keeping the aspect ratio) and normalised; labels at the original size."""
 
-    def __init__(self, a: SegAugConfig, channels: int, norm: str):
+    def __init__(self, a: SegmentationAugConfig, channels: int, norm: str):
         mean, std = norm_stats(norm, channels)
         self.tf = v2.Compose([RatioResize(a.test_scale, None), v2.ToDtype(torch.float32, scale=True),
                               v2.Normalize(mean, std)])

@@ -207,7 +207,7 @@ class TwoViewTransform:
     lanczos (pass ``second_interpolation='lanczos'`` to match that).
 
     ``jitter_after_crop`` (default) applies the jitter to the resized views instead of the full image (the official
-    order): at 224 px that is 2-4x fewer pixels for a typical photo, and a single pass when both views are the same
+    order): the resized views have fewer pixels than a typical photo, and a single pass when both views are the same
     resize. The jitter factors are drawn first either way, so both orders see the same factors, flip and crop.
     ``output='uint8'`` (default) returns uint8 views and `specs` their conversion (see `prepare_batch`);
     ``'float'`` converts and normalises here.

@@ -123,11 +123,11 @@ def cnn_teacher_config(plan: Plan, root: str, out: Path, seed: int, progress: bo
 
 
 def segment_config(checkpoint: Path, root: str, out: Path, seed: int, fast: bool, progress: bool) -> dict:
-    """``beitv2 segment --preset seg_fmnist_cpu`` (the preset named under ``preset``) at the quickstart's scale: 450
+    """``beitv2 segment --preset seg_fmnist_cpu`` (the recipe named under ``recipe``) at the quickstart's scale: 450
     poly iterations of batch 8 (lr 2e-3, 30 warmup) on 1,200 training compositions, mIoU on 200 test compositions
     (fast: 40 iterations, 160 / 40 compositions)."""
     iters, train, val = (40, 160, 40) if fast else (450, 1200, 200)
-    return {"preset": "seg_fmnist_cpu",
+    return {"recipe": "seg_fmnist_cpu",
             "model": {"checkpoint": str(checkpoint)},
             "data": {"kind": "fmnist", "path": root, "fmnist_train_size": train, "fmnist_val_size": val,
                      "num_workers": 0},

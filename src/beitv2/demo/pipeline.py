@@ -90,13 +90,13 @@ def _run(args: argparse.Namespace) -> int:
         metrics = build_report(out, plan, root, args, results, timer, teacher_desc, teacher_spec,
                                teacher_ckpt is not None and not args.teacher, tok_dir, mim_dir)
     if args.segment:
-        seg_backbones = {"BEiT v2 (pre-trained)": mim_dir / "model.safetensors",
+        segmentation_backbones = {"BEiT v2 (pre-trained)": mim_dir / "model.safetensors",
                          "random init (same ViT)": out / "random_init" / "model.safetensors"}
         if teacher_ckpt is not None and file_kind(teacher_ckpt) != "timm":  # a CNN has no ViT to segment with
-            seg_backbones["teacher"] = teacher_ckpt
+            segmentation_backbones["teacher"] = teacher_ckpt
         with timer.stage("segmentation (--segment)", 6, 6):
-            metrics["segmentation"] = segmentation_stage(out, root, seg_backbones, cfg_dir, args.seed, args.fast,
-                                                         progress)
+            metrics["segmentation"] = segmentation_stage(out, root, segmentation_backbones, cfg_dir, args.seed,
+                                                         args.fast, progress)
     metrics["timings_s"]["report"] = round(timer.stages["report"], 2)
     metrics["timings_s"]["total"] = round(time.perf_counter() - t_start, 2)
     metrics["cpu_s"]["report"] = round(timer.cpu["report"], 2)

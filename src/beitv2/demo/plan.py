@@ -53,12 +53,10 @@ class Plan:
     num_workers: int
 
 
-# About 9 minutes on 2 CPU cores with AMX (measured figures: docs/quickstart.md). The tokenizer trains 937 steps per
-# epoch (batch 64) for two epochs: its codes then carry more class information than the pixels, and the student is
-# close to saturated on them after three MIM epochs (linear probe / k-NN end to end: 85.9 / 81.8; eight epochs: 86.8 /
-# 82.9; raw pixels 82.4 / 80.5). The probes read the CLS token and the patch tokens pooled to a 3x3 grid, as the
-# pixels keep their layout. No data-loader worker: on 2 cores a worker takes CPU from the step (9.9 against 8.8 MIM
-# steps/s in-process).
+# The plan docs/quickstart.md measures (its time and scores are there, with the command). The tokenizer trains two
+# epochs: its codes then carry more class information than the pixels, and the student is close to saturated on them
+# after three MIM epochs. The probes read the CLS token and the patch tokens pooled to a 3x3 grid, as the pixels keep
+# their layout. No data-loader worker: on 2 cores a worker takes CPU from the step.
 FULL = Plan(train_subset=0, test_subset=0, eval_train_subset=5000, teacher_labels=38400, teacher_val_subset=2000,
             teacher_arch="cnn", teacher_vit=(96, 4, 3), teacher_epochs=1, teacher_batch=128, teacher_lr=3e-3,
             tok_vit=(64, 2, 4), tok_codes=256, tok_code_dim=32, tok_restart=0.0, tok_epochs=2, tok_batch=64,
@@ -75,8 +73,7 @@ FAST = Plan(train_subset=1000, test_subset=400, eval_train_subset=1000, teacher_
             mim_vit=(32, 2, 2), mim_early_layers=1, mim_epochs=1, mim_batch=50, mim_lr=1.5e-3, mim_crop_scale=1.0,
             mask_patches=20, mask_min_block=2, mask_max_block=6, probe_epochs=10, probe_batch=100, probe_lr=2e-2,
             knn_k=(10, 20), probe_feature="cls+grid3", feature_batch=500, num_workers=0)
-# The best recipe measured, at about twice the full plan's time: eight MIM epochs instead of three (86.8 / 82.9
-# against 85.9 / 81.8). Everything else is the full plan's.
+# The full plan with eight MIM epochs instead of three: better probes at about twice the time (docs/quickstart.md).
 LONG_MIM_EPOCHS = 8
 LONG = replace(FULL, mim_epochs=LONG_MIM_EPOCHS)
 PLANS = {"full": FULL, "long": LONG, "fast": FAST}

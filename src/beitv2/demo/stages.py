@@ -58,11 +58,11 @@ COMMANDS: dict[str, tuple[type, Callable[[Any], int]]] = {
     "linprobe": (linprobe.LinProbeConfig, linprobe.execute),
     "knn": (knn.KNNCommandConfig, knn.execute),
     "finetune": (finetune.FinetuneConfig, finetune.execute),
-    "segment": (segment.SegmentConfig, segment.execute),
+    "segment": (segment.SegmentationConfig, segment.execute),
 }
 
 
-def command_status(name: str, cfg: dict[str, Any], cfg_dir: Path, preset: str | None = None) -> int:
+def command_status(name: str, cfg: dict[str, Any], cfg_dir: Path, recipe: str | None = None) -> int:
     """Write ``cfg`` to ``cfg_dir/<name>.yaml`` (``beitv2 <command> [--preset P] --config`` reruns the stage), then
     run the command ``name`` (up to its first dot) on the typed config built from it; its exit status (2 for a
     configuration error, named on stderr as the command line names it)."""
@@ -71,7 +71,7 @@ def command_status(name: str, cfg: dict[str, Any], cfg_dir: Path, preset: str | 
     (cfg_dir / f"{name}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     cfg_class, execute = COMMANDS[command]
     try:
-        return int(execute(config_from(cfg_class, cfg, preset)) or 0)
+        return int(execute(config_from(cfg_class, cfg, recipe)) or 0)
     except ConfigError as e:
         print(f"beitv2 {command}: configuration error: {e}", file=sys.stderr)
         return 2
@@ -219,17 +219,17 @@ def segmentation_stage(out: Path, root: str, backbones: dict[str, Path], cfg_dir
                        progress: bool) -> dict[str, dict]:
     """``--segment``: the same segmentation schedule on each backbone (a failed run is a row with its exit status,
     not the end of the quickstart); a section in report.md."""
-    seg_dir = out / "segmentation"
-    shutil.rmtree(seg_dir, ignore_errors=True)
+    segmentation_dir = out / "segmentation"
+    shutil.rmtree(segmentation_dir, ignore_errors=True)
     results: dict[str, dict] = {}
     for i, (name, ckpt) in enumerate(backbones.items()):
-        run_dir = seg_dir / f"run{i}"
+        run_dir = segmentation_dir / f"run{i}"
         cfg = segment_config(ckpt, root, run_dir, seed, fast, progress)
-        preset = cfg.pop("preset")
-        rc = command_status(f"segment.run{i}", cfg, cfg_dir, preset)
+        recipe = cfg.pop("recipe")
+        rc = command_status(f"segment.run{i}", cfg, cfg_dir, recipe)
         m = read_json(run_dir / "metrics.json") if rc == 0 else {}
         results[name] = {k: m.get(k) for k in ("mIoU", "mAcc", "aAcc")} | {"run": str(run_dir), "exit_code": rc}
-    iters = segment_config(Path("."), root, seg_dir, seed, fast, progress)["schedule"]["iters"]
+    iters = segment_config(Path("."), root, segmentation_dir, seed, fast, progress)["schedule"]["iters"]
     lines = ["", "## Semantic segmentation (`--segment`)", "",
              f"UperNet fine-tuned for {iters} iterations (batch 8) on the Fashion-MNIST composition (56 x 56 canvases "
              "of 2-4 items, 11 classes), same schedule for every backbone (`beitv2 segment --preset seg_fmnist_cpu`, "

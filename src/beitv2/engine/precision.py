@@ -19,8 +19,8 @@ def choose_precision(requested: str, device_type: str, bf16_native: bool) -> str
 
     A pre-Ampere GPU (compute capability < 8) runs bf16 only by emulation, several times slower than fp16, and
     ``torch.cuda.is_bf16_supported()`` still says yes there; hence the native-only check. An x86 CPU without
-    AVX512-BF16 or AMX (e.g. an AVX2-only AMD EPYC) runs bf16 matmuls by a scalar fallback: measured 0.2 GFLOP/s
-    against 42 in fp32 on one such core, so fp32 is two orders of magnitude faster there (fp16 is emulated too).
+    AVX512-BF16 or AMX (e.g. an AVX2-only AMD EPYC) runs bf16 matmuls by a scalar fallback, far slower than fp32
+    (docs/training.md gives the measurement); fp16 is emulated there too.
     """
     if requested != "bf16" or bf16_native:
         return requested
@@ -61,7 +61,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if out != precision:
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
             f"this CPU ({torch.backends.cpu.get_cpu_capability()}, no AVX512-BF16 or AMX)"
-        fix = "fp16 with a GradScaler" if out == "fp16" else "fp32, about 100x faster there"
+        fix = "fp16 with a GradScaler" if out == "fp16" else "fp32, much faster there"
         _warn_once(f"bf16 is only emulated on {where}; using {fix}")
     return out
 

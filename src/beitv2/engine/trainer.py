@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from ..config import ConfigError, save_yaml, to_dict
 from ..data.samples import TrainingData, training_data
 from ..models.registry import kind_of
+from ..utils.distributed import all_reduce_sum
 from ..utils.files import write_failure
 from . import distributed as D
 from .compiling import (
@@ -344,7 +345,7 @@ class Trainer:
     def _check(self, acc: DeviceMetrics, stop: StopFlag, epoch: int, batch_index: int) -> bool:
         """A check point (one host sync, one all-reduce): raise on a non-finite loss since the last check, and agree
         over ranks on a signal-requested stop."""
-        flags = D.all_reduce_sum(torch.stack([(acc.first_bad >= 0).float(),
+        flags = all_reduce_sum(torch.stack([(acc.first_bad >= 0).float(),
                                               torch.tensor(float(stop.signum > 0), device=self.device)]))
         bad, stopping = flags.tolist()
         if bad > 0:
@@ -387,7 +388,7 @@ class Trainer:
     def _end_epoch(self, epoch: int, sums: dict[str, float], n_steps: int, skipped: int) -> None:
         keys = sorted(sums)
         t = torch.tensor([sums[k] for k in keys] + [n_steps, skipped], dtype=torch.float64, device=self.device)
-        t = D.all_reduce_sum(t).tolist()
+        t = all_reduce_sum(t).tolist()
         avg = {k: v / max(t[-2], 1) for k, v in zip(keys, t)}
         avg["skipped_images"] = int(t[-1])
         avg.update(self.task.epoch_metrics())

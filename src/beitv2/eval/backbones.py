@@ -1,7 +1,7 @@
 """Frozen ViT backbones for evaluation: from a checkpoint of this project (`mim` pre-training -> its ViT without the
 MIM head, `vit`, `vqkd` -> its encoder, as the official ``--model_filter_name encoder``, `segmenter` -> its ViT
-without a final norm; any registered kind with a ViT backbone) or from an untrained preset (a baseline). Fine-tuning
-reads its source here too (`read_source` with ``official=True`` also takes microsoft/unilm ``.pth`` files).
+without a final norm; any registered kind with a ViT backbone) or from an untrained named architecture (a baseline).
+Fine-tuning reads its source here too (`read_source` with ``official=True`` also takes microsoft/unilm ``.pth`` files).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from torch import nn
 from ..checkpoint import read_model_file, resolve_weights
 from ..config import ConfigError, check, opt, reading
 from ..interop.official import infer_vit_fields, read_official_state_dict
+from ..models.architectures import get_architecture, list_architectures
 from ..models.backbone import BEiTViT, ViTConfig
-from ..models.presets import get_preset, list_presets
 from ..models.registry import KINDS
 
 
@@ -30,20 +30,21 @@ class ModelSource:
                               "reads official .pth files")
     filter: str = opt("", "'' = automatic (vqkd -> encoder), 'encoder' = keep the keys under 'encoder.' "
                           "(official --model_filter_name)")
-    preset: str = opt("", "with random_init: an untrained preset as a baseline (beitv2.models.presets)")
+    preset: str = opt("", "with random_init: the named architecture (beitv2.models.architectures) of an untrained "
+                          "baseline")
     random_init: bool = opt(False, "use the untrained `preset` instead of a checkpoint")
 
     def validate(self, prefix: str = "model.") -> None:
         check(self.filter in ("", "encoder"), prefix + "filter", f"must be '' or 'encoder', got {self.filter!r}")
         if self.random_init:
-            check(bool(self.preset), prefix + "preset", "name the preset to initialise randomly")
+            check(bool(self.preset), prefix + "preset", "name the architecture to initialise randomly")
             check(not self.checkpoint, prefix + "checkpoint", "give either a checkpoint or random_init, not both")
-            check(self.preset in list_presets(), prefix + "preset",
-                  f"unknown preset {self.preset!r} (known: {', '.join(list_presets())})")
+            check(self.preset in list_architectures(), prefix + "preset",
+                  f"unknown architecture {self.preset!r} (known: {', '.join(list_architectures())})")
         else:
             check(not self.preset, prefix + "preset", "only used with random_init true (an untrained baseline)")
             check(bool(self.checkpoint), prefix + "checkpoint",
-                  "required (or set random_init true with a preset for an untrained baseline)")
+                  "required (or set random_init true with an architecture name for an untrained baseline)")
             check(os.path.exists(self.checkpoint) or self.checkpoint.startswith("hf-hub:"), prefix + "checkpoint",
                   f"not found: {self.checkpoint}")
 
@@ -58,15 +59,16 @@ class Backbone(NamedTuple):
 
 
 def read_source(src: ModelSource, official: bool = False) -> Backbone:
-    """The backbone ``src`` names, read without building it: a random init of a preset, a beitv2 model file of any
-    kind with a ViT backbone (`read_model_file` finds it), or (``official``: fine-tuning) a microsoft/unilm file."""
+    """The backbone ``src`` names, read without building it: a random init of a named architecture, a beitv2 model file
+    of any kind with a ViT backbone (`read_model_file` finds it), or (``official``: fine-tuning) a microsoft/unilm
+    file."""
     if src.random_init:
-        kind, cfg = get_preset(src.preset)
+        kind, cfg = get_architecture(src.preset)
         if KINDS[kind].backbone is None:
             known = ", ".join(k for k, s in KINDS.items() if s.backbone is not None)
-            raise ConfigError(f"model.preset: preset {src.preset!r} is a {kind!r} model; expected one with a ViT "
+            raise ConfigError(f"model.preset: architecture {src.preset!r} is a {kind!r} model; expected one with a ViT "
                               f"backbone ({known})")
-        return Backbone(KINDS[kind].backbone_config(cfg), None, f"random init of preset {src.preset}", "")
+        return Backbone(KINDS[kind].backbone_config(cfg), None, f"random init of architecture {src.preset}", "")
     with reading("model.checkpoint"):
         if official:
             path = resolve_weights(src.checkpoint)

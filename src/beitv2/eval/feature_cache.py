@@ -11,9 +11,11 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import resolve_weights
 from ..config import to_dict
 from ..data import DataConfig
 from ..utils.distributed import rank_and_world
+from ..utils.files import atomic_write
 from .backbones import ModelSource
 from .features import FeatureConfig
 
@@ -27,8 +29,6 @@ def _fingerprint(parts: dict) -> str:
 def source_fingerprint(src: ModelSource) -> dict:
     if src.random_init:
         return {"preset": src.preset, "random_init": True, "seed": torch.initial_seed()}
-    from ..checkpoint import resolve_weights
-
     p = resolve_weights(src.checkpoint)
     st = p.stat()
     return {"path": str(p.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns, "filter": src.filter}
@@ -39,8 +39,6 @@ def cached_extract(cache_dir: str, key: dict, compute) -> tuple[dict[int, torch.
     if not cache_dir:
         return compute()
     from safetensors.torch import load_file, save_file
-
-    from ..utils.files import atomic_write
 
     path = Path(cache_dir) / f"features-{key.get('split', 'x')}-{_fingerprint(key)}.safetensors"
     if path.is_file():

@@ -64,15 +64,15 @@ def pool_tokens(model: BEiTViT, tokens: torch.Tensor, feature: str, final_norm: 
     """[B, 1+N, D] tokens of one block -> [B, F] float features."""
     if not final_norm:
         cls, mean = tokens[:, 0], tokens[:, 1:].mean(dim=1)
-    elif model.cfg.use_mean_pooling:  # norm is Identity: fc_norm is the final LayerNorm
+    elif model.vit_config.use_mean_pooling:  # norm is Identity: fc_norm is the final LayerNorm
         cls, mean = model.fc_norm(tokens[:, 0]), model.fc_norm(tokens[:, 1:].mean(dim=1))
     else:
         t = model.norm(tokens)
         cls, mean = t[:, 0], t[:, 1:].mean(dim=1)
     g = GRID_FEATURES.get(feature)
     if g:
-        patches = tokens[:, 1:] if not final_norm else (model.fc_norm(tokens[:, 1:]) if model.cfg.use_mean_pooling
-                                                        else model.norm(tokens[:, 1:]))
+        norm = model.fc_norm if model.vit_config.use_mean_pooling else model.norm
+        patches = norm(tokens[:, 1:]) if final_norm else tokens[:, 1:]
         fmap = patches.transpose(1, 2).reshape(len(tokens), -1, *model.grid_size)
         return torch.cat([cls, torch.nn.functional.adaptive_avg_pool2d(fmap.float(), g).flatten(1)], -1).float()
     out = {"cls": cls, "mean": mean}.get(feature)

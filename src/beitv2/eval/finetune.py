@@ -29,6 +29,7 @@ from ..models.backbone import BEiTViT, ViTConfig, to_2tuple
 from ..models.registry import KINDS, ModelKind, register
 from ..models.relpos import resize_state_dict, shared_table_to_per_layer
 from ..tasks import TrainTask
+from ..utils.distributed import all_reduce_sum
 from .backbones import Backbone, ModelSource, read_source
 from .metrics import confusion_matrix, topk_correct, write_metrics
 
@@ -101,7 +102,7 @@ def layer_id_fn(depth: int, prefix: str = "") -> Callable[[str], int]:
 
 def read_finetune_source(mcfg: FinetuneModelConfig) -> Backbone:
     """The backbone to fine-tune: a beitv2 model file of any kind with a ViT backbone, an official .pth file, or a
-    random init of a preset."""
+    random init of a named architecture."""
     return read_source(mcfg, official=True)
 
 
@@ -273,10 +274,10 @@ class ClassificationTask(TrainTask):
                 preds[p].append(logits.argmax(-1).cpu())
             labels.append(y.cpu())
             n += y.numel()
-        total = float(D.all_reduce_sum(torch.tensor([n], dtype=torch.float64, device=device)).item())
+        total = float(all_reduce_sum(torch.tensor([n], dtype=torch.float64, device=device)).item())
         out: dict[str, float] = {}
         for p, c in counts.items():
-            c = D.all_reduce_sum(c).tolist()
+            c = all_reduce_sum(c).tolist()
             out.update({f"{p}acc1": 100.0 * c[0] / max(total, 1), f"{p}acc5": 100.0 * c[1] / max(total, 1),
                         f"{p}loss": c[2] / max(total, 1)})
         gathered = D.all_gather_object(({p: torch.cat(v) if v else torch.zeros(0, dtype=torch.long)

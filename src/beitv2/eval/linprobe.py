@@ -25,8 +25,10 @@ from ..engine import OptimConfig, TrainConfig, Trainer, param_groups
 from ..engine import distributed as D
 from ..models.registry import ModelKind, register
 from ..tasks import TrainTask
+from ..utils.distributed import all_reduce_sum
 from .features import layer_features
 from .metrics import accuracy, confusion_matrix, topk_correct, write_metrics
+from .plots import save_confusion_matrix
 from .splits import SplitFeatures
 
 log = logging.getLogger("beitv2.eval")
@@ -82,7 +84,7 @@ class ProbeHeads(nn.Module):
 
     def __init__(self, cfg: ProbeHeadsConfig, init_std: float = 0.01):
         super().__init__()
-        self.cfg = self.config = cfg
+        self.config = cfg
         self.layers = tuple(int(x) for x in cfg.layers)
         self.heads = nn.ModuleDict()
         for x, dim in zip(self.layers, cfg.in_dims):
@@ -164,7 +166,7 @@ class LinearProbeTask(TrainTask):
                 counts[2 * i + 1] += c[5]
             counts[-2] += sum(float(F.cross_entropy(v.float(), labels, reduction="sum")) for v in logits.values())
             counts[-1] += labels.numel()
-        counts = D.all_reduce_sum(counts).tolist()
+        counts = all_reduce_sum(counts).tolist()
         n = max(counts[-1], 1)
         out = {"loss": counts[-2] / n}
         for i, x in enumerate(layers):
@@ -194,7 +196,7 @@ def predict(heads: ProbeHeads, feats: dict[int, torch.Tensor], batch_size: int =
         logits = heads({x: v[s:s + batch_size] for x, v in feats.items()})
         for x in heads.layers:
             out[x].append(logits[x])
-    return {x: torch.cat(v) if v else torch.zeros(0, heads.cfg.num_classes) for x, v in out.items()}
+    return {x: torch.cat(v) if v else torch.zeros(0, heads.config.num_classes) for x, v in out.items()}
 
 
 @dataclass
@@ -268,8 +270,6 @@ def fit_probe(feats: SplitFeatures, settings: ProbeSettings, dist: D.DistInfo) -
         out = Path(train.output_dir)
         cm = confusion_matrix(logits[best].argmax(-1), val_labels, num_classes)
         metrics["confusion_matrix"] = cm.tolist()
-        from .plots import save_confusion_matrix
-
         save_confusion_matrix(cm.numpy(), feats.class_names, out / "confusion_matrix.png",
                               f"linear probe, block {best}")
         write_metrics(out / "metrics.json", metrics)

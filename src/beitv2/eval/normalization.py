@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
+from ..checkpoint import read_metadata, resolve_weights
 from ..config import reading
 from .backbones import ModelSource
 
@@ -25,8 +26,6 @@ def auto_normalize(src: ModelSource) -> str:
     if src.random_init or not src.checkpoint:
         return "imagenet"
     import yaml
-
-    from ..checkpoint import read_metadata, resolve_weights
 
     with reading("model.checkpoint"):
         path = resolve_weights(src.checkpoint)

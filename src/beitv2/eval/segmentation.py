@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..engine import distributed as D
+from ..utils.distributed import all_reduce_sum
+from ..utils.figures import figure, save_figure
 
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int, ignore_index: int = 255
@@ -45,7 +46,7 @@ def metrics_from_confusion(cm: torch.Tensor) -> dict[str, object]:
 
 def all_reduce_confusion(cm: torch.Tensor) -> torch.Tensor:
     """The confusion matrix summed over all ranks (every rank calls this)."""
-    return D.all_reduce_sum(cm.double()).round().long()
+    return all_reduce_sum(cm.double()).round().long()
 
 
 # ------------------------------------------------------------------------------------------------ inference
@@ -123,8 +124,6 @@ def save_prediction_figure(path: str | Path, images: list[torch.Tensor], labels:
                            preds: list[torch.Tensor], num_classes: int, mean: list[float], std: list[float],
                            ignore_index: int = 255) -> Path:
     """A PNG with one row per sample: image, ground truth, prediction (ignored pixels white)."""
-    from ..utils.figures import figure, save_figure
-
     pal = palette(num_classes)
 
     def colour(lab: torch.Tensor) -> torch.Tensor:

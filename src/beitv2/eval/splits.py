@@ -88,7 +88,7 @@ def features_for_splits(src: ModelSource, fcfg: FeatureConfig, data: DataConfig,
                         precision: str = "fp32", progress: bool = True, splits: Sequence[str] = ("train", "val")
                         ) -> SplitFeatures:
     """Frozen features of the train and val splits (eval transform, no augmentation), cached per fingerprint."""
-    tf = eval_transform(backbone.cfg, crop_pct, normalize)
+    tf = eval_transform(backbone.vit_config, crop_pct, normalize)
     out: dict[str, Any] = {}
     classes: list[str] | None = None
     for split in splits:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..models.dvae import DiscreteVAE, DVAEConfig
+from ..models.dvae import DecoderBlock, DiscreteVAE, DVAEConfig, EncoderBlock
 
 _DTYPES = {"FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
            "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
@@ -279,8 +279,6 @@ def dalle_config(encoder: dict[str, torch.Tensor], decoder: dict[str, torch.Tens
 def _conv_map(blocks: torch.nn.Sequential, n_groups: int, per_group: int, res_order: tuple[str, ...]
               ) -> dict[str, str]:
     """Our ``blocks.<i>...`` conv prefixes -> DALL-E's names, by walking our Sequential in order."""
-    from ..models.dvae import DecoderBlock, EncoderBlock
-
     out: dict[str, str] = {}
     res_blocks = [i for i, m in enumerate(blocks) if isinstance(m, (EncoderBlock, DecoderBlock))]
     if len(res_blocks) != n_groups * per_group:

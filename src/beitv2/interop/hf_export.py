@@ -38,6 +38,7 @@ import torch
 import torch.nn as nn
 
 from ..models.backbone import ViTConfig
+from .hub import model_card
 from .preprocessing import PIL_RESAMPLE, Preprocessing, luma_patch_weight, preprocessing_of
 from .timm_export import backbone_of, check_export, move_into
 
@@ -182,8 +183,6 @@ def export_hf(model: nn.Module, out_dir: str | Path, rel_pos: str = "keep", clas
     `preprocessing_of(model, normalize)`; so `AutoImageProcessor` and ``pipeline("image-classification",
     model=out_dir)`` feed the model what it was trained on) and a README.md model card: a folder
     `huggingface_hub.upload_folder` publishes as is."""
-    from .hub import model_card
-
     pre = preprocessing or preprocessing_of(model, normalize)
     rgb = pre.in_chans == 1
     out = Path(out_dir)

@@ -111,8 +111,8 @@ def hf_segmentation_config(cfg: SegmenterConfig, class_names: list[str] | None =
 
 def to_hf_segmentation_state_dict(model: Segmenter, class_names: list[str] | None = None
                                   ) -> tuple[dict[str, torch.Tensor], Any]:
-    config = hf_segmentation_config(model.cfg, class_names)
-    backbone, _ = to_hf_state_dict(model.backbone, "per_layer", rgb_input=model.cfg.backbone.in_chans == 1)
+    config = hf_segmentation_config(model.config, class_names)
+    backbone, _ = to_hf_state_dict(model.backbone, "per_layer", rgb_input=model.config.backbone.in_chans == 1)
     out = {f"beit.{k}": v for k, v in backbone.items()}
     for k, v in model.state_dict().items():
         if not k.startswith("backbone."):
@@ -171,42 +171,28 @@ def export_hf_segmentation(model: Segmenter, out_dir: str | Path, class_names: l
     `model.safetensors` via `save_pretrained`, `preprocessor_config.json` (for `AutoImageProcessor` and
     ``pipeline("image-segmentation", model=out_dir)``) and a README.md model card."""
     out = Path(out_dir)
-    if class_names is not None and len(class_names) != model.cfg.num_classes:
-        raise ValueError(f"{len(class_names)} class names for a {model.cfg.num_classes}-class segmenter")
+    if class_names is not None and len(class_names) != model.config.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a {model.config.num_classes}-class segmenter")
     hf = build_hf_segmentation_model(model, class_names)
-    names = [hf.config.id2label[i] for i in range(model.cfg.num_classes)]
+    names = [hf.config.id2label[i] for i in range(model.config.num_classes)]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         hf.save_pretrained(str(tmp))
         segmentation_image_processor(model, normalize, reduce_labels).save_pretrained(str(tmp))
-        (tmp / "README.md").write_text(_model_card(hf.config, names, normalize, reduce_labels, model.cfg))
+        (tmp / "README.md").write_text(_model_card(hf.config, names, normalize, reduce_labels, model.config))
         return move_into(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def run_class_names(weights: str | Path) -> list[str] | None:
-    """Class names recorded by `beitv2 segment` in the run folder's metrics.json beside ``weights``, if any."""
-    return _run_metrics(weights).get("classes") or None
-
-
-def _run_metrics(weights: str | Path) -> dict[str, Any]:
-    p = Path(weights)
-    meta = (p if p.is_dir() else p.parent) / "metrics.json"
-    return json.loads(meta.read_text()) if meta.is_file() else {}
-
-
-def recorded_export_options(weights: str | Path, metadata: dict[str, str]) -> dict[str, Any]:
-    """``export_hf_segmentation``'s class_names / normalize / reduce_labels as `beitv2 segment` recorded them: in
-    the model file's metadata, else in the run folder's metrics.json beside it (files written before the model file
-    carried them); nothing recorded: numbered classes, ImageNet statistics, labels as they are."""
-    run = _run_metrics(weights) if Path(weights).exists() else {}
-    names = json.loads(metadata["class_names"]) if "class_names" in metadata else run.get("classes")
-    reduce = metadata.get("reduce_zero_label", run.get("reduce_zero_label", False))
+def recorded_export_options(metadata: dict[str, str]) -> dict[str, Any]:
+    """``export_hf_segmentation``'s class_names / normalize / reduce_labels as `beitv2 segment` recorded them in the
+    model file's metadata; nothing recorded: numbered classes, ImageNet statistics, labels as they are."""
+    names = json.loads(metadata["class_names"]) if "class_names" in metadata else None
     return {"class_names": list(names) if names else None,
-            "normalize": metadata.get("normalize", run.get("normalize", "imagenet")),
-            "reduce_labels": reduce in (True, "true", "True", "1")}
+            "normalize": metadata.get("normalize", "imagenet"),
+            "reduce_labels": metadata.get("reduce_zero_label", "false") == "true"}
 
 
 # ------------------------------------------------------------------------------------------------------ import

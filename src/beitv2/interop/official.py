@@ -24,9 +24,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..models.architectures import get_architecture
 from ..models.backbone import BEiTViT, ViTConfig
 from ..models.mim import BEiTv2ForMIM, MIMConfig
-from ..models.presets import get_preset
 from ..models.quantizer import QuantizerConfig
 from ..models.registry import get_kind
 from ..models.relpos import SHARED_TABLE, resize_state_dict, shared_table_to_per_layer, square_window_from_rows
@@ -212,22 +212,23 @@ def infer_vqkd_config(state: dict[str, torch.Tensor], num_heads: int | None = No
         teacher_dim=teacher_dim)
 
 
-def load_official_vqkd(path: str | Path, preset: str | VQKDConfig | None = None, num_heads: int | None = None,
+def load_official_vqkd(path: str | Path, architecture: str | VQKDConfig | None = None, num_heads: int | None = None,
                        decoder_num_heads: int | None = None) -> VQKD:
     """An official VQ-KD tokenizer (`vqkd_encoder_base_decoder_*`), ready for `tokenize()` (eval mode).
 
-    ``preset``: a preset name or `VQKDConfig` to load into (strict); otherwise the config is inferred from shapes
-    (heads = width / 64 unless ``num_heads`` / ``decoder_num_heads`` are given).
+    ``architecture``: a named architecture (`beitv2.models.architectures`) or `VQKDConfig` to load into (strict);
+    otherwise the config is inferred from shapes (heads = width / 64 unless ``num_heads`` / ``decoder_num_heads`` are
+    given).
     """
     state = vqkd_state_dict(read_official_state_dict(path))
-    if preset is None:
+    if architecture is None:
         cfg = infer_vqkd_config(state, num_heads, decoder_num_heads)
-    elif isinstance(preset, str):
-        kind, cfg = get_preset(preset)
+    elif isinstance(architecture, str):
+        kind, cfg = get_architecture(architecture)
         if kind != "vqkd":
-            raise ValueError(f"preset {preset!r} is a {kind} model, not a VQ-KD tokenizer")
+            raise ValueError(f"architecture {architecture!r} is a {kind} model, not a VQ-KD tokenizer")
     else:
-        cfg = preset
+        cfg = architecture
     model = VQKD(cfg)
     load_strict(model, state, f"{path} as VQ-KD")
     model.quantize.mark_initted()  # a loaded codebook must never be re-initialised by k-means
@@ -297,7 +298,7 @@ def load_official_classifier(path: str | Path, img_size: int | Sequence[int] | N
 def resize_model(model: BEiTViT, img_size: int | Sequence[int]) -> BEiTViT:
     """A copy of ``model`` (BEiTViT or BEiTv2ForMIM) at another resolution, with the official cubic table remap
     (`BEiTViT.set_input_size` does the same in place)."""
-    vit = model.cfg  # the ViT config of either (a MIM model's backbone)
+    vit = model.vit_config  # the ViT config of either (a MIM model's backbone)
     new_vit = replace(vit, img_size=size_field(img_size))
     new = BEiTv2ForMIM(replace(model.config, backbone=new_vit)) if isinstance(model, BEiTv2ForMIM) \
         else BEiTViT(new_vit)

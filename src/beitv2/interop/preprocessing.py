@@ -24,8 +24,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..data.transforms import INTERPOLATIONS, EvalTransform, resolve_norm
 from ..models.backbone import ViTConfig
 from ..models.registry import backbone_config, backbone_state_dict, kind_of
+from ..models.vqkd import VQKD
+from .hub import is_hub_ref
 
 SMALL_IMAGE_MAX = 32  # the fine-tuning command's small-image rule: inputs this small are evaluated without a resize
 PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
@@ -55,8 +58,6 @@ class Preprocessing:
 
     def transform(self) -> Any:
         """This library's own evaluation transform for PIL images (`beitv2.data.transforms.EvalTransform`)."""
-        from ..data.transforms import EvalTransform
-
         norm = (self.mean, self.std) if self.mean is not None else "none"
         return EvalTransform(self.img_hw, resize_size=self.resize_size, interpolation_name=self.interpolation,
                              normalize=norm, channels=self.in_chans, resize=self.resize, output="float")
@@ -83,7 +84,6 @@ def read_run_config(model_path: str | Path | None) -> dict:
     """The config.yaml of the run folder holding a model file (beside it, or one level up for ``best/``); {}."""
     import yaml
 
-    from .hub import is_hub_ref
 
     if model_path is None or is_hub_ref(model_path):
         return {}
@@ -116,15 +116,12 @@ def backbone_of(model: nn.Module) -> tuple[ViTConfig, dict[str, torch.Tensor]]:
 def preprocessing_of(model: nn.Module, normalize: str | None = None, run_config: dict | None = None
                      ) -> Preprocessing:
     """The preprocessing ``model`` was trained and evaluated with (see the module docstring for the sources)."""
-    from ..data.transforms import INTERPOLATIONS, resolve_norm
-    from ..models.vqkd import VQKD
-
     cfg, _ = backbone_of(model)
     aug = (run_config or {}).get("aug") or {}
     hw = cfg.img_hw
     if isinstance(model, VQKD):
         name = "vqkd"
-        if model.cfg.input_norm == "default":  # images * 2 - 1 == (images - 0.5) / 0.5
+        if model.config.input_norm == "default":  # images * 2 - 1 == (images - 0.5) / 0.5
             norm: Any = ((0.5,) * cfg.in_chans, (0.5,) * cfg.in_chans)
         else:
             norm = (tuple(model._mean.flatten().tolist()), tuple(model._std.flatten().tolist()))

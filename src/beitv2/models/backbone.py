@@ -246,7 +246,8 @@ class BEiTViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         cfg.validate()
-        self.cfg = self.config = cfg
+        self.vit_config = cfg  # what this class reads; a subclass's ``config`` may hold it (`BEiTv2ForMIM`)
+        self.config = cfg  # the model's config, as every registered model has (`beitv2.models.registry`)
         self.embed_dim = self.num_features = cfg.embed_dim
         self.depth = cfg.depth
         self.num_prefix_tokens = 1
@@ -272,11 +273,11 @@ class BEiTViT(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------- init
     def _trunc_normal(self, t: torch.Tensor) -> None:
-        std = self.cfg.init_std
-        trunc_normal_(t, std=std, a=-std * self.cfg.init_trunc_sigmas, b=std * self.cfg.init_trunc_sigmas)
+        std = self.vit_config.init_std
+        trunc_normal_(t, std=std, a=-std * self.vit_config.init_trunc_sigmas, b=std * self.vit_config.init_trunc_sigmas)
 
     def _init_module(self, m: nn.Module) -> None:
-        if isinstance(m, nn.Conv2d) and self.cfg.patch_embed_init == "torch_default":
+        if isinstance(m, nn.Conv2d) and self.vit_config.patch_embed_init == "torch_default":
             return  # the official fine-tuning ViT's `_init_weights` has no Conv2d branch: PyTorch's own init stays
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             self._trunc_normal(m.weight)
@@ -295,8 +296,8 @@ class BEiTViT(nn.Module):
             rescale_block(blk, i + 1)
         if isinstance(self.head, nn.Linear):
             with torch.no_grad():
-                self.head.weight.mul_(self.cfg.head_init_scale)
-                self.head.bias.mul_(self.cfg.head_init_scale)
+                self.head.weight.mul_(self.vit_config.head_init_scale)
+                self.head.bias.mul_(self.vit_config.head_init_scale)
 
     # ---------------------------------------------------------------------------------------------- utilities
     def no_weight_decay(self) -> set[str]:
@@ -323,7 +324,7 @@ class BEiTViT(nn.Module):
         self.patch_embed.set_input_size(img_size=img_hw)
         self.grid_size = tuple(self.patch_embed.grid_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.cfg.img_size = img_hw
+        self.vit_config.img_size = img_hw
         if self.grid_size == old_grid:
             return
         if self.pos_embed is not None:
@@ -356,7 +357,7 @@ class BEiTViT(nn.Module):
         """One block under the attention kernel choice (`forces_math_attention`), recomputed in backward when
         ``grad_checkpointing``; with ``rows`` [B, Q] only those token positions' outputs (`BEiTBlock`)."""
         math = forces_math_attention(x)
-        if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+        if self.vit_config.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(_in_kernel_context, math, blk, x, rel_pos_bias, rows, use_reentrant=False)
         return _in_kernel_context(math, blk, x, rel_pos_bias, rows)
 
@@ -381,7 +382,7 @@ class BEiTViT(nn.Module):
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """Image feature: fc_norm(mean of patch tokens), or norm(tokens)[:, 0] (CLS)."""
-        if self.cfg.use_mean_pooling:
+        if self.vit_config.use_mean_pooling:
             return self.fc_norm(tokens[:, 1:].mean(dim=1))
         return self.norm(tokens)[:, 0]
 
@@ -396,7 +397,7 @@ class BEiTViT(nn.Module):
     def patch_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised patch tokens [B, N, D] (fc_norm when mean-pooling, else norm): what teachers and VQ-KD use."""
         tokens, _ = self.forward_features(x)
-        return self.fc_norm(tokens[:, 1:]) if self.cfg.use_mean_pooling else self.norm(tokens)[:, 1:]
+        return self.fc_norm(tokens[:, 1:]) if self.vit_config.use_mean_pooling else self.norm(tokens)[:, 1:]
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor, layer: int = -1) -> torch.Tensor:

@@ -47,9 +47,9 @@ from ..config import check, opt
 __all__ = [
     "DVAEConfig",
     "DiscreteVAE",
-    "DVAE_PRESETS",
-    "DVAE_PRESET_FIELDS",
-    "dvae_preset",
+    "DVAE_ARCHITECTURES",
+    "DVAE_ARCHITECTURE_FIELDS",
+    "dvae_architecture",
     "dvae_tiny",
     "dvae_small",
     "dvae_dalle",
@@ -120,8 +120,8 @@ class DVAEConfig:
         return g, g
 
 
-# --------------------------------------------------------------------------------------------------- presets
-DVAE_PRESET_FIELDS: dict[str, dict] = {
+# ---------------------------------------------------------------------------------------------- named architectures
+DVAE_ARCHITECTURE_FIELDS: dict[str, dict] = {
     # CPU-sized: 28-32 px grayscale or RGB (set in_chans / img_size), 8x8 grid at 32 px.
     "dvae_tiny": dict(img_size=32, in_chans=3, downsample=4, vocab_size=512, code_dim=64, hidden_dim=32,
                       blocks_per_group=1, temp_anneal_steps=2_000, kl_warmup_steps=500),
@@ -134,29 +134,29 @@ DVAE_PRESET_FIELDS: dict[str, dict] = {
 }
 
 
-def dvae_preset(name: str, **overrides) -> DVAEConfig:
-    """A validated `DVAEConfig` from a preset name plus field overrides."""
-    if name not in DVAE_PRESET_FIELDS:
-        raise KeyError(f"unknown dVAE preset {name!r} (known: {', '.join(DVAE_PRESET_FIELDS)})")
-    cfg = DVAEConfig(**{**DVAE_PRESET_FIELDS[name], **overrides})
+def dvae_architecture(name: str, **overrides) -> DVAEConfig:
+    """A validated `DVAEConfig` from an architecture name plus field overrides."""
+    if name not in DVAE_ARCHITECTURE_FIELDS:
+        raise KeyError(f"unknown dVAE architecture {name!r} (known: {', '.join(DVAE_ARCHITECTURE_FIELDS)})")
+    cfg = DVAEConfig(**{**DVAE_ARCHITECTURE_FIELDS[name], **overrides})
     cfg.validate("tokenizer.dvae.")
     return cfg
 
 
 def dvae_tiny(**overrides) -> DVAEConfig:
-    return dvae_preset("dvae_tiny", **overrides)
+    return dvae_architecture("dvae_tiny", **overrides)
 
 
 def dvae_small(**overrides) -> DVAEConfig:
-    return dvae_preset("dvae_small", **overrides)
+    return dvae_architecture("dvae_small", **overrides)
 
 
 def dvae_dalle(**overrides) -> DVAEConfig:
-    return dvae_preset("dvae_dalle", **overrides)
+    return dvae_architecture("dvae_dalle", **overrides)
 
 
-# name -> factory returning a fresh config (the form `beitv2.models.presets.get_preset` expects).
-DVAE_PRESETS: dict[str, Callable[..., DVAEConfig]] = {
+# name -> factory returning a fresh config (the form `beitv2.models.architectures.get_architecture` expects).
+DVAE_ARCHITECTURES: dict[str, Callable[..., DVAEConfig]] = {
     "dvae_tiny": dvae_tiny,
     "dvae_small": dvae_small,
     "dvae_dalle": dvae_dalle,
@@ -281,7 +281,7 @@ class DiscreteVAE(nn.Module):
     def __init__(self, cfg: DVAEConfig):
         super().__init__()
         cfg.validate("tokenizer.dvae.")
-        self.cfg = self.config = cfg
+        self.config = cfg
         self.vocab_size = cfg.vocab_size
         self.img_size = cfg.img_size
         self.grid_size = cfg.grid_size
@@ -295,7 +295,7 @@ class DiscreteVAE(nn.Module):
 
     # ---- schedules
     def temperature_at(self, step: int) -> float:
-        c = self.cfg
+        c = self.config
         if c.temp_schedule == "constant":
             return c.temp_start
         if c.temp_anneal_steps == 0:
@@ -306,7 +306,7 @@ class DiscreteVAE(nn.Module):
         return c.temp_end + (c.temp_start - c.temp_end) * 0.5 * (1 + math.cos(math.pi * t))
 
     def kl_weight_at(self, step: int) -> float:
-        c = self.cfg
+        c = self.config
         if c.kl_warmup_steps == 0:
             return c.kl_weight
         t = min(max(step, 0) / c.kl_warmup_steps, 1.0)
@@ -314,14 +314,14 @@ class DiscreteVAE(nn.Module):
 
     # ---- pixel mappings
     def _map_input(self, images01: torch.Tensor) -> torch.Tensor:
-        if self.cfg.pixel_map == "dall-e":
-            return map_pixels(images01, self.cfg.logit_laplace_eps)
+        if self.config.pixel_map == "dall-e":
+            return map_pixels(images01, self.config.logit_laplace_eps)
         return images01 * 2 - 1
 
     def _to_images(self, out: torch.Tensor) -> torch.Tensor:
         """Decoder output -> images in [0, 1] (fp32)."""
         out = out.float()
-        c = self.cfg
+        c = self.config
         if c.rec_loss == "logit-laplace":
             return unmap_pixels(torch.sigmoid(out[:, : c.in_chans]), c.logit_laplace_eps)
         if c.pixel_map == "dall-e":
@@ -329,7 +329,7 @@ class DiscreteVAE(nn.Module):
         return ((out + 1) / 2).clamp(0, 1)
 
     def _rec_loss(self, out: torch.Tensor, images01: torch.Tensor) -> torch.Tensor:
-        c = self.cfg
+        c = self.config
         out, x = out.float(), images01.float()
         if c.rec_loss == "logit-laplace":
             # NLL of y = map_pixels(x) under a logit-Laplace(mu, b): log(2 b y (1-y)) + |logit(y) - mu| / b.
@@ -361,15 +361,15 @@ class DiscreteVAE(nn.Module):
     def forward(self, images01: torch.Tensor, step: int | None = None,
                 temperature: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         if temperature is None:
-            temperature = self.cfg.temp_end if step is None else self.temperature_at(step)
-        kl_weight = self.cfg.kl_weight if step is None else self.kl_weight_at(step)
+            temperature = self.config.temp_end if step is None else self.temperature_at(step)
+        kl_weight = self.config.kl_weight if step is None else self.kl_weight_at(step)
         logits = self.encode_logits(images01)
         with torch.autocast(device_type=logits.device.type, enabled=False):
             logits32 = logits.float()
             codes = logits32.argmax(1)
             kl = kl_to_uniform(logits32)
             if self.training:
-                soft = F.gumbel_softmax(logits32, tau=temperature, hard=self.cfg.straight_through, dim=1)
+                soft = F.gumbel_softmax(logits32, tau=temperature, hard=self.config.straight_through, dim=1)
         if self.training:
             z = torch.einsum("bvhw,vd->bdhw", soft, self.codebook.weight)
         else:

@@ -124,7 +124,7 @@ class MaskedPatches:
 
 
 class BEiTv2ForMIM(BEiTViT):
-    """``config`` is the `MIMConfig`; ``cfg`` (inherited from `BEiTViT`) is its ViT backbone's."""
+    """``config`` is the `MIMConfig`; ``vit_config`` (read by the `BEiTViT` base) is ``config.backbone``."""
 
     # state-dict prefixes that exist only for pre-training (dropped when the backbone is evaluated or fine-tuned)
     pretrain_only_keys = ("mask_token", "lm_head.", "cls_pt_layers.", "cls_pt_norm.", "cls_pt_lm_head.")
@@ -160,11 +160,6 @@ class BEiTv2ForMIM(BEiTViT):
         if self.cls_pt_layers is not None:
             for j, blk in enumerate(self.cls_pt_layers):
                 rescale_block(blk, self.config.early_layers + j + 1)
-
-    @property
-    def mim_cfg(self) -> MIMConfig:
-        """Former name of ``config``."""
-        return self.config
 
     def no_weight_decay(self) -> set[str]:
         return super().no_weight_decay() | {"mask_token"}

@@ -132,7 +132,7 @@ class NormEMAQuantizer(nn.Module):
     def __init__(self, cfg: QuantizerConfig):
         super().__init__()
         cfg.validate()
-        self.cfg = cfg
+        self.config = cfg
         self.num_codes, self.code_dim = cfg.num_codes, cfg.code_dim
         self.embedding = CodebookEmbedding(cfg.num_codes, cfg.code_dim, initted=not cfg.kmeans_init)
         self.register_buffer("cluster_size", torch.zeros(cfg.num_codes))  # EMA usage counts (official name)
@@ -183,7 +183,7 @@ class NormEMAQuantizer(nn.Module):
     def _kmeans_init(self, z: torch.Tensor) -> None:
         samples = all_gather_cat(z)
         gen = torch.Generator().manual_seed(self.kmeans_seed)
-        means, bins = kmeans_cosine(samples, self.num_codes, self.cfg.kmeans_iters, gen)
+        means, bins = kmeans_cosine(samples, self.num_codes, self.config.kmeans_iters, gen)
         self.embedding.weight.data.copy_(broadcast(means.contiguous()))
         self.cluster_size.copy_(broadcast(bins.contiguous()))
         self.mark_initted()
@@ -208,23 +208,23 @@ class NormEMAQuantizer(nn.Module):
     def _ema_update(self, z: torch.Tensor, idx: torch.Tensor) -> None:
         bins = all_reduce_sum(self.count_codes(idx))
         sums = all_reduce_sum(torch.zeros(self.num_codes, self.code_dim, device=z.device).index_add_(0, idx, z))
-        d = self.cfg.decay
+        d = self.config.decay
         self.cluster_size.mul_(d).add_(bins, alpha=1 - d)
         self.usage_counts += bins.double()
         used = bins > 0
         target = torch.where(used[:, None], F.normalize(sums / bins.clamp_min(1)[:, None], dim=-1),
                              self.embedding.weight)
         self.embedding.weight.data.copy_(F.normalize(d * self.embedding.weight + (1 - d) * target, dim=-1))
-        if self.cfg.restart_threshold > 0:
-            self._restart(z, self.cluster_size < self.cfg.restart_threshold, self.cluster_size,
-                          self.cfg.restart_threshold)
-        if self.cfg.restart_below > 0:
+        if self.config.restart_threshold > 0:
+            self._restart(z, self.cluster_size < self.config.restart_threshold, self.cluster_size,
+                          self.config.restart_threshold)
+        if self.config.restart_below > 0:
             mean = bins.sum() / self.num_codes  # the mean count per code this step, all ranks' vectors
             if not self._recent_started:
                 self.recent_counts.copy_(mean.expand(self.num_codes))
                 self._recent_started = True
-            self.recent_counts.mul_(self.cfg.restart_decay).add_(bins, alpha=1 - self.cfg.restart_decay)
-            self._restart(z, self.recent_counts < self.cfg.restart_below * mean, self.recent_counts, mean)
+            self.recent_counts.mul_(self.config.restart_decay).add_(bins, alpha=1 - self.config.restart_decay)
+            self._restart(z, self.recent_counts < self.config.restart_below * mean, self.recent_counts, mean)
 
     @torch.no_grad()
     def _restart(self, z: torch.Tensor, dead: torch.Tensor, counts: torch.Tensor, start: torch.Tensor | float
@@ -253,7 +253,7 @@ class NormEMAQuantizer(nn.Module):
         """Mean entropy of each unit vector's soft assignment minus the entropy of the mean assignment (z [M, D],
         with gradient). Low when every vector picks one code confidently and the batch spreads over many codes; the
         mean is over this rank's vectors."""
-        logits = z @ self.embedding.weight.detach().t() / self.cfg.entropy_temperature
+        logits = z @ self.embedding.weight.detach().t() / self.config.entropy_temperature
         logp = F.log_softmax(logits, dim=-1)
         p = logp.exp()
         per_vector = -(p * logp).sum(-1).mean()
@@ -271,9 +271,9 @@ class NormEMAQuantizer(nn.Module):
                 self._kmeans_init(flat.detach())
             idx = self.nearest(flat.detach())
             z_q = self.embedding.weight[idx].view(shape)
-            loss = self.cfg.beta * F.mse_loss(z_q.detach(), z)
-            if self.training and self.cfg.entropy_weight > 0:  # against the codebook the vectors were assigned by
-                loss = loss + self.cfg.entropy_weight * self.diversity_loss(flat)
+            loss = self.config.beta * F.mse_loss(z_q.detach(), z)
+            if self.training and self.config.entropy_weight > 0:  # against the codebook the vectors were assigned by
+                loss = loss + self.config.entropy_weight * self.diversity_loss(flat)
             if self.training:
                 self._ema_update(flat.detach(), idx)
             z_q = z + (z_q - z).detach()

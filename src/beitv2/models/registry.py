@@ -11,9 +11,10 @@ A *kind* is the name a model file carries in its metadata (``kind`` beside ``con
   backbone is reused for evaluation, fine-tuning or export;
 * ``tokens``: for tokenizers (VQ-KD, dVAE), the `TokenGrid` their codes form, read from the config alone.
 
-Every model exposes ``model.config``: the config of its own kind (`MIMConfig` for `BEiTv2ForMIM`, whose ``cfg`` is its
-ViT backbone's). Checkpoint files, presets, evaluation, fine-tuning, interop and the trainer read from here (`KINDS`
-is the table itself, read-only), so a new kind (e.g. a segmenter) is one `register` call::
+Every model exposes ``model.config``: the config of its own kind (`MIMConfig` for `BEiTv2ForMIM`, whose
+``config.backbone`` is its ViT's; every `BEiTViT` also names its ViT config ``vit_config``). Checkpoint files,
+architectures, evaluation, fine-tuning, interop and the trainer read from here (`KINDS` is the table itself,
+read-only), so a new kind is one `register` call::
 
     register(ModelKind("segmenter", SegmenterConfig, Segmenter, backbone="backbone", backbone_prefix="backbone."))
 """

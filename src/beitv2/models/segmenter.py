@@ -130,7 +130,7 @@ class Segmenter(nn.Module):
         from transformers.models.upernet.modeling_upernet import UperNetFCNHead, UperNetHead
 
         cfg.validate()
-        self.cfg = self.config = cfg
+        self.config = cfg
         bcfg = cfg.backbone
         self.backbone = BEiTViT(bcfg)
         # no final norm, pooling or classifier: the block outputs are the features (official)
@@ -170,7 +170,7 @@ class Segmenter(nn.Module):
 
     @property
     def depth(self) -> int:
-        return self.cfg.backbone.depth
+        return self.config.backbone.depth
 
     @property
     def last_tap(self) -> int:
@@ -183,7 +183,7 @@ class Segmenter(nn.Module):
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The four pyramid levels [B, D, H/s, W/s] for s = p/4, p/2, p, 2p."""
         b, _, h, w = x.shape
-        gh, gw = h // self.cfg.backbone.patch_size, w // self.cfg.backbone.patch_size
+        gh, gw = h // self.config.backbone.patch_size, w // self.config.backbone.patch_size
         bb = self.backbone
         t = bb.embed(x)
         bias = bb.rel_pos_bias_for_blocks()
@@ -207,9 +207,9 @@ class Segmenter(nn.Module):
 
     def pixel_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-        loss = F.cross_entropy(logits, labels, ignore_index=self.cfg.ignore_index, reduction="none")
-        if self.cfg.avg_non_ignore:
-            return loss.sum() / (labels != self.cfg.ignore_index).sum().clamp(min=1)
+        loss = F.cross_entropy(logits, labels, ignore_index=self.config.ignore_index, reduction="none")
+        if self.config.avg_non_ignore:
+            return loss.sum() / (labels != self.config.ignore_index).sum().clamp(min=1)
         return loss.mean()
 
     def loss(self, logits: torch.Tensor, aux: torch.Tensor | None, labels: torch.Tensor
@@ -220,7 +220,7 @@ class Segmenter(nn.Module):
         if aux is not None:
             a = self.pixel_loss(aux, labels)
             metrics["aux_loss"] = a.detach()
-            total = total + self.cfg.auxiliary_loss_weight * a
+            total = total + self.config.auxiliary_loss_weight * a
         return total, metrics
 
 

@@ -72,7 +72,7 @@ class VQKD(nn.Module):
     def __init__(self, cfg: VQKDConfig):
         super().__init__()
         cfg.validate()
-        self.cfg = self.config = cfg
+        self.config = cfg
         self.encoder = BEiTViT(cfg.encoder)
         dec_cfg = cfg.decoder_config()
         self.decoder = BEiTViT(dec_cfg)
@@ -98,7 +98,7 @@ class VQKD(nn.Module):
         self.register_buffer("_std", std.view(1, -1, 1, 1), persistent=False)
 
     def pre_process(self, images: torch.Tensor) -> torch.Tensor:
-        if self.cfg.input_norm == "imagenet":
+        if self.config.input_norm == "imagenet":
             return (images - self._mean) / self._std
         return images * 2.0 - 1.0
 

@@ -14,6 +14,7 @@ import torch
 from ..checkpoint import load_model
 from ..data.fmnist import fashion_mnist_tensors
 from ..data.transforms import resolve_norm
+from ..engine.precision import resolve_precision
 from ..masking import BlockwiseMaskGenerator
 from .atlas import codebook_atlas
 from .attention import attention_figure
@@ -170,8 +171,6 @@ def _measured(gap: float | None, plan, tok_val: dict, mim_epoch: dict, atlas: di
 def _precision_words() -> str:
     """What the stages' ``precision: bf16`` became on this CPU (fp32 where bf16 is only emulated)."""
     import torch
-
-    from ..engine.precision import resolve_precision
 
     p = resolve_precision("bf16", torch.device("cpu"))
     return "bf16 autocast" if p == "bf16" else f"{p} (this CPU has no native bf16)"

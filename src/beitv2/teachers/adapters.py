@@ -264,14 +264,14 @@ class BEiTTeacher(Teacher):
         if not isinstance(model, BEiTViT):
             raise TypeError(f"{path}: a {kind!r} checkpoint is not a ViT backbone (use a 'vit' or 'mim' checkpoint)")
         model.head = nn.Identity()
-        super().__init__(grid_size, input_size or model.cfg.img_hw,
+        super().__init__(grid_size, input_size or model.vit_config.img_hw,
                          *_stats(mean, std, (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)), model.embed_dim, bf16)
-        if model.cfg.in_chans == 1:
+        if model.vit_config.in_chans == 1:
             self._mean, self._std = self._mean[:, :1], self._std[:, :1]
         self.model = model
         self.freeze()
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[-2:]) != self.model.cfg.img_hw:
-            raise ValueError(f"input {tuple(x.shape[-2:])} differs from the backbone's {self.model.cfg.img_hw}")
+        if tuple(x.shape[-2:]) != self.model.vit_config.img_hw:
+            raise ValueError(f"input {tuple(x.shape[-2:])} differs from the backbone's {self.model.vit_config.img_hw}")
         return self.model.patch_features(x)

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_write
+
 
 def figure(rows: int = 1, cols: int = 1, figsize: tuple[float, float] | None = None, **subplots: Any):
     """(figure, axes) like ``plt.subplots`` (``squeeze=False`` gives a 2-d array of axes)."""
@@ -17,6 +19,4 @@ def figure(rows: int = 1, cols: int = 1, figsize: tuple[float, float] | None = N
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     """Write ``fig`` as PNG atomically."""
-    from .files import atomic_write
-
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"), suffix=".png")

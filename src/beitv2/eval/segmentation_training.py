@@ -39,7 +39,7 @@ log = logging.getLogger("beitv2.segment")
 
 
 @dataclass
-class SegModelConfig(ModelSource):
+class SegmentationModelConfig(ModelSource):
     """Backbone source and segmenter architecture (``--model.*``); defaults: official BEiT v2 base on ADE20K."""
 
     img_size: tuple[int, ...] = opt((512,), "training crop = model input size (official 512); position tables "
@@ -66,13 +66,13 @@ class SegModelConfig(ModelSource):
         check(0 <= self.dropout < 1, prefix + "dropout", "must be in [0, 1)")
 
 
-def _read_backbone(mcfg: SegModelConfig) -> Backbone:
+def _read_backbone(mcfg: SegmentationModelConfig) -> Backbone:
     src = FinetuneModelConfig(checkpoint=mcfg.checkpoint, filter=mcfg.filter, preset=mcfg.preset,
                               random_init=mcfg.random_init)
     return read_finetune_source(src)
 
 
-def segmenter_config(src: ViTConfig, mcfg: SegModelConfig, num_classes: int) -> SegmenterConfig:
+def segmenter_config(src: ViTConfig, mcfg: SegmentationModelConfig, num_classes: int) -> SegmenterConfig:
     """Per-block relative position tables (when the source has any) at the crop's grid, no final norm."""
     rel = src.use_rel_pos_bias or src.use_shared_rel_pos_bias
     bb = replace(src, img_size=tuple(int(s) for s in mcfg.img_size), num_classes=0, use_mean_pooling=True,
@@ -84,14 +84,14 @@ def segmenter_config(src: ViTConfig, mcfg: SegModelConfig, num_classes: int) -> 
                            auxiliary_loss_weight=mcfg.auxiliary_loss_weight, avg_non_ignore=mcfg.avg_non_ignore)
 
 
-def build_segmenter(mcfg: SegModelConfig, num_classes: int) -> tuple[Segmenter, dict[str, Any]]:
+def build_segmenter(mcfg: SegmentationModelConfig, num_classes: int) -> tuple[Segmenter, dict[str, Any]]:
     """The segmenter and a report (source, freshly initialised parts, resolution change)."""
     if not mcfg.random_init:
         whole = _load_whole(mcfg.checkpoint)
         if whole is not None:
             model, desc = whole
-            if model.cfg.num_classes != num_classes:
-                raise ConfigError(f"model.checkpoint: {desc} predicts {model.cfg.num_classes} classes, the data has "
+            if model.config.num_classes != num_classes:
+                raise ConfigError(f"model.checkpoint: {desc} predicts {model.config.num_classes} classes, the data has "
                                   f"{num_classes}")
             return model.train(), {"source": desc, "whole_model": True}
     src, state, desc, _ = _read_backbone(mcfg)
@@ -136,7 +136,7 @@ def _load_whole(path: str) -> tuple[Segmenter, str] | None:
 # ----------------------------------------------------------------------------------------------------- task
 
 @dataclass
-class SegInference:
+class SegmentationInference:
     mode: str  # "slide" or "whole"
     window: tuple[int, int]
     stride: tuple[int, int]
@@ -145,7 +145,7 @@ class SegInference:
 class SegmentationTask(TrainTask):
     """Pixel cross-entropy (+ auxiliary) in training; the confusion matrix over the validation set (all ranks)."""
 
-    def __init__(self, model: Segmenter, inference: SegInference, figure_samples: int = 0):
+    def __init__(self, model: Segmenter, inference: SegmentationInference, figure_samples: int = 0):
         super().__init__(model)
         self.inference = inference
         self.figure_samples = figure_samples
@@ -163,11 +163,11 @@ class SegmentationTask(TrainTask):
             with autocast():
                 return model(t)
 
-        k = model.cfg.num_classes
+        k = model.config.num_classes
         if self.inference.mode == "slide":
             logits = slide_inference(fwd, x, k, self.inference.window, self.inference.stride)
         else:
-            logits = whole_inference(fwd, x, model.cfg.backbone.img_hw)
+            logits = whole_inference(fwd, x, model.config.backbone.img_hw)
         if tuple(logits.shape[-2:]) != tuple(out_size):
             logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
         return logits
@@ -175,8 +175,8 @@ class SegmentationTask(TrainTask):
     @torch.no_grad()
     def evaluate(self, loader, device: torch.device, autocast: Callable) -> dict[str, float]:
         self.model.eval()
-        k = self.model.cfg.num_classes
-        ignore = self.model.cfg.ignore_index
+        k = self.model.config.num_classes
+        ignore = self.model.config.ignore_index
         cm = torch.zeros(k, k, dtype=torch.long, device=device)
         mine = _own_samples(loader)
         seen, samples = 0, []

@@ -1,10 +1,11 @@
 """Named architectures: the paper's models and small ones for 28-64 px images on a CPU.
 
-`PRESETS` is the one table of named architectures (the dVAE's, defined beside the dVAE in `DVAE_PRESETS`, are part of
-it). `get_preset(name)` returns (kind, config); `build_model(name, **overrides)` builds it through the model registry,
-with config fields replaced. Paper presets reproduce the official registered models (microsoft/unilm beit2:
-`vqkd_encoder_base_decoder_*`, `beit_*_patch16_224_8k_vocab`); their learnable parameter counts are tested against the
-official numbers.
+`ARCHITECTURES` is the one table of named architectures (the dVAE's, defined beside the dVAE in
+`DVAE_ARCHITECTURES`, are part of it). `get_architecture(name)` returns (kind, config); `build_model(name,
+**overrides)` builds it through the model registry, with config fields replaced. These are model names, not the
+training recipes (YAML files in `beitv2/configs/`, the commands' ``--preset``). The paper's architectures reproduce
+the official registered models (microsoft/unilm beit2: `vqkd_encoder_base_decoder_*`, `beit_*_patch16_224_8k_vocab`);
+their learnable parameter counts are tested against the official numbers.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..config import from_dict, validate_config
 from .backbone import ViTConfig
-from .dvae import DVAE_PRESETS
+from .dvae import DVAE_ARCHITECTURES
 from .mim import MIMConfig
 from .quantizer import QuantizerConfig
 from .registry import build
@@ -40,7 +42,7 @@ def _small_vit(img: int, width: int, depth: int, heads: int, chans: int = 3, **k
     return dict(img_size=(img,), patch_size=4, in_chans=chans, embed_dim=width, depth=depth, num_heads=heads, **kw)
 
 
-PRESETS: dict[str, Callable[[], tuple[str, Any]]] = {
+ARCHITECTURES: dict[str, Callable[[], tuple[str, Any]]] = {
     # --- the paper's tokenizers (official model names)
     "vqkd_encoder_base_decoder_1x768x12_clip": lambda: ("vqkd", _vqkd(1, 512)),
     "vqkd_encoder_base_decoder_3x768x12_clip": lambda: ("vqkd", _vqkd(3, 512)),
@@ -53,7 +55,7 @@ PRESETS: dict[str, Callable[[], tuple[str, Any]]] = {
     "beitv2_base_patch16_224_ft": lambda: ("vit", _vit("base", init_values=0.1, use_rel_pos_bias=True,
                                                        use_shared_rel_pos_bias=False, use_mean_pooling=True,
                                                        num_classes=1000, drop_path_rate=0.1)),
-    # --- small presets for 28-64 px images on CPU (patch 4)
+    # --- small architectures for 28-64 px images on CPU (patch 4)
     "vqkd_tiny": lambda: ("vqkd", VQKDConfig(
         encoder=vqkd_encoder_config(**_small_vit(28, 128, 4, 4)), decoder_depth=1,
         quantizer=QuantizerConfig(num_codes=1024, code_dim=32), teacher_dim=128)),
@@ -71,27 +73,26 @@ PRESETS: dict[str, Callable[[], tuple[str, Any]]] = {
         early_layers=9, head_layers=2)),
     "vit_tiny": lambda: ("vit", ViTConfig(**_small_vit(28, 128, 6, 4, init_values=0.1, use_mean_pooling=True))),
     # --- BEiT v1's dVAE tokenizers (models/dvae.py)
-    **{name: (lambda f=f: ("dvae", f())) for name, f in DVAE_PRESETS.items()},
+    **{name: (lambda f=f: ("dvae", f())) for name, f in DVAE_ARCHITECTURES.items()},
 }
 
 
-def list_presets() -> list[str]:
-    return sorted(PRESETS)
+def list_architectures() -> list[str]:
+    return sorted(ARCHITECTURES)
 
 
-def get_preset(name: str) -> tuple[str, Any]:
-    """(kind, a fresh config) for a preset name; kind is a `beitv2.models.registry` kind."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known: {', '.join(list_presets())}")
-    return PRESETS[name]()
+def get_architecture(name: str) -> tuple[str, Any]:
+    """(kind, a fresh config) for an architecture name; kind is a `beitv2.models.registry` kind."""
+    if name not in ARCHITECTURES:
+        raise KeyError(f"unknown architecture {name!r}; known: {', '.join(list_architectures())}")
+    return ARCHITECTURES[name]()
 
 
 def build_model(name: str, **overrides: Any) -> nn.Module:
-    """The preset's model; ``overrides`` replace config fields, nested sections as mappings
+    """The named architecture's model; ``overrides`` replace config fields, nested sections as mappings
     (``build_model("beitv2_tiny", vocab_size=512, backbone={"depth": 4})``); unknown names raise `ConfigError`."""
-    kind, cfg = get_preset(name)
+    kind, cfg = get_architecture(name)
     if overrides:
-        from ..config import from_dict, validate_config
 
         cfg = from_dict(type(cfg), overrides, base=cfg)
         validate_config(cfg)
