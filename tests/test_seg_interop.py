@@ -200,7 +200,7 @@ def test_pipeline_on_a_one_channel_segmenter_reads_the_luma(tmp_path, mode):
     from transformers import AutoImageProcessor, pipeline
 
     from beitv2.interop.hf_segmentation import export_hf_segmentation
-    from beitv2.interop.preprocessing import LUMA
+    from beitv2.utils.imaging import LUMA
 
     m = tiny_segmenter(seed=0, vit={"in_chans": 1}, out_indices=(0, 1, 2, 3))
     _trained_scale_(m)

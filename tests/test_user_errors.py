@@ -21,6 +21,7 @@ from PIL import Image
 from beitv2.checkpoint import read_metadata, save_model
 from beitv2.cli import main
 from beitv2.models.architectures import build_model
+from beitv2.utils.imaging import LUMA
 
 PY = [sys.executable, "-m", "beitv2"]
 QUIET = ["--data.num_workers", "0", "--train.precision", "fp32", "--no-train.tensorboard"]
@@ -111,7 +112,7 @@ def test_rgb_input_to_a_grayscale_teacher_is_its_luma(tmp_path):
     teacher = build_teacher(TeacherConfig(kind="beitv2", name_or_path=str(tmp_path / "gray.safetensors"),
                                           bf16=False), 7)
     rgb = torch.rand(2, 3, 28, 28)
-    luma = (0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2])[:, None]
+    luma = sum(w * rgb[:, c] for c, w in enumerate(LUMA))[:, None]  # PIL's weights
     torch.testing.assert_close(teacher(rgb), teacher(luma))
     assert not torch.allclose(teacher(rgb), teacher(rgb.mean(1, keepdim=True)), atol=1e-3)
 

@@ -28,13 +28,11 @@ from ..data.transforms import INTERPOLATIONS, EvalTransform, resolve_norm
 from ..models.backbone import ViTConfig
 from ..models.registry import backbone_config, backbone_state_dict, kind_of
 from ..models.vqkd import VQKD
+from ..utils.imaging import LUMA
 from .hub import is_hub_ref
 
 SMALL_IMAGE_MAX = 32  # the fine-tuning command's small-image rule: inputs this small are evaluated without a resize
 PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
-# ITU-R 601-2 luma with PIL's fixed-point weights (Image.convert('L')); they sum to exactly 1, so a gray pixel
-# (R = G = B) keeps its value
-LUMA = (19595 / 65536, 38470 / 65536, 7471 / 65536)
 PARITY_RTOL = 1e-4  # largest output difference an export may show, relative to the largest output
 
 

@@ -12,14 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.precision import bf16_autocast
-from ..utils.imaging import fit_input
+from ..utils.imaging import LUMA, fit_input
 from ..utils.sizes import to_2tuple
 
 logger = logging.getLogger("beitv2.teachers")
 
 Stats = tuple[Sequence[float], Sequence[float]]
 
-_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL converts RGB to 'L'
 
 
 def infer_grid(num_tokens: int, input_hw: tuple[int, int]) -> tuple[int, int]:
@@ -70,7 +69,7 @@ class Teacher(nn.Module):
         if x.shape[1] == 1 and channels == 3:
             x = x.expand(-1, 3, -1, -1)  # a grayscale tokenizer with an RGB teacher
         elif x.shape[1] == 3 and channels == 1:  # an RGB tokenizer with a grayscale teacher: PIL's 'L' weights
-            x = (x * x.new_tensor(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            x = (x * x.new_tensor(LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
         elif x.shape[1] != channels:
             raise ValueError(f"teacher expects {channels}-channel input, got {x.shape[1]}")
         return fit_input(x, self.input_size, self._mean, self._std)
