@@ -39,7 +39,7 @@ from beitv2.data import (
 )
 from beitv2.data.samples import for_loader
 from beitv2.engine import OptimConfig, TrainConfig, Trainer, init_distributed, seed_everything
-from beitv2.models.quantizer import QuantizerConfig
+from beitv2.models.quantizer import WHOLE_CODEBOOK, QuantizerConfig
 from beitv2.models.vqkd import VQKD, VQKDConfig, vqkd_encoder_config
 from beitv2.tasks import TokenizerTask
 from beitv2.teachers import TeacherConfig, build_teacher
@@ -50,7 +50,7 @@ REMEDIES: dict[str, dict[str, Any]] = {
     "restart": {"restart_below": 0.05},
     "restart_decay0.9": {"restart_below": 0.05, "decay": 0.9},
     "entropy": {"entropy_weight": 0.02},
-    "restart_entropy": {"restart_below": 0.05, "entropy_weight": 0.02},
+    "restart_entropy": dict(WHOLE_CODEBOOK),  # what QuantizerConfig.use_whole_codebook turns on
     "dim8": {"code_dim": 8},
     "restart_dim8": {"restart_below": 0.05, "code_dim": 8},
 }

@@ -1,8 +1,10 @@
 """Remedies for unused codes: the relative dead-code restart (alone and under 2 gloo processes), the diversity loss,
-and the warning of `beitv2 train-tokenizer` when less than half of the codebook is in use."""
+the named remedy (`use_whole_codebook`), and the warning of `beitv2 train-tokenizer` and `beitv2 tokenize` when less
+than half of the codebook is in use."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -98,6 +100,25 @@ def test_restart_options_are_validated():
         QuantizerConfig(entropy_weight=-1.0).validate()
 
 
+def test_use_whole_codebook_runs_exactly_the_restart_and_the_diversity_loss_it_names():
+    """The named remedy is restart_below 0.05 plus entropy_weight 0.02, each where the user left it 0; off is the
+    paper's quantizer."""
+    resolved = QuantizerConfig(use_whole_codebook=True).resolved()
+    assert (resolved.restart_below, resolved.entropy_weight) == (0.05, 0.02)
+    assert QuantizerConfig(use_whole_codebook=True, restart_below=0.3).resolved().restart_below == 0.3
+    assert QuantizerConfig(restart_below=0.3).resolved() == QuantizerConfig(restart_below=0.3)
+    z = _two_clusters()
+    named = _quantizer(_axis_codebook(), decay=0.99, restart_decay=0.0, use_whole_codebook=True)
+    spelled = _quantizer(_axis_codebook(), decay=0.99, restart_decay=0.0, restart_below=0.05, entropy_weight=0.02)
+    paper = _quantizer(_axis_codebook(), decay=0.99, restart_decay=0.0)
+    (_, loss_named, idx_named), (_, loss_spelled, idx_spelled) = named(z[None]), spelled(z[None])
+    _, loss_paper, _ = paper(z[None])
+    torch.testing.assert_close(loss_named, loss_spelled)
+    assert torch.equal(idx_named, idx_spelled) and torch.equal(named.codebook, spelled.codebook)
+    assert named.num_restarted == 6 and paper.num_restarted == 0  # the six far codes were re-seeded
+    assert float(loss_named) < float(loss_paper)  # the diversity term (negative for a spread batch) is in the loss
+
+
 def test_diversity_loss_is_zero_for_a_collapsed_batch_and_minus_log_k_for_a_spread_one():
     codes = torch.eye(4)
     q = _quantizer(codes, entropy_temperature=0.01)
@@ -134,7 +155,8 @@ def _rank_batch(rank: int, step: int) -> torch.Tensor:
 
 
 def _ranks_quantizer() -> NormEMAQuantizer:
-    return _quantizer(_axis_codebook(), decay=0.9, restart_below=0.5, restart_decay=0.5)
+    # the named remedy (diversity loss on) with a higher threshold, so restarts fire within a few steps
+    return _quantizer(_axis_codebook(), decay=0.9, use_whole_codebook=True, restart_below=0.5, restart_decay=0.5)
 
 
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
@@ -169,9 +191,9 @@ def test_restart_keeps_every_rank_codebook_identical_and_draws_from_all_ranks(tm
 
 # ------------------------------------------------------------------------------------------ train-tokenizer warning
 
-def test_train_tokenizer_warns_when_less_than_half_of_the_codebook_is_used(tmp_path, caplog):
+def test_train_tokenizer_warns_when_less_than_half_of_the_codebook_is_used(tmp_path, caplog, capsys):
     """512 codes, one epoch of 2 steps x 4 images x 16 patches: at most 128 codes can be used, so the command names
-    the restart option; the run itself succeeds."""
+    the remedy's option; the run itself succeeds, its progress bar showing the codes used per batch."""
     import numpy as np
     from PIL import Image
 
@@ -192,10 +214,24 @@ def test_train_tokenizer_warns_when_less_than_half_of_the_codebook_is_used(tmp_p
         "tokenizer": {"type": "vqkd", "vqkd": vqkd}, "teacher": teacher,
         "data": {"kind": "folder", "path": str(tmp_path / "imgs"), "num_workers": 0},
         "optim": {"lr": 1e-3, "lr_reference_batch": 0, "warmup_epochs": 0.5},
-        "train": {"epochs": 1, "batch_size": 4, "progress": False, "tensorboard": False, "device": "cpu",
-                  "output_dir": str(tmp_path / "run")}}))
+        "train": {"epochs": 1, "batch_size": 4, "progress": True, "tensorboard": False, "device": "cpu",
+                  "log_every_steps": 1, "output_dir": str(tmp_path / "run")}}))
     with caplog.at_level(logging.WARNING, logger="beitv2.train_tokenizer"):
         assert main(["train-tokenizer", "--config", str(cfg)]) == 0
     warnings = [r.getMessage() for r in caplog.records if r.name == "beitv2.train_tokenizer"
                 and r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "of 512 codes" in warnings[0] and "restart_below" in warnings[0]
+    assert len(warnings) == 1 and "of 512 codes" in warnings[0] and "use_whole_codebook true" in warnings[0]
+    bar = capsys.readouterr().err
+    assert "codes=" in bar and "2/2" in bar
+    # `beitv2 tokenize` of the same images reads the same health and warns the same way
+    caplog.clear()
+    out = tmp_path / "codes.safetensors"
+    with caplog.at_level(logging.WARNING, logger="beitv2.tokenize"):
+        assert main(["tokenize", "--tokenizer.checkpoint", str(tmp_path / "run" / "model.safetensors"), "--data.kind",
+                     "folder", "--data.path", str(tmp_path / "imgs"), "--data.num_workers", "0", "--out.path",
+                     str(out), "--no-out.progress"]) == 0
+    stats = json.loads(Path(str(out) + ".json").read_text())
+    assert stats["vocab_size"] == 512 and 1 <= stats["codes_used"] <= 8 * 16
+    assert stats["codes_used"] + stats["dead_codes"] == 512 and stats["usage"] == stats["codes_used"] / 512
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "use_whole_codebook true" in warnings[0]

@@ -120,5 +120,6 @@ def run(args: argparse.Namespace) -> int:
           f"{stats['vocab_size']} codes used, perplexity {stats['perplexity']:.1f}")
     if kind == "vqkd" and stats["usage"] < 0.5:
         log.warning("less than half of the codebook is in use on these images; retraining the tokenizer with "
-                    "--tokenizer.vqkd.quantizer.restart_below 0.05 may help (docs/models.md, 'When codes go unused')")
+                    "--tokenizer.vqkd.quantizer.use_whole_codebook true may help (docs/models.md, 'When codes go "
+                    "unused')")
     return 0

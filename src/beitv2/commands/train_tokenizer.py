@@ -115,7 +115,7 @@ def warn_unused_codes(stats: dict) -> None:
     """One warning line when less than half of the codebook was in use (the last epoch's training vectors)."""
     if stats["usage"] < 0.5:
         log.warning("only %d of %d codes were used in the last epoch (perplexity %.1f); try "
-                    "--tokenizer.vqkd.quantizer.restart_below 0.05 (docs/models.md, 'When codes go unused')",
+                    "--tokenizer.vqkd.quantizer.use_whole_codebook true (docs/models.md, 'When codes go unused')",
                     stats["codes_used"], stats["codes_used"] + stats["dead_codes"], stats["perplexity"])
 
 

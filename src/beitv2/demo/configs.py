@@ -47,7 +47,7 @@ def tokenizer_config(plan: Plan, root: str, teacher: dict[str, Any], teacher_dim
         "tokenizer": {"type": "vqkd", "vqkd": {
             "encoder": encoder, "decoder_depth": 1, "teacher_dim": teacher_dim,
             "quantizer": {"num_codes": plan.tok_codes, "code_dim": plan.tok_code_dim, "kmeans_init": True,
-                          "restart_threshold": plan.tok_restart}}},
+                          "use_whole_codebook": plan.tok_whole_codebook}}},
         "teacher": teacher,
         "data": _data(root, plan.train_subset, plan.teacher_val_subset, plan, seed),  # val: codebook health
         "aug": {"min_crop_scale": 0.5, "hflip": 0.5, "interpolation": "bicubic"},

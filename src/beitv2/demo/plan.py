@@ -31,7 +31,7 @@ class Plan:
     tok_vit: tuple[int, int, int]
     tok_codes: int
     tok_code_dim: int
-    tok_restart: float  # dead-code restart: re-seed codes whose EMA count per batch falls below this (0 = off)
+    tok_whole_codebook: bool  # the remedy for unused codes (QuantizerConfig.use_whole_codebook; off = the paper)
     tok_epochs: int
     tok_batch: int
     tok_lr: float
@@ -59,7 +59,7 @@ class Plan:
 # their layout. No data-loader worker: on 2 cores a worker takes CPU from the step.
 FULL = Plan(train_subset=0, test_subset=0, eval_train_subset=5000, teacher_labels=38400, teacher_val_subset=2000,
             teacher_arch="cnn", teacher_vit=(96, 4, 3), teacher_epochs=1, teacher_batch=128, teacher_lr=3e-3,
-            tok_vit=(64, 2, 4), tok_codes=256, tok_code_dim=32, tok_restart=0.0, tok_epochs=2, tok_batch=64,
+            tok_vit=(64, 2, 4), tok_codes=256, tok_code_dim=32, tok_whole_codebook=True, tok_epochs=2, tok_batch=64,
             tok_lr=2e-3,
             mim_vit=(96, 4, 3), mim_early_layers=2, mim_epochs=3, mim_batch=64, mim_lr=8e-3, mim_crop_scale=1.0,
             mask_patches=20, mask_min_block=2, mask_max_block=6, probe_epochs=15, probe_batch=512, probe_lr=5e-3,
@@ -68,7 +68,7 @@ FULL = Plan(train_subset=0, test_subset=0, eval_train_subset=5000, teacher_label
 # stand-in teacher alone trains 5 epochs).
 FAST = Plan(train_subset=1000, test_subset=400, eval_train_subset=1000, teacher_labels=500, teacher_val_subset=400,
             teacher_arch="cnn", teacher_vit=(32, 2, 2), teacher_epochs=5, teacher_batch=50, teacher_lr=4e-3,
-            tok_vit=(32, 1, 2), tok_codes=64, tok_code_dim=16, tok_restart=0.0, tok_epochs=1, tok_batch=50,
+            tok_vit=(32, 1, 2), tok_codes=64, tok_code_dim=16, tok_whole_codebook=True, tok_epochs=1, tok_batch=50,
             tok_lr=2e-3,
             mim_vit=(32, 2, 2), mim_early_layers=1, mim_epochs=1, mim_batch=50, mim_lr=1.5e-3, mim_crop_scale=1.0,
             mask_patches=20, mask_min_block=2, mask_max_block=6, probe_epochs=10, probe_batch=100, probe_lr=2e-2,

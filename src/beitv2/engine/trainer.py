@@ -365,8 +365,10 @@ class Trainer:
             return
         dt = max(time.perf_counter() - t0, 1e-9)
         ips = images / dt
-        acc = {k: v for k, v in metrics.items() if "acc" in k}
-        self.logger.progress(1, {"loss": metrics["loss"], **acc, "img/s": ips})
+        shown = {k: v for k, v in metrics.items() if "acc" in k}
+        if "batch_codes_used" in metrics:  # a tokenizer's codebook health
+            shown["codes"] = metrics["batch_codes_used"]
+        self.logger.progress(1, {"loss": metrics["loss"], **shown, "img/s": ips})
         if record:
             lr = max(g["lr"] for g in self.optimizer.param_groups)
             rec = {"lr": lr, "wd": float(self.wd_schedule[self.global_step - 1]), **metrics, "images_per_s": ips,

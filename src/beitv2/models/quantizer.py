@@ -11,7 +11,8 @@ Deliberate departures, each fixing a documented problem of the official code:
 * Distances, k-means and EMA statistics run in fp32 even under autocast (the official code used fp16 there).
 * Usage statistics are explicit: an EMA of counts (`cluster_size`, as in the official code), raw counts since the last
   `reset_usage()`, and `usage_stats()` giving codes used, dead codes and perplexity.
-* Optional remedies for unused codes, all off by default (the paper's recipe):
+* Optional remedies for unused codes, all off by default (the paper's recipe); `use_whole_codebook` turns on the two
+  that work best together:
   - a dead-code restart re-seeds codes whose EMA count per step falls below a threshold with encoder outputs of the
     current batch, drawn from all ranks' vectors by a seeded generator and broadcast, so every rank keeps the same
     codebook. `restart_threshold` compares the official EMA count (`cluster_size`, decay `decay`) with an absolute
@@ -26,7 +27,7 @@ Deliberate departures, each fixing a documented problem of the official code:
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -34,6 +35,9 @@ import torch.nn.functional as F
 
 from ..config import check, opt
 from ..utils.distributed import all_gather_cat, all_reduce_sum, broadcast
+
+# What use_whole_codebook turns on: the remedy docs/models.md ("When codes go unused") measured best.
+WHOLE_CODEBOOK = {"restart_below": 0.05, "entropy_weight": 0.02}
 
 
 @dataclass
@@ -52,6 +56,14 @@ class QuantizerConfig:
     entropy_weight: float = opt(0.0, "weight of the codebook diversity loss (per-vector assignment entropy minus the "
                                      "entropy of the batch's mean assignment; 0 = off, the paper)")
     entropy_temperature: float = opt(0.01, "softmax temperature of the diversity loss's soft assignments (cosines)")
+    use_whole_codebook: bool = opt(False, "the remedy for unused codes measured best on small data: restart_below "
+                                          "0.05 and entropy_weight 0.02, each where it is 0 (off: the paper)")
+
+    def resolved(self) -> QuantizerConfig:
+        """The settings the quantizer runs with: ``use_whole_codebook`` fills in its two options where they are 0."""
+        if not self.use_whole_codebook:
+            return self
+        return replace(self, **{k: getattr(self, k) or v for k, v in WHOLE_CODEBOOK.items()})
 
     def validate(self, prefix: str = "") -> None:
         check(self.num_codes >= 2, prefix + "num_codes", f"must be >= 2, got {self.num_codes}")
@@ -132,7 +144,7 @@ class NormEMAQuantizer(nn.Module):
     def __init__(self, cfg: QuantizerConfig):
         super().__init__()
         cfg.validate()
-        self.config = cfg
+        self.config = cfg = cfg.resolved()
         self.num_codes, self.code_dim = cfg.num_codes, cfg.code_dim
         self.embedding = CodebookEmbedding(cfg.num_codes, cfg.code_dim, initted=not cfg.kmeans_init)
         self.register_buffer("cluster_size", torch.zeros(cfg.num_codes))  # EMA usage counts (official name)

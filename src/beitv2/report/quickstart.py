@@ -188,8 +188,9 @@ def _settings(plan, args, root: str, teacher_spec: dict, stand_in: bool) -> dict
                                     "epochs": plan.teacher_epochs} if stand_in else {}),
         "tokenizer (VQ-KD)": {"encoder (width, depth, heads)": plan.tok_vit, "decoder depth": 1,
                               "codebook": f"{plan.tok_codes} x {plan.tok_code_dim}",
-                              "dead-code restart": (f"codes whose EMA count per batch falls below {plan.tok_restart} "
-                                                    "are re-seeded from the batch" if plan.tok_restart else "off"),
+                              "unused codes": ("use_whole_codebook: dead-code restart (restart_below 0.05) and "
+                                               "diversity loss (entropy_weight 0.02)" if plan.tok_whole_codebook
+                                               else "no remedy (the paper)"),
                               "epochs": plan.tok_epochs,
                               "batch": plan.tok_batch, "lr": plan.tok_lr},
         "pre-training (BEiT v2)": {"ViT (width, depth, heads)": plan.mim_vit,
