@@ -87,6 +87,7 @@ def test_attention_maps_are_the_weights_timms_attention_applies(per_layer):
     relative position bias."""
     from timm.models.beit import Attention
 
+    torch.manual_seed(0)  # the flatness check below reads random weights and inputs: not those of the test order
     case = "perlayer_mean" if per_layer else "shared_cls"
     ours, theirs = _pair(case)
     for n, t in ours.named_parameters():
@@ -107,7 +108,9 @@ def test_attention_maps_are_the_weights_timms_attention_applies(per_layer):
         v = torch.nn.functional.linear(y, a.qkv.weight[128:], a.v_bias).reshape(2, 65, 4, 16).transpose(1, 2)
         got = a.proj((maps @ v).transpose(1, 2).reshape(2, 65, 64))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert (maps.amax(-1) - maps.amin(-1)).min() > 1e-3  # not a flat field: the biases and queries matter
+    # not a flat field: the biases and queries matter (a typical query row spans about 0.04 over the 65 keys; a few
+    # rows of some draws are nearly flat, so the median is checked, not the minimum)
+    assert float((maps.amax(-1) - maps.amin(-1)).median()) > 1e-2
 
 
 def test_intermediate_layers_mask_token_and_official_init():
