@@ -16,6 +16,7 @@ from ..data.fmnist import fashion_mnist_tensors
 from ..data.transforms import resolve_norm
 from ..engine.precision import resolve_precision
 from ..masking import BlockwiseMaskGenerator
+from ..models.quantizer import WHOLE_CODEBOOK
 from .atlas import codebook_atlas
 from .attention import attention_figure
 from .markdown import write_report
@@ -188,9 +189,7 @@ def _settings(plan, args, root: str, teacher_spec: dict, stand_in: bool) -> dict
                                     "epochs": plan.teacher_epochs} if stand_in else {}),
         "tokenizer (VQ-KD)": {"encoder (width, depth, heads)": plan.tok_vit, "decoder depth": 1,
                               "codebook": f"{plan.tok_codes} x {plan.tok_code_dim}",
-                              "unused codes": ("use_whole_codebook: dead-code restart (restart_below 0.05) and "
-                                               "diversity loss (entropy_weight 0.02)" if plan.tok_whole_codebook
-                                               else "no remedy (the paper)"),
+                              "unused codes": _remedy_words(plan.tok_whole_codebook),
                               "epochs": plan.tok_epochs,
                               "batch": plan.tok_batch, "lr": plan.tok_lr},
         "pre-training (BEiT v2)": {"ViT (width, depth, heads)": plan.mim_vit,
@@ -223,6 +222,13 @@ _FEATURE_WORDS = {"cls+mean": "the concatenation of the CLS token and the mean p
 
 def _n(subset: float, total: int) -> int:
     return total if subset <= 0 else (round(total * subset) if subset < 1 else min(int(subset), total))
+
+
+def _remedy_words(whole_codebook: bool) -> str:
+    if not whole_codebook:
+        return "no remedy (the paper)"
+    options = ", ".join(f"{k} {v}" for k, v in WHOLE_CODEBOOK.items())
+    return f"use_whole_codebook: dead-code restart and diversity loss ({options})"
 
 
 def _subset_words_n(subset: float) -> str:
