@@ -41,11 +41,8 @@ DATA_SEED = 0
 
 
 def with_seed(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
-    """The training seed changed, the data subsets kept."""
-    cfg = json.loads(json.dumps(cfg))
-    cfg["data"]["seed"] = DATA_SEED
-    section = "run" if "run" in cfg else "train"
-    cfg[section]["seed"] = seed
+    """A stage's config, built with the data seed, with its training seed changed (the data subsets kept)."""
+    cfg["run" if "run" in cfg else "train"]["seed"] = seed
     return cfg
 
 

@@ -23,6 +23,7 @@ class TrainTask(nn.Module):
     """Base: ``model`` is trained; modules listed in ``frozen`` are kept in eval mode without gradients."""
 
     frozen: tuple[str, ...] = ()
+    progress_metrics: dict[str, str] = {}  # step metric -> its label on the progress bar (besides loss and acc*)
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -111,6 +112,7 @@ class TokenizerTask(TrainTask):
     """VQ-KD: reconstruct the frozen teacher's features of the same [0, 1] view through the codebook."""
 
     frozen = ("teacher",)
+    progress_metrics = {"batch_codes_used": "codes"}  # the codebook's health while it trains
 
     def __init__(self, vqkd: nn.Module, teacher: nn.Module):
         super().__init__(vqkd)

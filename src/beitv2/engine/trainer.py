@@ -366,8 +366,7 @@ class Trainer:
         dt = max(time.perf_counter() - t0, 1e-9)
         ips = images / dt
         shown = {k: v for k, v in metrics.items() if "acc" in k}
-        if "batch_codes_used" in metrics:  # a tokenizer's codebook health
-            shown["codes"] = metrics["batch_codes_used"]
+        shown.update({label: metrics[k] for k, label in self.task.progress_metrics.items() if k in metrics})
         self.logger.progress(1, {"loss": metrics["loss"], **shown, "img/s": ips})
         if record:
             lr = max(g["lr"] for g in self.optimizer.param_groups)
